@@ -1,0 +1,130 @@
+"""Checkpoints: one directory holding ``state.pt`` (and, for final checkpoints, ``gmm.pt``).
+
+``state.pt`` holds the model, optimiser, scheduler, step, RNG states, replay-buffer state and the config
+as a plain dict, so ``torch.load(..., weights_only=True)`` can read it: nothing executable is unpickled.
+Every file is written to a temporary name in the same directory and moved into place with
+``os.replace``, which is atomic on POSIX: a crash mid-write leaves the previous good file, never half a
+file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError
+
+STATE_FILE = "state.pt"
+GMM_FILE = "gmm.pt"
+FORMAT = "rjem-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """The path is not a readable rjem checkpoint; the message names the path and what was expected."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any], gmm_state: dict | None = None) -> Path:
+    """Write ``state`` (must contain ``model``, ``config``, ``step``) into ``directory/state.pt``."""
+    missing = {"model", "config", "step"} - set(state)
+    if missing:
+        raise ValueError(f"checkpoint state lacks {sorted(missing)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if gmm_state is not None:
+        atomic_torch_save(gmm_state, directory / GMM_FILE)
+    atomic_torch_save({"format": FORMAT, **state}, directory / STATE_FILE)
+    return directory
+
+
+def _state_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / STATE_FILE
+    if not p.is_file():
+        raise CheckpointError(
+            f"{str(path)!r} is not a checkpoint: expected a directory holding {STATE_FILE} "
+            f"(as written by `rjem train` under OUT/checkpoint) or the {STATE_FILE} file itself"
+        )
+    return p
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint's state dict (``weights_only=True``) and check it is one of ours."""
+    p = _state_path(path)
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"{str(p)!r} is not a readable rjem checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{str(p)!r} is not an rjem checkpoint (format tag {FORMAT!r} missing)")
+    return state
+
+
+def load_gmm_state(path: str | Path) -> dict | None:
+    """The Gaussian-mixture state stored beside a final checkpoint, or None."""
+    p = Path(path)
+    gmm_path = (p if p.is_dir() else p.parent) / GMM_FILE
+    if not gmm_path.is_file():
+        return None
+    return torch.load(gmm_path, map_location="cpu", weights_only=True)
+
+
+def config_from_state(state: dict[str, Any]) -> Config:
+    try:
+        return Config.from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint config is invalid: {exc}") from None
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """``(model, config)`` from a checkpoint: the classifier in eval mode, logits for NCHW in [-1, 1]."""
+    from .data import dataset_info
+    from .models import build_model
+
+    state = load_state(path, map_location)
+    cfg = config_from_state(state)
+    model = build_model(cfg.model, dataset_info(cfg.data.name))
+    model.load_state_dict(state["model"])
+    model.to(map_location).eval()
+    return model, cfg
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy checkpoint directory ``src`` to ``dst`` file by file, each file replaced atomically."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    # state.pt last: a reader that finds the new state.pt also finds the files it refers to
+    names = sorted((f.name for f in src.iterdir() if f.is_file()), key=lambda n: n == STATE_FILE)
+    for name in names:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=dst)
+        os.close(fd)
+        try:
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dst / name)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return dst

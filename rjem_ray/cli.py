@@ -1,0 +1,181 @@
+"""The ``rjem`` command line: train, sample, eval, ui.
+
+Bad input ends in one line on stderr naming what was wrong and what is allowed (exit status 2); a run
+that fails (divergence, a crashed worker beyond ``trainer.max_failures``) ends with exit status 1 and
+keeps its last good checkpoint. ``RJEM_DEBUG=1`` shows full tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _progress(prefix: str):
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        print(f"[{prefix} {time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    return say
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train_driver import run_training
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out or f"runs/{cfg.name}")
+    outcome = run_training(cfg, out, resume=args.resume)
+    print(f"[rjem] done: checkpoint {outcome.checkpoint}, samples {out / 'samples'}, metrics {out / 'metrics.json'}")
+    if outcome.run_id:
+        print(f"[rjem] MLflow run {outcome.run_id}; browse with `rjem ui`")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .config import Config, apply_overrides
+    from .data import to_uint8
+    from .generate import generate
+    from .images import save_grid
+    from .train_driver import gmm_for_checkpoint
+
+    model, cfg = load_model(args.checkpoint)
+    overrides = list(args.set or [])
+    overrides.append(f"generate.mode={args.mode}")
+    if args.n is not None:
+        overrides.append(f"generate.n={args.n}")
+    cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    gmm = gmm_for_checkpoint(cfg, args.checkpoint)
+    if args.class_ is not None and not 0 <= args.class_ < gmm.num_classes:
+        raise ValueError(f"--class {args.class_} is out of range; allowed 0..{gmm.num_classes - 1}")
+    say = _progress("sample")
+    say(f"{cfg.generate.n} samples, mode {args.mode}" + (f", class {args.class_}" if args.class_ is not None else ""))
+    x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed))
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        save_grid(x, out)
+        say(f"wrote {out}")
+    else:
+        from PIL import Image
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_grid(x, out / "grid.png")
+        u8 = to_uint8(x)
+        for i, (img, c) in enumerate(zip(u8, y.tolist())):
+            arr = img.permute(1, 2, 0).numpy()
+            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(out / f"{i:05d}_class{c}.png")
+        say(f"wrote {len(u8)} images and grid.png to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_checkpoint
+    from .train_driver import merge_json
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"))
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merge_json(path, result)
+        print(f"[eval] wrote {path}")
+    summary = {k: result[k] for k in ("accuracy", "robust_accuracy", "ece", "ood_auroc", "fid", "inception_score")
+               if k in result}
+    print(json.dumps(summary, indent=2) if args.json else text)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from .config import load_config
+    from .tracking import resolve_artifact_location, resolve_tracking_uri
+
+    cfg = load_config(args.config, args.set)
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+        "--default-artifact-root", resolve_artifact_location(cfg.tracking.artifact_location),
+        "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1",
+    ]
+    print(f"[rjem] MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rjem", description="Robust Joint Energy-Based Models on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_set(sp):
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set attack.eps=0.3 (repeatable)")
+
+    t = sub.add_parser("train", help="train on Ray Train (local Ray, or the cluster at RAY_ADDRESS)")
+    t.add_argument("config", help="experiment YAML, e.g. tune_configs/demo.yaml")
+    add_set(t)
+    t.add_argument("--out", help="output directory (default runs/NAME)")
+    t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint directory")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate images from a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--mode", choices=["energy", "pgd", "combined"], default="combined")
+    s.add_argument("--n", type=int, help="number of images (default generate.n)")
+    s.add_argument("--class", dest="class_", type=int, help="generate only this class (default: cycle all)")
+    s.add_argument("--out", default="samples.png", help="FILE.png for a grid, or a directory for single images")
+    s.add_argument("--seed", type=int, default=0)
+    add_set(s)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="accuracy, robust accuracy, ECE, OOD AUROC, FID and IS of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--metrics", help="comma list of accuracy,robust,ece,fid,is,ood (default eval.metrics)")
+    e.add_argument("--json", help="merge the results into this JSON file")
+    add_set(e)
+    e.set_defaults(func=cmd_eval)
+
+    u = sub.add_parser("ui", help="MLflow's UI on the configured store, bound to 127.0.0.1")
+    u.add_argument("--config", help="config whose tracking section names the store (default: sqlite:///mlflow.db)")
+    u.add_argument("--port", type=int, default=5000)
+    add_set(u)
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .train_driver import TrainingFailed
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "n", None) is not None and args.n < 1:
+        print(f"rjem {args.command}: error: --n must be >= 1, got {args.n}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        if os.environ.get("RJEM_DEBUG"):
+            raise
+        print(f"rjem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingFailed as exc:
+        if os.environ.get("RJEM_DEBUG"):
+            raise
+        print(f"rjem {args.command}: training failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rjem {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

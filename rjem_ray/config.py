@@ -1,0 +1,424 @@
+"""One typed configuration for every command, loaded from YAML with dotted ``--set`` overrides.
+
+Units: every ε and step size is in the model's input space [-1, 1] (0.1 there is 12.75/255 on the usual
+[0, 1] scale). Batch sizes are global (summed over all Ray Train workers); ``optim.lr`` is the learning
+rate for that global batch — nothing is rescaled behind the user's back.
+
+``load_config(path, overrides)`` is the edge: it reads YAML, applies ``key.sub=value`` overrides (values
+parsed as YAML scalars), rejects unknown keys and out-of-range values with a :class:`ConfigError` that
+names the key and what is allowed, and returns a frozen-in-shape :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and what is allowed."""
+
+
+MODES = ("classifier", "robust-classifier", "jempp", "robust-jem")
+GEN_MODES = ("energy", "pgd", "combined")
+SAMPLER_KINDS = ("sgld", "pyld")
+NORMS = ("linf", "l2")
+MODEL_NORMS = ("batch", "none")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+FID_EXTRACTORS = ("auto", "inception", "reference-classifier")
+DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "svhn")
+OOD_NAMES = DATASET_NAMES + ("uniform", "gaussian")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"
+    data_dir: str | None = None  # holds the standard files (cifar-10-batches-py/, ...); not needed for mnist5k
+    download: bool = False  # fetch through torchvision first (connected machines only)
+    augment: bool = True
+    pad: int = 4  # reflect padding before the random crop, pixels
+    noise_std: float = 0.03  # Gaussian noise on the normalised image, [-1, 1] units
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 28  # 6n + 4
+    widen: int = 10
+    norm: str = "batch"  # batch | none
+    dropout: float = 0.0
+    leak: float = 0.2  # LeakyReLU slope
+    stem_stride: int = 1  # 2 halves the resolution after the first conv (cheap models for small CPUs)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1  # for the global batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # constant | cosine | step
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of train.steps (step schedule)
+    gamma: float = 0.2  # step-schedule decay factor
+
+
+@dataclass
+class AttackConfig:
+    """PGD used for adversarial training (robust modes)."""
+
+    norm: str = "linf"
+    eps: float = 0.1  # [-1, 1] units
+    step_size: float = 0.02  # [-1, 1] units
+    steps: int = 15
+    random_start: bool = True
+    eps_warmup_steps: int = 0  # ε grows linearly from 0 over this many optimiser steps
+
+
+@dataclass
+class SamplerConfig:
+    """Langevin sampler for the negative samples (and for energy generation)."""
+
+    kind: str = "pyld"  # sgld | pyld
+    steps: int = 10  # SGLD steps, or PYLD outer steps m
+    inner_steps: int = 5  # PYLD inner steps n (ignored by SGLD)
+    step_size: float = 0.2  # PYLD lr, or SGLD lr, [-1, 1] units per unit gradient
+    noise_std: float = 0.01  # SGLD noise std, [-1, 1] units (PYLD adds none)
+
+
+@dataclass
+class BufferConfig:
+    size: int = 10000
+    reinit_freq: float = 0.05
+    gmm_max_mb: int = 256  # memory bound for the class-conditional Gaussian mixture factors
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "robust-jem"
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 64  # global, split evenly across workers
+    energy_weight: float = 1.0  # w_px
+    energy_l2: float = 0.0  # weight of (E(x_pos)^2 + E(x_q)^2).mean()
+    divergence_threshold: float = 1e8  # |loss| above this (or non-finite) counts as divergence
+    max_rollbacks: int = 3  # divergences rolled back to the last good checkpoint before the run stops
+    rollback_lr_factor: float = 0.5  # learning rate multiplier applied at each rollback
+    sampler_bn_mode: str = "eval"  # BatchNorm mode for PGD-free sampling passes: eval (default, see training.py) | train (the JEM++ reference)
+    log_every: int = 20
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    sync_batchnorm: bool = False
+    max_failures: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    """Inference-time generation (the paper's three modes)."""
+
+    mode: str = "combined"
+    n: int = 100
+    conditional: bool = True  # E(x, c) for a requested class; False samples E(x)
+    pgd_eps: float = 0.5  # targeted-PGD budget, [-1, 1] units
+    pgd_steps: int = 40
+    pgd_step_size: float = 0.05
+    contrast: float = 0.7  # κ: x ← mean + κ (x − mean) before Langevin (combined mode)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=50, inner_steps=5, step_size=0.2))
+    batch_size: int = 100
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["accuracy", "robust", "ece", "fid", "is", "ood"])
+    robust_eps: float = 0.1  # [-1, 1] units
+    robust_steps: int = 20
+    robust_step_size: float | None = None  # None: 2.5 ε / steps
+    robust_restarts: int = 1
+    robust_max_samples: int = 1000
+    ece_bins: int = 20
+    fid_extractor: str = "auto"  # auto: inception for natural images, reference-classifier for digits
+    fid_samples: int = 1000
+    inception_weights: str | None = None  # local Inception weights for offline clusters
+    ood_dataset: str = "uniform"
+    batch_size: int = 256
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are resolved against the working dir
+    experiment: str = "rjem"
+    artifact_location: str = "mlartifacts"
+    run_name: str | None = None
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    cache_dir: str = ".rjem_cache"  # GMM statistics, reference classifiers, FID reference statistics
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        cfg = _build(cls, data, "")
+        validate(cfg)
+        return cfg
+
+    @property
+    def robust(self) -> bool:
+        return self.train.mode in ("robust-classifier", "robust-jem")
+
+    @property
+    def uses_energy(self) -> bool:
+        return self.train.mode in ("jempp", "robust-jem")
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; allowed keys under {prefix.rstrip('.') or 'the top level'}: "
+            + ", ".join(sorted(names))
+        )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float | None, low: float, strict: bool = False) -> None:
+    if value is None:
+        return
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be {'>' if strict else '>='} {low}")
+
+
+def _between(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: {value!r} is out of range; it must be in [{low}, {high}]")
+
+
+def _validate_sampler(prefix: str, s: SamplerConfig) -> None:
+    _choice(f"{prefix}.kind", s.kind, SAMPLER_KINDS)
+    _at_least(f"{prefix}.steps", s.steps, 1)
+    _at_least(f"{prefix}.inner_steps", s.inner_steps, 1)
+    _at_least(f"{prefix}.step_size", s.step_size, 0, strict=True)
+    _at_least(f"{prefix}.noise_std", s.noise_std, 0)
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` naming the first invalid key and its allowed values."""
+    _choice("data.name", cfg.data.name, DATASET_NAMES)
+    _at_least("data.pad", cfg.data.pad, 0)
+    _at_least("data.noise_std", cfg.data.noise_std, 0)
+    if (cfg.model.depth - 4) % 6 != 0 or cfg.model.depth < 10:
+        raise ConfigError(f"model.depth: {cfg.model.depth} is not allowed; it must be 6n+4 (10, 16, 22, 28, ...)")
+    _at_least("model.widen", cfg.model.widen, 1)
+    _choice("model.norm", cfg.model.norm, MODEL_NORMS)
+    _between("model.dropout", cfg.model.dropout, 0.0, 0.99)
+    _at_least("model.leak", cfg.model.leak, 0)
+    _choice("model.stem_stride", cfg.model.stem_stride, (1, 2))  # type: ignore[arg-type]
+    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _at_least("optim.lr", cfg.optim.lr, 0, strict=True)
+    _between("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
+    _at_least("optim.weight_decay", cfg.optim.weight_decay, 0)
+    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    _at_least("optim.warmup_steps", cfg.optim.warmup_steps, 0)
+    for m in cfg.optim.milestones:
+        _between("optim.milestones", m, 0.0, 1.0)
+    _between("optim.gamma", cfg.optim.gamma, 0.0, 1.0)
+    _choice("attack.norm", cfg.attack.norm, NORMS)
+    _at_least("attack.eps", cfg.attack.eps, 0)
+    _at_least("attack.step_size", cfg.attack.step_size, 0)
+    _at_least("attack.steps", cfg.attack.steps, 1)
+    _at_least("attack.eps_warmup_steps", cfg.attack.eps_warmup_steps, 0)
+    _validate_sampler("sampler", cfg.sampler)
+    _at_least("buffer.size", cfg.buffer.size, 1)
+    _between("buffer.reinit_freq", cfg.buffer.reinit_freq, 0.0, 1.0)
+    _at_least("buffer.gmm_max_mb", cfg.buffer.gmm_max_mb, 1)
+    _choice("train.mode", cfg.train.mode, MODES)
+    _at_least("train.steps", cfg.train.steps, 1)
+    _at_least("train.batch_size", cfg.train.batch_size, 1)
+    _at_least("train.energy_weight", cfg.train.energy_weight, 0)
+    _at_least("train.energy_l2", cfg.train.energy_l2, 0)
+    _at_least("train.divergence_threshold", cfg.train.divergence_threshold, 0, strict=True)
+    _at_least("train.max_rollbacks", cfg.train.max_rollbacks, 0)
+    _between("train.rollback_lr_factor", cfg.train.rollback_lr_factor, 0.0, 1.0)
+    _choice("train.sampler_bn_mode", cfg.train.sampler_bn_mode, ("train", "eval"))
+    _at_least("train.log_every", cfg.train.log_every, 1)
+    _at_least("train.checkpoint_every", cfg.train.checkpoint_every, 1)
+    _at_least("trainer.num_workers", cfg.trainer.num_workers, 1)
+    _at_least("trainer.cpus_per_worker", cfg.trainer.cpus_per_worker, 0, strict=True)
+    _at_least("trainer.max_failures", cfg.trainer.max_failures, -1)
+    if cfg.train.batch_size % cfg.trainer.num_workers:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is the global batch and must be divisible by "
+            f"trainer.num_workers ({cfg.trainer.num_workers})"
+        )
+    if cfg.uses_energy and cfg.buffer.size < cfg.train.batch_size:
+        raise ConfigError(
+            f"buffer.size: {cfg.buffer.size} must be at least train.batch_size ({cfg.train.batch_size})"
+        )
+    g = cfg.generate
+    _choice("generate.mode", g.mode, GEN_MODES)
+    _at_least("generate.n", g.n, 1)
+    _at_least("generate.pgd_eps", g.pgd_eps, 0)
+    _at_least("generate.pgd_steps", g.pgd_steps, 1)
+    _at_least("generate.pgd_step_size", g.pgd_step_size, 0)
+    _between("generate.contrast", g.contrast, 0.0, 1.0)
+    _validate_sampler("generate.sampler", g.sampler)
+    _at_least("generate.batch_size", g.batch_size, 1)
+    e = cfg.eval
+    for m in e.metrics:
+        _choice("eval.metrics", m, METRIC_NAMES)
+    _at_least("eval.robust_eps", e.robust_eps, 0)
+    _at_least("eval.robust_steps", e.robust_steps, 1)
+    _at_least("eval.robust_step_size", e.robust_step_size, 0)
+    _at_least("eval.robust_restarts", e.robust_restarts, 1)
+    _at_least("eval.robust_max_samples", e.robust_max_samples, 1)
+    _at_least("eval.ece_bins", e.ece_bins, 1)
+    _choice("eval.fid_extractor", e.fid_extractor, FID_EXTRACTORS)
+    _at_least("eval.fid_samples", e.fid_samples, 2)
+    _choice("eval.ood_dataset", e.ood_dataset, OOD_NAMES)
+    _at_least("eval.batch_size", e.batch_size, 1)
+
+
+METRIC_NAMES = ("accuracy", "robust", "ece", "fid", "is", "ood")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"attack.eps=0.3"`` → ``(["attack", "eps"], 0.3)``; the value is parsed as a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. attack.eps=0.3")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: the key is empty or malformed")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: cannot parse value: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted overrides applied (unknown keys are caught by validation)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist (configs live in tune_configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (or the defaults), apply ``overrides`` and validate."""
+    data = read_yaml(path) if path is not None else {}
+    return Config.from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,155 @@
+"""``rjem eval``: accuracy, robust accuracy, calibration, OOD detection, FID and IS of a checkpoint.
+
+Every figure comes with its protocol (split, number of samples, ε and its unit, attack steps, reference
+set, feature extractor), because a figure without one cannot be compared. ε is given in the model's
+[-1, 1] input space and, for convenience, on the [0, 1] pixel scale (half of it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import METRIC_NAMES, Config, ConfigError
+from .data import dataset_info, load_split, to_model_space, to_uint8
+
+Progress = Callable[[str], None]
+
+
+def _ood_images(cfg: Config, n: int, like: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, str]:
+    """Out-of-distribution inputs in [-1, 1] with the in-distribution shape."""
+    name = cfg.eval.ood_dataset
+    shape = (n,) + tuple(like.shape[1:])
+    if name == "uniform":
+        return torch.rand(shape, generator=generator) * 2 - 1, "uniform noise on [-1, 1]"
+    if name == "gaussian":
+        return (torch.randn(shape, generator=generator) * 0.5).clamp(-1, 1), "Gaussian noise (std 0.5, clamped)"
+    imgs, _ = load_split(name, "test", cfg.data.data_dir)
+    x = to_model_space(imgs[:n])
+    c = like.shape[1]
+    if x.shape[1] != c:  # grey <-> colour
+        x = x.mean(1, keepdim=True) if c == 1 else x.repeat(1, c // x.shape[1], 1, 1)
+    if x.shape[-2:] != like.shape[-2:]:
+        x = F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    return x, f"{name} test split"
+
+
+def fid_extractor_for(cfg: Config) -> str:
+    if cfg.eval.fid_extractor != "auto":
+        return cfg.eval.fid_extractor
+    return "reference-classifier" if dataset_info(cfg.data.name).channels == 1 else "inception"
+
+
+def evaluate_model(
+    model,
+    cfg: Config,
+    metrics: list[str] | None = None,
+    gmm=None,
+    progress: Progress = lambda s: None,
+    seed: int = 0,
+) -> dict:
+    """Compute the requested metrics on the test split; returns the figures and a ``protocol`` block."""
+    metrics = list(metrics or cfg.eval.metrics)
+    for m in metrics:
+        if m not in METRIC_NAMES:
+            raise ConfigError(f"--metrics: {m!r} is not a metric; choose from {', '.join(METRIC_NAMES)}")
+    from .metrics import (accuracy, energy_scores, expected_calibration_error, ood_auroc, predict_logits,
+                          robust_accuracy)
+
+    e = cfg.eval
+    device = next(model.parameters()).device
+    model.eval()
+    imgs, labels = load_split(cfg.data.name, "test", cfg.data.data_dir)
+    x, y = to_model_space(imgs).to(device), labels.to(device)
+    out: dict = {"protocol": {"dataset": cfg.data.name, "split": "test", "num_test": len(y)}}
+    g = torch.Generator().manual_seed(seed)
+    if "accuracy" in metrics or "ece" in metrics:
+        progress("accuracy / calibration")
+        logits = predict_logits(model, x, e.batch_size)
+        if "accuracy" in metrics:
+            out["accuracy"] = accuracy(model, x, y, e.batch_size)
+        if "ece" in metrics:
+            out["ece"] = expected_calibration_error(logits.softmax(1).cpu(), y.cpu(), e.ece_bins)
+            out["protocol"]["ece"] = {"bins": e.ece_bins, "binning": "equal-width confidence", "num_samples": len(y)}
+    if "robust" in metrics:
+        n = min(e.robust_max_samples, len(y))
+        step = e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps
+        progress(f"robust accuracy: PGD-{e.robust_steps} at eps {e.robust_eps} on {n} images")
+        out["robust_accuracy"] = robust_accuracy(
+            model, x[:n], y[:n], eps=e.robust_eps, steps=e.robust_steps, step_size=step, norm="linf",
+            restarts=e.robust_restarts, batch_size=e.batch_size, generator=g,
+        )
+        out["protocol"]["robust_accuracy"] = {
+            "attack": "PGD, untargeted, random start", "norm": "linf", "eps": e.robust_eps,
+            "eps_unit": "model input space [-1, 1]", "eps_01_scale": e.robust_eps / 2,
+            "steps": e.robust_steps, "step_size": step, "restarts": e.robust_restarts, "num_samples": n,
+        }
+    if "ood" in metrics:
+        progress(f"OOD AUROC against {e.ood_dataset}")
+        x_out, desc = _ood_images(cfg, len(y), x, g)
+        s_in = energy_scores(model, x, e.batch_size).cpu()
+        s_out = energy_scores(model, x_out.to(device), e.batch_size).cpu()
+        out["ood_auroc"] = ood_auroc(s_in, s_out)
+        out["protocol"]["ood_auroc"] = {"score": "-E(x) = logsumexp f(x)", "in": f"{cfg.data.name} test split",
+                                        "out": desc, "num_in": len(s_in), "num_out": len(s_out)}
+    if "fid" in metrics or "is" in metrics:
+        out.update(_fidelity(model, cfg, gmm, metrics, device, progress, seed))
+    return out
+
+
+def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed: int) -> dict:
+    from .fidelity import fidelity_metrics, load_or_train_reference_classifier
+    from .generate import generate
+
+    e = cfg.eval
+    extractor = fid_extractor_for(cfg)
+    train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
+    weights = e.inception_weights
+    cache = Path(cfg.cache_dir)
+    if extractor == "reference-classifier":
+        progress("reference classifier for FID (trained once per dataset, cached)")
+        weights = str(load_or_train_reference_classifier(
+            cache, cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes))
+    if gmm is None:
+        from .train_worker import load_train_gmm
+
+        gmm = load_train_gmm(cfg, train_imgs, train_labels)
+    n = e.fid_samples
+    progress(f"generating {n} samples ({cfg.generate.mode} mode) for FID/IS")
+    x_gen, _ = generate(model, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(seed), device=device)
+    progress(f"FID/IS with the {extractor} extractor")
+    res = fidelity_metrics(
+        to_uint8(x_gen), train_imgs, extractor=extractor, weights_path=weights,
+        cache_root=str(cache / "fidelity"), reference_cache_name=f"{cfg.data.name}-train-{extractor}",
+        fid="fid" in metrics, isc="is" in metrics,
+    )
+    out = {k: v for k, v in res.items() if k != "protocol"}
+    proto = dict(res.get("protocol", {}))
+    s = cfg.generate.sampler
+    proto.update({
+        "generation_mode": cfg.generate.mode, "conditional": cfg.generate.conditional,
+        "classes": "cycled 0..K-1", "reference_set": f"{cfg.data.name} train split ({len(train_imgs)} images)",
+        "pgd_eps": cfg.generate.pgd_eps, "pgd_steps": cfg.generate.pgd_steps, "contrast": cfg.generate.contrast,
+        "sampler": f"{s.kind} steps={s.steps} inner={s.inner_steps} lr={s.step_size} noise={s.noise_std}",
+    })
+    return {**out, "protocol_fidelity": proto}
+
+
+def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, overrides: list[str] | None = None,
+                        progress: Progress = lambda s: None) -> dict:
+    from .checkpoint import load_model
+    from .config import apply_overrides
+    from .train_driver import gmm_for_checkpoint
+
+    model, cfg = load_model(path)
+    if overrides:
+        cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    gmm = gmm_for_checkpoint(cfg, path) if any(m in (metrics or cfg.eval.metrics) for m in ("fid", "is")) else None
+    result = evaluate_model(model, cfg, metrics, gmm=gmm, progress=progress)
+    if "protocol_fidelity" in result:
+        result["protocol"]["fidelity"] = result.pop("protocol_fidelity")
+    result["checkpoint"] = str(Path(path).resolve())
+    return result

@@ -1,0 +1,426 @@
+"""Inception Score and FID through torch-fidelity, with Inception v3 or a per-dataset reference classifier.
+
+Both metrics are computed by ``torch_fidelity.calculate_metrics`` from features ``φ(x)`` of a fixed network:
+
+* FID ``= ‖μ_s − μ_r‖² + tr(Σ_s + Σ_r − 2 (Σ_s Σ_r)^{1/2})`` over features of samples (s) and reference (r);
+* IS  ``= exp E_x KL(p(y|x) ‖ p(y))`` from softmax of logits, averaged over ``isc_splits`` splits.
+
+Feature extractors (``extractor=``):
+
+* ``"inception"`` — torch-fidelity's ``inception-v3-compat`` (2048-d pool features, unbiased logits).
+  Its weights are downloaded on first use, or read from ``weights_path`` on an offline cluster.
+* ``"reference-classifier"`` — a small plain CNN trained once per dataset on its training images
+  (:func:`load_or_train_reference_classifier`), registered with torch-fidelity as
+  ``"rjem-reference-classifier"``: its 128-d penultimate activations replace Inception's pool features
+  for FID and its logits replace Inception's for IS. This is the substitute where Inception is
+  unsuitable (digits) or unavailable (offline). Its numbers are comparable only with numbers from the
+  same classifier file; never with Inception FIDs (the protocol dict says which was used).
+
+Images enter as ``uint8`` NCHW in [0, 255]; grayscale is repeated to three channels for torch-fidelity
+(the reference classifier reads channel 0 back). Reference statistics are cached by torch-fidelity under
+``cache_root``; for the reference classifier the cache name includes a digest of its weights file, so a
+retrained classifier never reuses stale statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ._torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # torch_fidelity imports torchvision; also when rjem_ray/__init__ did not run
+
+import torch_fidelity  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase  # noqa: E402
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY  # noqa: E402
+
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+REFERENCE_EXTRACTOR = "rjem-reference-classifier"
+EXTRACTORS = {"inception": INCEPTION_EXTRACTOR, "reference-classifier": REFERENCE_EXTRACTOR}
+PENULTIMATE = "penultimate"
+LOGITS = "logits_unbiased"  # torch-fidelity's IS feature name; the head has no bias, so these are the logits
+FILE_FORMAT = "rjem-reference-classifier/1"
+
+
+# ---------------------------------------------------------------------------------- the classifier
+
+
+class ReferenceClassifier(nn.Module):
+    """Plain CNN ``x ∈ [-1, 1]^{C×H×W} → (h ∈ R^128, logits = W h)``.
+
+    conv3×3(16) → conv3×3/2(32) → conv3×3/2(64), ReLU after each, adaptive average pool to 4×4,
+    linear(1024 → 128) + ReLU (the penultimate features ``h``), linear(128 → K) without bias.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, features: int = 128):
+        super().__init__()
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, features),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(features, num_classes, bias=False)
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(h, logits)`` for ``x`` in [-1, 1]."""
+        h = self.body(x)
+        return h, self.head(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)[1]
+
+
+def _as_uint8_images(images, name: str) -> Tensor:
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{name} must be uint8 [N, C, H, W] with C in (1, 3), got {images.dtype} {tuple(images.shape)}"
+        )
+    return images.cpu()
+
+
+def _to_unit(images_uint8: Tensor) -> Tensor:
+    """uint8 [0, 255] → float32 [-1, 1] (``x / 127.5 − 1``), the scale every model here reads."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def train_reference_classifier(
+    images_uint8: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    seed: int = 0,
+    holdout_fraction: float = 0.1,
+    lr: float = 2e-3,
+) -> ReferenceClassifier:
+    """Train a :class:`ReferenceClassifier` with Adam on cross-entropy; returned in eval mode.
+
+    A random ``holdout_fraction`` of the images (chosen with ``seed``) is kept out of training; the
+    accuracy on it is stored as ``model.heldout_accuracy`` (a fraction in [0, 1]) and the numbers as
+    ``model.training_info``. Deterministic for a given seed on one machine (CPU).
+    """
+    images = _as_uint8_images(images_uint8, "images_uint8")
+    labels = torch.as_tensor(labels).long().cpu().reshape(-1)
+    n = images.shape[0]
+    if labels.shape[0] != n:
+        raise ValueError(f"images and labels disagree on the number of samples: {n} vs {labels.shape[0]}")
+    if images.shape[2] != images.shape[3]:
+        raise ValueError(f"reference classifier expects square images, got {tuple(images.shape[2:])}")
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    n_hold = max(1, int(round(n * holdout_fraction)))
+    if n - n_hold < 1:
+        raise ValueError(f"too few images ({n}) to hold out {holdout_fraction:.0%}")
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    hold, train = perm[:n_hold], perm[n_hold:]
+    x_train, y_train = _to_unit(images[train]), labels[train]
+
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = ReferenceClassifier(images.shape[1], images.shape[2], num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(x_train.shape[0], generator=g)
+        for start in range(0, order.numel(), batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+    with torch.no_grad():
+        x_hold = _to_unit(images[hold])
+        pred = torch.cat([model(x_hold[s : s + 512]).argmax(1) for s in range(0, n_hold, 512)])
+    model.heldout_accuracy = (pred == labels[hold]).double().mean().item()
+    model.training_info = {
+        "heldout_accuracy": model.heldout_accuracy,
+        "num_train": int(train.numel()),
+        "num_heldout": int(n_hold),
+        "epochs": int(epochs),
+        "seed": int(seed),
+    }
+    return model
+
+
+# ---------------------------------------------------------------------------------- the cached file
+
+
+def _check_dataset_name(dataset: str) -> None:
+    if not isinstance(dataset, str) or not dataset or os.sep in dataset or "/" in dataset or dataset.startswith("."):
+        raise ValueError(f"dataset must be a plain name (no path separators), got {dataset!r}")
+
+
+def reference_classifier_path(cache_dir: str | os.PathLike, dataset: str) -> Path:
+    """Where the reference classifier of ``dataset`` is cached: ``<cache_dir>/reference-classifier-<dataset>.pt``."""
+    _check_dataset_name(dataset)
+    return Path(cache_dir) / f"reference-classifier-{dataset}.pt"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_reference_classifier(model: ReferenceClassifier, path: str | os.PathLike, dataset: str) -> Path:
+    """Write ``{"format", "state_dict", "meta"}`` atomically; ``meta`` holds the shape facts and training info."""
+    meta = {
+        "dataset": dataset,
+        "channels": model.in_channels,
+        "size": model.image_size,
+        "num_classes": model.num_classes,
+        **getattr(model, "training_info", {}),
+    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    _atomic_torch_save({"format": FILE_FORMAT, "state_dict": state, "meta": meta}, path)
+    return path
+
+
+def load_reference_classifier(path: str | os.PathLike, map_location="cpu") -> tuple[ReferenceClassifier, dict]:
+    """``(model in eval mode, meta)`` from a file written by :func:`save_reference_classifier`."""
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not a reference-classifier file ({FILE_FORMAT})")
+    meta = blob["meta"]
+    model = ReferenceClassifier(meta["channels"], meta["size"], meta["num_classes"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), meta
+
+
+def load_or_train_reference_classifier(
+    cache_dir: str | os.PathLike,
+    dataset: str,
+    images_uint8: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    **kw,
+) -> Path:
+    """Path of the cached reference classifier of ``dataset``, training and writing it only when absent.
+
+    ``kw`` goes to :func:`train_reference_classifier`. An existing file is reused as it is (no
+    retraining, whatever ``kw`` says) after checking that its channels, size and class count match
+    ``images_uint8``/``num_classes``; a mismatch raises instead of overwriting. Delete the file to retrain.
+    """
+    path = reference_classifier_path(cache_dir, dataset)
+    images = _as_uint8_images(images_uint8, "images_uint8")
+    want = {"channels": images.shape[1], "size": images.shape[2], "num_classes": int(num_classes)}
+    if path.exists():
+        meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+        got = {k: meta.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"cached reference classifier {path} was trained for {got}, not {want}; delete it to retrain")
+        return path
+    model = train_reference_classifier(images, labels, num_classes, **kw)
+    return save_reference_classifier(model, path, dataset)
+
+
+# ---------------------------------------------------------------------------------- torch-fidelity glue
+
+
+class ReferenceClassifierExtractor(FeatureExtractorBase):
+    """torch-fidelity feature extractor around a cached :class:`ReferenceClassifier`.
+
+    Takes torch-fidelity's input, ``uint8`` B×3×H×W in [0, 255], keeps channel 0 for a grayscale
+    classifier, scales to [-1, 1] and returns the requested features in ``features_list`` order:
+    ``"penultimate"`` (``[B, 128]``, FID/KID/PRC) and ``"logits_unbiased"`` (``[B, K]``, IS).
+    The weights file comes from ``feature_extractor_weights_path`` (required).
+    """
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise ValueError(f"{REFERENCE_EXTRACTOR} needs feature_extractor_weights_path (a reference-classifier file)")
+        self.model, self.meta = load_reference_classifier(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list():
+        return (PENULTIMATE, LOGITS)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": LOGITS, "fid": PENULTIMATE, "kid": PENULTIMATE, "prc": PENULTIMATE}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.dim() != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 B×3×H×W input, got {x.dtype} {tuple(x.shape)}")
+        size = self.model.image_size
+        if tuple(x.shape[2:]) != (size, size):
+            raise ValueError(f"reference classifier of {self.meta['dataset']} reads {size}×{size}, got {tuple(x.shape[2:])}")
+        if self.model.in_channels == 1:
+            x = x[:, :1]
+        h, logits = self.model.features(_to_unit(x))
+        out = {PENULTIMATE: h, LOGITS: logits}
+        return tuple(out[name].float() for name in self.features_list)
+
+
+def _register() -> None:
+    if REFERENCE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(REFERENCE_EXTRACTOR, ReferenceClassifierExtractor)
+
+
+_register()
+
+
+class _UInt8Images(Dataset):
+    """torch-fidelity input: item ``i`` is ``uint8`` 3×H×W (grayscale repeated to three channels)."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> Tensor:
+        x = self.images[i]
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def _file_digest(path: str | os.PathLike, n: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def _check_cache_name(name: str) -> None:
+    if not isinstance(name, str) or not name or name.strip() != name or os.sep in name or "/" in name:
+        raise ValueError(f"reference_cache_name must be a plain non-empty name (no path separators), got {name!r}")
+
+
+def fidelity_metrics(
+    samples_uint8: Tensor,
+    reference_uint8: Tensor | None,
+    *,
+    extractor: str,
+    weights_path: str | os.PathLike | None,
+    cache_root: str | os.PathLike,
+    reference_cache_name: str,
+    fid: bool = True,
+    isc: bool = True,
+    isc_splits: int = 10,
+    batch_size: int = 64,
+) -> dict:
+    """FID of ``samples_uint8`` against ``reference_uint8`` and IS of ``samples_uint8``, via torch-fidelity.
+
+    Both image sets are ``uint8`` ``[N, C, H, W]`` in [0, 255] with C = 1 or 3. ``extractor`` is
+    ``"inception"`` (``weights_path`` None downloads torch-fidelity's weights; a local file for offline
+    clusters) or ``"reference-classifier"`` (``weights_path`` = the file from
+    :func:`load_or_train_reference_classifier`, required). Reference features and FID statistics are
+    cached under ``cache_root`` as ``reference_cache_name`` (plus ``-<sha256[:12]>`` of the weights file
+    for the reference classifier), so later calls with the same name skip the reference entirely — the
+    same name must always mean the same reference images. Samples are never cached.
+
+    Returns ``{"fid", "inception_score", "inception_score_std", "protocol"}``; ``fid`` is present only
+    when ``fid=True`` and the two IS keys only when ``isc=True``. ``protocol`` names the extractor, the
+    sample and reference counts, the reference cache name, ``isc_splits`` and the weights used.
+    """
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {extractor!r}")
+    if not (fid or isc):
+        raise ValueError("fidelity_metrics needs fid=True or isc=True")
+    samples = _as_uint8_images(samples_uint8, "samples_uint8")
+    n = samples.shape[0]
+    if isc and not 1 <= isc_splits <= n:
+        raise ValueError(f"isc_splits must be in [1, num_samples={n}], got {isc_splits}")
+    reference = None
+    if fid:
+        if reference_uint8 is None:
+            raise ValueError("fid=True needs reference_uint8")
+        reference = _as_uint8_images(reference_uint8, "reference_uint8")
+        if n < 2 or reference.shape[0] < 2:
+            raise ValueError(f"FID needs >= 2 images per set, got {n} samples and {reference.shape[0]} reference")
+        if reference.shape[1:] != samples.shape[1:]:
+            raise ValueError(
+                f"samples {tuple(samples.shape[1:])} and reference {tuple(reference.shape[1:])} differ in C×H×W"
+            )
+    _check_cache_name(reference_cache_name)
+
+    cache_name = reference_cache_name
+    weights = None
+    if extractor == "reference-classifier":
+        if weights_path is None:
+            raise ValueError("extractor 'reference-classifier' needs weights_path (see load_or_train_reference_classifier)")
+        meta = torch.load(weights_path, map_location="cpu", weights_only=True)["meta"]
+        if (meta["channels"], meta["size"], meta["size"]) != tuple(samples.shape[1:]):
+            raise ValueError(
+                f"reference classifier {weights_path} reads {meta['channels']}×{meta['size']}×{meta['size']}, "
+                f"samples are {'×'.join(map(str, samples.shape[1:]))}"
+            )
+        weights = _file_digest(weights_path)
+        cache_name = f"{reference_cache_name}-{weights}"
+    elif weights_path is not None:
+        weights = os.path.basename(weights_path)
+
+    kwargs = dict(
+        input1=_UInt8Images(samples),
+        input2=_UInt8Images(reference) if fid else None,
+        input2_cache_name=cache_name if fid else None,
+        fid=fid,
+        isc=isc,
+        isc_splits=isc_splits,
+        feature_extractor=EXTRACTORS[extractor],
+        feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+        cache_root=str(cache_root),
+        cache=True,
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        save_cpu_ram=True,  # otherwise torch-fidelity starts 4 loader workers
+        verbose=False,
+    )
+    raw = torch_fidelity.calculate_metrics(**kwargs)
+
+    out: dict = {}
+    if fid:
+        out["fid"] = float(raw["frechet_inception_distance"])
+    if isc:
+        out["inception_score"] = float(raw["inception_score_mean"])
+        out["inception_score_std"] = float(raw["inception_score_std"])
+    out["protocol"] = {
+        "extractor": extractor,
+        "num_samples": int(n),
+        "num_reference": int(reference.shape[0]) if fid else 0,
+        "reference": reference_cache_name,
+        "isc_splits": int(isc_splits),
+        "weights": weights,
+    }
+    return out

@@ -1,0 +1,156 @@
+"""MLflow tracking: the only module that talks to MLflow.
+
+One MLflow run per training run. The driver (``rjem train``) creates it and logs parameters, tags and
+artifacts; Ray Train's rank-0 worker logs the step metrics into the same run by id, so many workers
+still make exactly one run. Relative ``sqlite:///`` URIs and artifact locations are made absolute at
+the edge so that Ray workers, whose working directory differs, write to the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def resolve_tracking_uri(uri: str, base: str | Path | None = None) -> str:
+    """Make a relative ``sqlite:///path`` absolute (against ``base`` or the working directory)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(base or os.getcwd()) / uri[len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path.resolve())
+    return uri
+
+
+def resolve_artifact_location(location: str, base: str | Path | None = None) -> str:
+    if "://" in location:
+        return location
+    path = Path(location)
+    if not path.is_absolute():
+        path = Path(base or os.getcwd()) / path
+    return path.resolve().as_uri()
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+class Tracker:
+    """A thin wrapper over ``MlflowClient`` bound to one run id."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    @classmethod
+    def create(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        artifact_location: str,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> "Tracker":
+        """Create (or reuse) the experiment and start a new run in it."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception:  # another process created it between our two calls
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+        return cls(tracking_uri, run.info.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), ts, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def tracker_for(cfg, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> Tracker | None:
+    """Create a run for ``cfg`` (a :class:`rjem_ray.config.Config`) when tracking is enabled."""
+    t = cfg.tracking
+    if not t.enabled:
+        return None
+    return Tracker.create(
+        resolve_tracking_uri(t.tracking_uri),
+        t.experiment,
+        resolve_artifact_location(t.artifact_location),
+        run_name=t.run_name or cfg.name,
+        tags=tags,
+        parent_run_id=parent_run_id,
+    )
+
+
+def runs_of(tracking_uri: str, experiment: str, filter_string: str = "") -> Iterable[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=filter_string)

@@ -1,0 +1,233 @@
+"""``rjem train``: build a Ray Train ``TorchTrainer`` from the config, run it, and write the run's outputs.
+
+Outputs under ``OUT``: ``config.yaml``, ``checkpoint/`` (the final — or last good — checkpoint with the
+Gaussian mixture beside it), ``samples/{energy,pgd,combined}.png`` and ``metrics.json``; Ray's own run
+directory (every reported checkpoint) is ``OUT/ray/``. The MLflow run is created here, rank 0 logs step
+metrics into it, and the artifacts are logged here at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import copy_checkpoint, load_gmm_state, save_checkpoint, load_state
+from .config import Config, ConfigError, dump_config
+from .data import load_split
+from .gmm import ClassConditionalGMM
+
+
+class TrainingFailed(RuntimeError):
+    """The run stopped with an error; ``OUT/checkpoint`` holds its last good checkpoint, if any."""
+
+
+@dataclass
+class TrainOutcome:
+    out_dir: Path
+    checkpoint: Path
+    metrics: dict
+    run_id: str | None
+
+
+def merge_json(path: Path, update: dict) -> dict:
+    """Update the JSON object in ``path`` with ``update`` (create it if absent), written atomically."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(update)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return data
+
+
+def gmm_for_checkpoint(cfg: Config, checkpoint_dir: str | Path) -> ClassConditionalGMM:
+    """The Gaussian mixture stored beside a checkpoint, or the cached/fitted one of its dataset."""
+    state = load_gmm_state(checkpoint_dir)
+    if state is not None:
+        return ClassConditionalGMM.from_state_dict(state)
+    from .train_worker import load_train_gmm
+
+    return load_train_gmm(cfg)
+
+
+def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int = 8, seed: int = 0) -> dict[str, Path]:
+    """One PNG grid per generation mode: a row per class, ``n_per_class`` samples each."""
+    from .generate import generate
+    from .images import save_grid
+
+    k = gmm.num_classes
+    rows = min(k, 10)
+    classes = torch.arange(rows).repeat_interleave(n_per_class)
+    paths = {}
+    for mode in ("energy", "pgd", "combined"):
+        g = torch.Generator().manual_seed(seed)
+        x, _ = generate(model, gmm, cfg.generate, mode=mode, n=len(classes), classes=classes, generator=g)
+        paths[mode] = save_grid(x, out_dir / f"{mode}.png", nrow=n_per_class)
+    return paths
+
+
+def _run_tags(cfg: Config) -> dict[str, str]:
+    import ray
+
+    from .tracking import git_commit
+
+    res = ray.cluster_resources()
+    return {
+        "rjem.mode": cfg.train.mode,
+        "rjem.dataset": cfg.data.name,
+        "ray.job_id": ray.get_runtime_context().get_job_id(),
+        "ray.submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID", ""),
+        "ray.nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
+        "ray.cluster_cpus": str(res.get("CPU", 0)),
+        "ray.cluster_gpus": str(res.get("GPU", 0)),
+        "trainer.num_workers": str(cfg.trainer.num_workers),
+        "mlflow.source.git.commit": git_commit(Path(__file__).resolve().parent),
+    }
+
+
+def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = None, samples: bool = True) -> TrainOutcome:
+    """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .checkpoint import load_model
+    from .ray_setup import cluster_has_gpus, ensure_ray
+    from .tracking import tracker_for
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    resume_dir = None
+    if resume is not None:
+        resume_dir = Path(resume).resolve()
+        if (resume_dir / "checkpoint").is_dir():
+            resume_dir = resume_dir / "checkpoint"
+        load_state(resume_dir)  # fail now, with a clear message, if it is not a checkpoint
+
+    # Fail fast on the driver (missing data directory, unknown files) before any worker starts.
+    images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
+    gmm = None
+    if cfg.uses_energy:
+        from .train_worker import load_train_gmm
+
+        gmm = load_train_gmm(cfg, images, labels)  # cached: workers read the file instead of refitting
+    del images, labels
+    cfg.cache_dir = str(Path(cfg.cache_dir).resolve())  # workers run in another working directory
+    if cfg.data.data_dir:
+        cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())
+
+    ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
+    use_gpu = cluster_has_gpus() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
+    dump_config(cfg, out / "config.yaml")
+    tracker = tracker_for(cfg, tags=_run_tags(cfg))
+    if tracker:
+        tracker.log_params(cfg.to_dict())
+        tracker.log_artifact(out / "config.yaml")
+        print(f"[rjem] MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment!r} "
+              f"({tracker.tracking_uri})", flush=True)
+
+    resources = {"CPU": cfg.trainer.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker_entry,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "mlflow_run_id": tracker.run_id if tracker else None,
+            "tracking_uri": tracker.tracking_uri if tracker else None,
+            "resume_from": str(resume_dir) if resume_dir else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(out / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.time()
+    error = None
+    try:
+        result = trainer.fit()
+        latest = result.checkpoint
+        error = result.error
+    except Exception as exc:  # Train V2 raises TrainingFailedError; keep what was saved
+        error = exc
+        latest = _latest_checkpoint(out / "ray")
+    wall = time.time() - t0
+
+    ckpt_dir = out / "checkpoint"
+    if latest is not None:
+        with latest.as_directory() as d:
+            copy_checkpoint(d, ckpt_dir)
+        if gmm is not None:
+            save_checkpoint_gmm(ckpt_dir, gmm)
+    if error is not None:
+        if tracker:
+            tracker.set_tags({"rjem.error": _root_message(error)[:4000]})
+            if latest is not None:
+                tracker.log_artifacts(ckpt_dir, "checkpoint")
+            tracker.finish("FAILED")
+        kept = f"; last good checkpoint: {ckpt_dir}" if latest is not None else "; no checkpoint was saved"
+        raise TrainingFailed(_root_message(error) + kept)
+
+    state = load_state(ckpt_dir)
+    metrics = {"train": {"steps": int(state["step"]), "wall_s": round(wall, 1)}}
+    if result.metrics:
+        metrics["train"].update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    if samples:
+        model, _ = load_model(ckpt_dir)
+        gmm = gmm or gmm_for_checkpoint(cfg, ckpt_dir)
+        paths = write_sample_grids(model, gmm, cfg, out / "samples")
+        if tracker:
+            for p in paths.values():
+                tracker.log_artifact(p, "samples")
+    merge_json(out / "metrics.json", metrics)
+    if tracker:
+        tracker.log_metrics({"train/wall_s": wall})
+        tracker.log_artifact(out / "metrics.json")
+        tracker.log_artifacts(ckpt_dir, "checkpoint")
+        tracker.finish()
+    return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)
+
+
+def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:
+    from .checkpoint import GMM_FILE, atomic_torch_save
+
+    atomic_torch_save(gmm.state_dict(), ckpt_dir / GMM_FILE)
+
+
+def _latest_checkpoint(ray_dir: Path):
+    import ray.train
+
+    found = sorted(ray_dir.glob("*/checkpoint-*"))
+    found = [p for p in found if (p / "state.pt").is_file()]
+    return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost error's message: Ray wraps the worker's exception in several layers."""
+    seen = error
+    while True:
+        nxt = getattr(seen, "__cause__", None) or getattr(seen, "cause", None)
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    lines = [ln for ln in text if ln.strip()]
+    for ln in reversed(lines):
+        if "DivergenceError" in ln or "Error:" in ln:
+            return ln.split("Error: ", 1)[-1] if "Error: " in ln else ln
+    return lines[-1] if lines else type(seen).__name__
+
+
+def _worker_entry(config: dict) -> None:
+    # Imported inside the worker so the package (and its torchvision shim) loads there first.
+    from rjem_ray.train_worker import train_loop_per_worker
+
+    train_loop_per_worker(config)

@@ -1,0 +1,167 @@
+"""The Ray Train per-worker function: ordinary PyTorch with ``ray.train`` calls at its edges.
+
+Each worker loads the training split, keeps its own shard (``data.shard_indices``), builds a
+:class:`~rjem_ray.training.Learner` whose :class:`~rjem_ray.training.JointForward` is wrapped by
+``ray.train.torch.prepare_model`` (DDP: nccl on GPU, gloo on CPU) and steps it. Every
+``train.log_every`` steps the ranks average their metrics and report; every ``train.checkpoint_every``
+steps (and at the end) they report a checkpoint: rank 0 writes ``state.pt`` (model, optimiser, step,
+its RNG/stream/buffer), every other rank ``rank-K.pt`` (its RNG/stream/buffer); Ray merges the files
+into one checkpoint directory. A divergence rolls back to the last good state in memory with a lower
+learning rate, at most ``train.max_rollbacks`` times, then stops with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_torch_save, load_state, save_checkpoint
+from .config import Config
+from .data import load_split, shard_indices
+from .gmm import load_or_fit_gmm
+from .training import DivergenceError, Learner
+
+RANK_FILE = "rank-{rank}.pt"
+RANK_KEYS = ("rng", "stream", "buffer")
+
+
+def gmm_cache_file(cfg: Config) -> Path:
+    return Path(cfg.cache_dir) / "gmm" / f"{cfg.data.name}-max{cfg.buffer.gmm_max_mb}mb.pt"
+
+
+def load_train_gmm(cfg: Config, images_u8: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+    """The Gaussian mixture of the full training split, fitted once per dataset and cached."""
+    from .data import dataset_info, to_model_space
+
+    if images_u8 is None:
+        images_u8, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
+    return load_or_fit_gmm(
+        gmm_cache_file(cfg), to_model_space(images_u8), labels, dataset_info(cfg.data.name).num_classes,
+        max_bytes=cfg.buffer.gmm_max_mb * 2**20,
+    )
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _restore(learner: Learner, directory: str | Path, rank: int) -> None:
+    state = load_state(directory)
+    rank_file = Path(directory) / RANK_FILE.format(rank=rank)
+    if rank != 0:
+        if rank_file.is_file():
+            state.update(torch.load(rank_file, map_location="cpu", weights_only=True))
+        else:  # the checkpoint came from fewer workers: keep this rank's fresh stream and buffer
+            state = {k: v for k, v in state.items() if k not in RANK_KEYS}
+    learner.load_state_dict(state, load_buffer="buffer" in state)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = max(1, int(cfg.trainer.cpus_per_worker))
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+
+    images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
+    gmm = load_train_gmm(cfg, images, labels) if cfg.uses_energy else None
+    idx = torch.from_numpy(shard_indices(len(labels), rank, world))
+    learner = Learner(
+        cfg, images[idx], labels[idx], gmm, rank=rank, world_size=world, device=device,
+        wrap=ray.train.torch.prepare_model if world > 1 else None,
+    )
+
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _restore(learner, d, rank)
+        resumed_from = "ray-checkpoint"
+    elif config.get("resume_from"):
+        _restore(learner, config["resume_from"], rank)
+        resumed_from = config["resume_from"]
+
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from .tracking import Tracker
+
+        tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"])
+        if resumed_from:
+            tracker.set_tags({"resumed_at_step": learner.step_count})
+
+    steps = cfg.train.steps
+    keep_rollback = cfg.train.max_rollbacks > 0
+    good = learner.snapshot() if keep_rollback else None
+    window: dict[str, float] = {}
+    window_n = 0
+    t_start, step_start = time.time(), learner.step_count
+    if rank == 0:
+        print(f"[rjem] training {cfg.train.mode} on {cfg.data.name}: {world} worker(s), "
+              f"global batch {cfg.train.batch_size}, steps {learner.step_count}->{steps}"
+              + (f" (resumed from {resumed_from})" if resumed_from else ""), flush=True)
+
+    while learner.step_count < steps:
+        try:
+            metrics = learner.step()
+        except DivergenceError as exc:
+            if good is not None and learner.rollbacks < cfg.train.max_rollbacks:
+                learner.rollback(good, cfg.train.rollback_lr_factor)
+                message = (f"[rjem] {exc}; rolled back to step {learner.step_count} with learning-rate scale "
+                           f"{learner.lr_scale:g} (rollback {learner.rollbacks}/{cfg.train.max_rollbacks})")
+                if rank == 0:
+                    print(message, flush=True)
+                    if tracker:
+                        tracker.log_metrics({"rollback": learner.rollbacks, "lr_scale": learner.lr_scale},
+                                            step=learner.step_count)
+                window, window_n = {}, 0
+                continue
+            raise DivergenceError(
+                f"{exc}; stopped after {learner.rollbacks} rollback(s) (train.max_rollbacks = "
+                f"{cfg.train.max_rollbacks}); the last good checkpoint is kept"
+            ) from None
+        for k, v in metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        window_n += 1
+        s = learner.step_count
+        do_ckpt = s % cfg.train.checkpoint_every == 0 or s == steps
+        if not (s % cfg.train.log_every == 0 or do_ckpt):
+            continue
+        avg = learner.reducer.mean({k: v / window_n for k, v in window.items()})
+        window, window_n = {}, 0
+        elapsed = time.time() - t_start
+        rate = (s - step_start) / max(elapsed, 1e-9)
+        avg.update(step=s, steps_per_s=rate, rollbacks=learner.rollbacks)
+        if rank == 0:
+            eta = _format_eta((steps - s) / max(rate, 1e-9))
+            line = (f"[rjem] step {s}/{steps} ({100 * s / steps:.0f}%) loss {avg['loss']:.4f} "
+                    f"ce {avg['ce']:.4f} acc {avg['acc']:.3f}")
+            if "e_pos" in avg:
+                line += f" E(x) {avg['e_pos']:.2f} E(x_q) {avg['e_neg']:.2f}"
+            print(f"{line} | {rate:.2f} step/s, ETA {eta}", flush=True)
+            sys.stdout.flush()
+            if tracker:
+                tracker.log_metrics({f"train/{k}": v for k, v in avg.items() if k != "step"}, step=s)
+        if do_ckpt:
+            with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
+                state = learner.state_dict()
+                if rank == 0:
+                    save_checkpoint(tmp, state)
+                else:
+                    atomic_torch_save({k: state[k] for k in RANK_KEYS if k in state},
+                                      os.path.join(tmp, RANK_FILE.format(rank=rank)))
+                ray.train.report(avg, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint-{s:08d}")
+            if keep_rollback:
+                good = learner.snapshot()
+        else:
+            ray.train.report(avg)

@@ -1,0 +1,311 @@
+"""One JEM++ / Robust-JEM training step and the state around it, in plain PyTorch.
+
+The step (METHOD.md, "Training"), for a labelled batch ``(x, y)`` in [-1, 1]:
+
+1. augment ``x`` (reflect-pad + crop [+ flip] + Gaussian noise of std ``data.noise_std``);
+2. robust modes: ``x_adv = PGD(x, y)`` (untargeted, ε-ball ∩ [-1, 1]) — the classification input;
+3. energy modes: lease B samples from the replay buffer (5 % re-initialised from the class-conditional
+   Gaussian mixture), run SGLD/PYLD on ``E(x)``, write them back;
+4. ``L = CE(f(x_cls), y) + w_px (mean E(x) − mean E(x_q)) + λ (E(x)² + E(x_q)²).mean()``.
+
+Ray appears nowhere here: the Ray Train worker (``train_worker.py``) builds a :class:`Learner`, calls
+:meth:`Learner.step` and reports. Distributed data parallelism enters only as an optional
+``wrap`` (DDP) of :class:`JointForward` and through ``torch.distributed`` reductions of scalars.
+
+Design choices that the reference code leaves implicit:
+
+* PGD and the Langevin sampler run on the unwrapped model in eval mode by default
+  (``train.sampler_bn_mode``): BatchNorm running statistics then come from data only, the sampler
+  descends the same energy that generation and evaluation use, and DDP ranks never need to agree on how
+  many BatchNorm forward passes they make outside the synchronised step.
+* The three forward passes of the loss (``x_cls``, ``x``, ``x_q``) are made by one module,
+  :class:`JointForward`, so DDP sees one forward and one backward per step while BatchNorm still
+  normalises each batch by its own statistics (as the JEM++ reference does with separate calls).
+* A step whose loss is non-finite or whose magnitude exceeds ``train.divergence_threshold`` never
+  reaches the optimiser: :class:`DivergenceError` is raised and the caller rolls back or stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import pgd
+from .config import Config
+from .data import Augmenter, BatchStream, dataset_info
+from .energy import marginal_energy
+from .gmm import ClassConditionalGMM, as_init_fn
+from .models import build_model
+from .replay_buffer import LocalReplayBuffer, ReplayBuffer
+from .samplers import run_sampler
+
+
+class DivergenceError(RuntimeError):
+    """The loss became non-finite or exploded; the optimiser step was not taken."""
+
+
+class JointForward(nn.Module):
+    """Logits for the classification batch, the positive batch and the negative samples, in one call.
+
+    Each batch goes through ``model`` separately, so BatchNorm (train mode) uses per-batch statistics.
+    ``x_pos`` may be ``None`` when it equals ``x_cls`` (non-robust energy mode) and ``x_neg`` may be
+    ``None`` (classifier modes).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_cls, x_pos=None, x_neg=None):
+        out_cls = self.model(x_cls)
+        out_pos = self.model(x_pos) if x_pos is not None else None
+        out_neg = self.model(x_neg) if x_neg is not None else None
+        return out_cls, out_pos, out_neg
+
+
+def jem_loss(
+    logits_cls: torch.Tensor,
+    y: torch.Tensor,
+    logits_pos: torch.Tensor | None,
+    logits_neg: torch.Tensor | None,
+    energy_weight: float,
+    energy_l2: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``CE(f(x_cls), y) + w_px (mean E(x_pos) − mean E(x_q)) + λ (E(x_pos)² + E(x_q)²).mean()``.
+
+    Returns the loss and its parts as Python floats (``ce``, ``acc``, ``e_pos``, ``e_neg``).
+    """
+    ce = F.cross_entropy(logits_cls, y)
+    parts = {"ce": ce.item(), "acc": (logits_cls.argmax(1) == y).float().mean().item()}
+    loss = ce
+    if logits_neg is not None:
+        e_pos = marginal_energy(logits_pos if logits_pos is not None else logits_cls)
+        e_neg = marginal_energy(logits_neg)
+        loss = loss + energy_weight * (e_pos.mean() - e_neg.mean())
+        if energy_l2 > 0:
+            loss = loss + energy_l2 * (e_pos.pow(2) + e_neg.pow(2)).mean()
+        parts.update(e_pos=e_pos.mean().item(), e_neg=e_neg.mean().item())
+    return loss, parts
+
+
+def lr_multiplier(step: int, cfg: Config) -> float:
+    """Learning-rate factor at optimiser step ``step``: linear warm-up, then the configured schedule."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if o.schedule == "step":
+        return o.gamma ** sum(step >= m * total for m in o.milestones)
+    return 1.0
+
+
+def attack_eps(step: int, cfg: Config) -> float:
+    """Training ε at ``step``: linear warm-up from 0 over ``attack.eps_warmup_steps``, [-1, 1] units."""
+    w = cfg.attack.eps_warmup_steps
+    return cfg.attack.eps if not w else cfg.attack.eps * min(1.0, (step + 1) / w)
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+@dataclass
+class Reducer:
+    """Scalar reductions across DDP ranks; the identity on one process."""
+
+    world_size: int = 1
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not values:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.cpu().tolist())}
+
+    def max(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+
+class Learner:
+    """Model, optimiser, schedule, data stream, replay buffer and RNG of one training worker."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        gmm: ClassConditionalGMM | None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        buffer: ReplayBuffer | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.info = dataset_info(cfg.data.name)
+        torch.manual_seed(cfg.train.seed + 1000 * rank)
+        model = build_model(cfg.model, self.info)
+        if cfg.trainer.sync_batchnorm and world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device)
+        joint = JointForward(self.model)
+        self.joint = wrap(joint) if wrap is not None else joint
+        self.optimizer = build_optimizer(self.model.parameters(), cfg)
+        self.lr_scale = 1.0  # lowered by each divergence rollback
+        self.step_count = 0
+        self.rollbacks = 0
+        self.batch_per_worker = cfg.train.batch_size // world_size
+        self.stream = BatchStream(images, labels, self.batch_per_worker, seed=cfg.train.seed + 7919 * rank)
+        self.augment = (
+            Augmenter(cfg.data.pad, self.info.hflip, cfg.data.noise_std)
+            if cfg.data.augment
+            else Augmenter(0, False, cfg.data.noise_std)
+        )
+        self.gen = torch.Generator().manual_seed(cfg.train.seed * 7 + rank)
+        self.reducer = Reducer(world_size)
+        self.buffer: ReplayBuffer | None = None
+        if cfg.uses_energy:
+            if buffer is None:
+                if gmm is None:
+                    raise ValueError("energy modes need the Gaussian-mixture initialisation (gmm)")
+                buffer = LocalReplayBuffer(
+                    max(self.batch_per_worker, cfg.buffer.size // world_size),
+                    as_init_fn(gmm),
+                    cfg.buffer.reinit_freq,
+                    seed=cfg.train.seed + 104729 * rank,
+                )
+            self.buffer = buffer
+        self._apply_lr()
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def _apply_lr(self) -> None:
+        lr = self.cfg.optim.lr * self.lr_scale * lr_multiplier(self.step_count, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _sample_negatives(self) -> torch.Tensor:
+        lease = self.buffer.lease(self.batch_per_worker)
+        x0 = torch.from_numpy(lease.x).to(self.device)
+        s = self.cfg.sampler
+        was_training = self.model.training
+        self.model.train(self.cfg.train.sampler_bn_mode == "train")
+        x_q = run_sampler(
+            self.model, x0, kind=s.kind, steps=s.steps, inner_steps=s.inner_steps,
+            step_size=s.step_size, noise_std=s.noise_std, generator=None,
+        )
+        self.model.train(was_training)
+        self.buffer.write_back(lease.slots, x_q.detach().cpu().numpy())
+        return x_q
+
+    def step(self) -> dict[str, float]:
+        """One optimiser step; returns this rank's metrics. Raises :class:`DivergenceError`."""
+        cfg = self.cfg
+        self._apply_lr()
+        x, y = next(self.stream)
+        x, y = x.to(self.device), y.to(self.device)
+        x = self.augment(x, generator=self.gen)
+        self.model.train()
+        x_cls = x
+        eps = 0.0
+        if cfg.robust:
+            eps = attack_eps(self.step_count, cfg)
+            self.model.eval()
+            step_size = cfg.attack.step_size * eps / cfg.attack.eps if cfg.attack.eps else 0.0
+            x_cls = pgd(
+                self.model, x.clamp(-1, 1), y, eps=eps, steps=cfg.attack.steps, step_size=step_size,
+                norm=cfg.attack.norm, random_start=cfg.attack.random_start,
+            )
+            self.model.train()
+        x_neg = self._sample_negatives() if cfg.uses_energy else None
+        x_pos = x if (cfg.uses_energy and cfg.robust) else None
+        logits_cls, logits_pos, logits_neg = self.joint(x_cls, x_pos, x_neg)
+        loss, parts = jem_loss(logits_cls, y, logits_pos, logits_neg, cfg.train.energy_weight, cfg.train.energy_l2)
+        value = loss.item()
+        worst = self.reducer.max(abs(value) if math.isfinite(value) else math.inf)
+        if not math.isfinite(worst) or worst > cfg.train.divergence_threshold:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise DivergenceError(
+                f"loss diverged at step {self.step_count}: |loss| = {worst:.3g} "
+                f"(threshold train.divergence_threshold = {cfg.train.divergence_threshold:g})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        return {"loss": value, **parts, "lr": self.lr, "eps": eps}
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_dict(self, include_buffer: bool = True) -> dict:
+        """Everything needed to continue this worker's run exactly (``torch.load(weights_only=True)``-safe)."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state()},
+            "stream": self.stream.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        if include_buffer and self.buffer is not None:
+            state["buffer"] = self.buffer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, load_buffer: bool = True) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        torch.set_rng_state(state["rng"]["torch"])
+        self.gen.set_state(state["rng"]["gen"])
+        self.stream.load_state_dict(state["stream"])
+        if load_buffer and self.buffer is not None and "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
+        self._apply_lr()
+
+    def snapshot(self) -> dict:
+        """A deep CPU copy of the state, kept in memory for divergence rollback."""
+        return copy.deepcopy({k: v for k, v in self.state_dict().items()})
+
+    def rollback(self, snapshot: dict, lr_factor: float) -> None:
+        """Restore ``snapshot`` and lower the learning rate by ``lr_factor`` (counts one rollback)."""
+        rollbacks = self.rollbacks + 1
+        scale = self.lr_scale * lr_factor
+        self.load_state_dict(snapshot)
+        self.rollbacks, self.lr_scale = rollbacks, scale
+        self._apply_lr()

