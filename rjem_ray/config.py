@@ -111,6 +111,8 @@ class TrainConfig:
     sampler_bn_mode: str = "eval"  # BatchNorm mode for PGD-free sampling passes: eval (default, see training.py) | train (the JEM++ reference)
     log_every: int = 20
     checkpoint_every: int = 200
+    eval_every: int = 0  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)
+    eval_metrics: list[str] = field(default_factory=lambda: ["fid"])
     seed: int = 0
 
 
@@ -325,6 +327,9 @@ def validate(cfg: Config) -> None:
     _choice("train.sampler_bn_mode", cfg.train.sampler_bn_mode, ("train", "eval"))
     _at_least("train.log_every", cfg.train.log_every, 1)
     _at_least("train.checkpoint_every", cfg.train.checkpoint_every, 1)
+    _at_least("train.eval_every", cfg.train.eval_every, 0)
+    for m in cfg.train.eval_metrics:
+        _choice("train.eval_metrics", m, METRIC_NAMES)
     _at_least("trainer.num_workers", cfg.trainer.num_workers, 1)
     _at_least("trainer.cpus_per_worker", cfg.trainer.cpus_per_worker, 0, strict=True)
     _at_least("trainer.max_failures", cfg.trainer.max_failures, -1)

@@ -13,9 +13,7 @@ learning rate, at most ``train.max_rollbacks`` times, then stops with a clear er
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ from .checkpoint import atomic_torch_save, load_state, save_checkpoint
 from .config import Config
 from .data import load_split, shard_indices
 from .gmm import load_or_fit_gmm
-from .training import DivergenceError, Learner
+from .training import Learner, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
 RANK_KEYS = ("rng", "stream", "buffer")
@@ -44,11 +42,6 @@ def load_train_gmm(cfg: Config, images_u8: torch.Tensor | None = None, labels: t
         gmm_cache_file(cfg), to_model_space(images_u8), labels, dataset_info(cfg.data.name).num_classes,
         max_bytes=cfg.buffer.gmm_max_mb * 2**20,
     )
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _restore(learner: Learner, directory: str | Path, rank: int) -> None:
@@ -99,69 +92,32 @@ def train_loop_per_worker(config: dict) -> None:
         if resumed_from:
             tracker.set_tags({"resumed_at_step": learner.step_count})
 
-    steps = cfg.train.steps
-    keep_rollback = cfg.train.max_rollbacks > 0
-    good = learner.snapshot() if keep_rollback else None
-    window: dict[str, float] = {}
-    window_n = 0
-    t_start, step_start = time.time(), learner.step_count
-    if rank == 0:
-        print(f"[rjem] training {cfg.train.mode} on {cfg.data.name}: {world} worker(s), "
-              f"global batch {cfg.train.batch_size}, steps {learner.step_count}->{steps}"
-              + (f" (resumed from {resumed_from})" if resumed_from else ""), flush=True)
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    log_metrics = tracker.log_metrics if tracker else None
+    if resumed_from:
+        log(f"[rjem] resumed from {resumed_from} at step {learner.step_count}")
 
-    while learner.step_count < steps:
-        try:
-            metrics = learner.step()
-        except DivergenceError as exc:
-            if good is not None and learner.rollbacks < cfg.train.max_rollbacks:
-                learner.rollback(good, cfg.train.rollback_lr_factor)
-                message = (f"[rjem] {exc}; rolled back to step {learner.step_count} with learning-rate scale "
-                           f"{learner.lr_scale:g} (rollback {learner.rollbacks}/{cfg.train.max_rollbacks})")
-                if rank == 0:
-                    print(message, flush=True)
-                    if tracker:
-                        tracker.log_metrics({"rollback": learner.rollbacks, "lr_scale": learner.lr_scale},
-                                            step=learner.step_count)
-                window, window_n = {}, 0
-                continue
-            raise DivergenceError(
-                f"{exc}; stopped after {learner.rollbacks} rollback(s) (train.max_rollbacks = "
-                f"{cfg.train.max_rollbacks}); the last good checkpoint is kept"
-            ) from None
-        for k, v in metrics.items():
-            window[k] = window.get(k, 0.0) + v
-        window_n += 1
-        s = learner.step_count
-        do_ckpt = s % cfg.train.checkpoint_every == 0 or s == steps
-        if not (s % cfg.train.log_every == 0 or do_ckpt):
-            continue
-        avg = learner.reducer.mean({k: v / window_n for k, v in window.items()})
-        window, window_n = {}, 0
-        elapsed = time.time() - t_start
-        rate = (s - step_start) / max(elapsed, 1e-9)
-        avg.update(step=s, steps_per_s=rate, rollbacks=learner.rollbacks)
-        if rank == 0:
-            eta = _format_eta((steps - s) / max(rate, 1e-9))
-            line = (f"[rjem] step {s}/{steps} ({100 * s / steps:.0f}%) loss {avg['loss']:.4f} "
-                    f"ce {avg['ce']:.4f} acc {avg['acc']:.3f}")
-            if "e_pos" in avg:
-                line += f" E(x) {avg['e_pos']:.2f} E(x_q) {avg['e_neg']:.2f}"
-            print(f"{line} | {rate:.2f} step/s, ETA {eta}", flush=True)
-            sys.stdout.flush()
-            if tracker:
-                tracker.log_metrics({f"train/{k}": v for k, v in avg.items() if k != "step"}, step=s)
-        if do_ckpt:
-            with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
-                state = learner.state_dict()
-                if rank == 0:
-                    save_checkpoint(tmp, state)
-                else:
-                    atomic_torch_save({k: state[k] for k in RANK_KEYS if k in state},
-                                      os.path.join(tmp, RANK_FILE.format(rank=rank)))
-                ray.train.report(avg, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint-{s:08d}")
-            if keep_rollback:
-                good = learner.snapshot()
-        else:
-            ray.train.report(avg)
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
+            if rank == 0:
+                save_checkpoint(tmp, state)
+            else:
+                atomic_torch_save({k: state[k] for k in RANK_KEYS if k in state},
+                                  os.path.join(tmp, RANK_FILE.format(rank=rank)))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint-{metrics['step']:08d}")
+
+    def evaluate(lrn: Learner) -> dict:
+        # Rank 0 evaluates; the others wait at the next report, which is a barrier.
+        if rank != 0:
+            return {}
+        from .evaluate import evaluate_model
+
+        res = evaluate_model(lrn.model, cfg, cfg.train.eval_metrics, gmm=gmm)
+        lrn.model.train()
+        return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
+
+    run_loop(learner, report, log=log, log_metrics=log_metrics, evaluate=evaluate)

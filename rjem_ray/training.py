@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -309,3 +310,88 @@ class Learner:
         self.load_state_dict(snapshot)
         self.rollbacks, self.lr_scale = rollbacks, scale
         self._apply_lr()
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+Report = Callable[[dict, "dict | None"], None]
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_loop(
+    learner: Learner,
+    report: Report,
+    *,
+    log: Callable[[str], None] = print,
+    log_metrics: Callable[[dict, int], None] | None = None,
+    evaluate: Callable[[Learner], dict] | None = None,
+) -> None:
+    """Step ``learner`` to ``train.steps``, reporting and checkpointing, rolling back divergences.
+
+    Every ``train.log_every`` steps the rank-averaged metrics go to ``report(metrics, None)`` (and to
+    ``log_metrics`` and a progress line with the ETA); every ``train.checkpoint_every`` steps and at the
+    end ``report(metrics, state)`` receives the full state to persist. Every rank must call this with the
+    same schedule: ``report`` is a barrier under Ray Train. Every ``train.eval_every`` steps (and at the
+    end) ``evaluate(learner)`` adds its figures (e.g. FID) to the reported metrics. A :class:`DivergenceError` restores the last
+    checkpointed state held in memory and multiplies the learning rate by ``train.rollback_lr_factor``,
+    at most ``train.max_rollbacks`` times; after that it is raised with the count.
+    """
+    cfg = learner.cfg
+    steps = cfg.train.steps
+    good = learner.snapshot() if cfg.train.max_rollbacks > 0 else None
+    window: dict[str, float] = {}
+    window_n = 0
+    t_start, step_start = time.time(), learner.step_count
+    log(f"[rjem] training {cfg.train.mode} on {cfg.data.name}: {learner.world_size} worker(s), "
+        f"global batch {cfg.train.batch_size}, steps {learner.step_count}->{steps}")
+    while learner.step_count < steps:
+        try:
+            metrics = learner.step()
+        except DivergenceError as exc:
+            if good is not None and learner.rollbacks < cfg.train.max_rollbacks:
+                learner.rollback(good, cfg.train.rollback_lr_factor)
+                log(f"[rjem] {exc}; rolled back to step {learner.step_count} with learning-rate scale "
+                    f"{learner.lr_scale:g} (rollback {learner.rollbacks}/{cfg.train.max_rollbacks})")
+                if log_metrics:
+                    log_metrics({"train/rollback": learner.rollbacks, "train/lr_scale": learner.lr_scale},
+                                learner.step_count)
+                window, window_n = {}, 0
+                continue
+            raise DivergenceError(
+                f"{exc}; stopped after {learner.rollbacks} rollback(s) (train.max_rollbacks = "
+                f"{cfg.train.max_rollbacks}); the last good checkpoint is kept"
+            ) from None
+        for k, v in metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        window_n += 1
+        s = learner.step_count
+        do_ckpt = s % cfg.train.checkpoint_every == 0 or s == steps
+        do_eval = evaluate is not None and cfg.train.eval_every > 0 and (s % cfg.train.eval_every == 0 or s == steps)
+        if not (s % cfg.train.log_every == 0 or do_ckpt or do_eval):
+            continue
+        avg = learner.reducer.mean({k: v / window_n for k, v in window.items()})
+        window, window_n = {}, 0
+        rate = (s - step_start) / max(time.time() - t_start, 1e-9)
+        avg.update(step=s, steps_per_s=rate, rollbacks=learner.rollbacks)
+        line = (f"[rjem] step {s}/{steps} ({100 * s / steps:.0f}%) loss {avg['loss']:.4f} "
+                f"ce {avg['ce']:.4f} acc {avg['acc']:.3f}")
+        if "e_pos" in avg:
+            line += f" E(x) {avg['e_pos']:.2f} E(x_q) {avg['e_neg']:.2f}"
+        log(f"{line} | {rate:.2f} step/s, ETA {format_eta((steps - s) / max(rate, 1e-9))}")
+        if do_eval:
+            figures = evaluate(learner)
+            if figures:
+                log("[rjem] eval at step %d: %s" % (s, ", ".join(f"{k} {v:.4g}" for k, v in figures.items())))
+            avg.update(figures)
+        if log_metrics:
+            log_metrics({f"train/{k}": v for k, v in avg.items() if k != "step"}, s)
+        if do_ckpt:
+            report(avg, learner.state_dict())
+            if good is not None:
+                good = learner.snapshot()
+        else:
+            report(avg, None)
