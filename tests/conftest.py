@@ -1,0 +1,53 @@
+"""Shared test settings: quiet, fast Ray; one torch thread; per-session caches in a temp dir."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports Ray or MLflow.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import rjem_ray  # noqa: E402,F401  (installs the torchvision shim before any test imports torchvision)
+
+# Two cores: intra-op threads in the test process fight Ray workers and each other.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """GMM statistics and reference classifiers, shared by the whole session."""
+    return str(tmp_path_factory.mktemp("rjem-cache"))
+
+
+@pytest.fixture
+def tracking_overrides(tmp_path) -> list[str]:
+    """``--set`` overrides sending MLflow to a fresh sqlite store under ``tmp_path``."""
+    return [
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/mlartifacts",
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the in-process Ray tests of the session (4 logical CPUs on a 2-core box)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=str(tmp_path_factory.mktemp("ray", numbered=True)),
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,129 @@
+"""The `rjem` command line end to end: a tiny train -> sample -> eval round trip, and its errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from rjem_ray.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_session, cache_dir):
+    """One tiny `rjem train` run shared by the round-trip tests."""
+    out = tmp_path_factory.mktemp("train")
+    store = out / "mlflow.db"
+    sets = [f"tracking.tracking_uri=sqlite:///{store}", f"tracking.artifact_location={out}/mlartifacts",
+            f"cache_dir={cache_dir}", "tracking.experiment=cli-test"]
+    argv = ["train", "tune_configs/smoke.yaml", "--out", str(out / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    return out / "run", f"sqlite:///{store}", sets
+
+
+@pytest.mark.slow
+def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained):
+    run, uri, _ = trained
+    assert (run / "checkpoint" / "state.pt").is_file() and (run / "checkpoint" / "gmm.pt").is_file()
+    for mode in ("energy", "pgd", "combined"):
+        img = Image.open(run / "samples" / f"{mode}.png")
+        assert img.size[0] > 28 * 4 and img.size[1] > 28 * 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 6
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("cli-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1  # exactly one MLflow run per training run
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    assert r.data.params["attack.eps"] == "0.6" and r.data.params["train.mode"] == "robust-jem"
+    assert "train/loss" in r.data.metrics and "train/e_neg" in r.data.metrics
+    history = client.get_metric_history(r.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [2, 3, 4, 6]
+    assert r.data.tags["rjem.mode"] == "robust-jem" and "mlflow.source.git.commit" in r.data.tags
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"samples", "checkpoint", "metrics.json", "config.yaml"} <= artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["energy", "pgd", "combined"])
+def test_sample_each_mode(trained, tmp_path, mode, cache_dir):
+    run, _, _ = trained
+    out = tmp_path / f"{mode}.png"
+    assert main(["sample", str(run / "checkpoint"), "--mode", mode, "--n", "6", "--class", "4", "--out", str(out),
+                 "--set", "generate.pgd_steps=3", "--set", "generate.sampler.steps=2"]) == 0
+    assert Image.open(out).size[0] > 28
+
+
+@pytest.mark.slow
+def test_sample_to_directory_writes_single_images(trained, tmp_path):
+    run, _, _ = trained
+    assert main(["sample", str(run / "checkpoint"), "--mode", "pgd", "--n", "3", "--out", str(tmp_path / "d"),
+                 "--set", "generate.pgd_steps=2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert names == ["00000_class0.png", "00001_class1.png", "00002_class2.png", "grid.png"]
+
+
+@pytest.mark.slow
+def test_eval_writes_every_metric_with_its_protocol(trained, tmp_path, cache_dir):
+    run, _, _ = trained
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(run / "checkpoint"), "--json", str(out), "--set", f"cache_dir={cache_dir}",
+                 "--set", "generate.pgd_steps=3", "--set", "generate.sampler.steps=2"]) == 0
+    res = json.loads(out.read_text())
+    for key in ("accuracy", "robust_accuracy", "ece", "fid", "inception_score", "ood_auroc"):
+        assert isinstance(res[key], float), key
+    assert 0 <= res["accuracy"] <= 1 and 0 <= res["robust_accuracy"] <= res["accuracy"]
+    p = res["protocol"]
+    assert p["robust_accuracy"]["eps"] == 0.6 and p["robust_accuracy"]["eps_01_scale"] == 0.3
+    assert p["robust_accuracy"]["steps"] == 5 and "[-1, 1]" in p["robust_accuracy"]["eps_unit"]
+    assert p["ece"]["bins"] == 20
+    assert p["fidelity"]["extractor"] == "reference-classifier" and p["fidelity"]["num_samples"] == 50
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint_step(trained, tmp_path):
+    run, _, sets = trained
+    argv = ["train", "tune_configs/smoke.yaml", "--out", str(tmp_path / "more"), "--resume", str(run),
+            "--set", "train.steps=8"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "more" / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "tune_configs/smoke.yaml", "--set", "attack.eps=-0.1"], "attack.eps: -0.1 is out of range"),
+        (["train", "tune_configs/smoke.yaml", "--set", "attack.steps=0"], "attack.steps: 0 is out of range"),
+        (["train", "tune_configs/smoke.yaml", "--set", "attack.epsilon=1"], "unknown key attack.epsilon"),
+        (["train", "tune_configs/smoke.yaml", "--set", "data.name=imagenet"], "data.name: 'imagenet' is not allowed"),
+        (["train", "tune_configs/smoke.yaml", "--set", "data.name=cifar10"], "data_dir"),
+        (["train", "tune_configs/smoke.yaml", "--set", "data.name=cifar10", "--set", "data.data_dir=/no/such/dir"],
+         "/no/such/dir"),
+        (["train", "tune_configs/missing.yaml"], "does not exist"),
+        (["sample", "/no/such/checkpoint"], "is not a checkpoint"),
+        (["eval", "README.md"], "is not a readable rjem checkpoint"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err
+
+
+def test_console_script_prints_no_traceback():
+    exe = Path(sys.executable).with_name("rjem")
+    proc = subprocess.run([str(exe), "train", "tune_configs/smoke.yaml", "--set", "sampler.steps=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "rjem train: error: sampler.steps: 0 is out of range; it must be >= 1"

@@ -1,0 +1,73 @@
+import pytest
+
+from rjem_ray.config import Config, ConfigError, apply_overrides, load_config, parse_override
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = Config.from_dict({})
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_every_shipped_config_loads():
+    for name in ("smoke", "demo", "cifar10"):
+        cfg = load_config(f"tune_configs/{name}.yaml")
+        assert cfg.name
+
+
+def test_cifar10_config_has_the_papers_settings():
+    cfg = load_config("tune_configs/cifar10.yaml")
+    assert (cfg.model.depth, cfg.model.widen) == (28, 10)
+    assert (cfg.attack.eps, cfg.attack.steps) == (0.1, 15)
+    assert (cfg.sampler.kind, cfg.sampler.steps, cfg.sampler.inner_steps) == ("pyld", 10, 5)
+    assert (cfg.buffer.size, cfg.buffer.reinit_freq) == (10000, 0.05)
+    assert cfg.train.mode == "robust-jem"
+
+
+def test_override_parses_yaml_scalars():
+    assert parse_override("attack.eps=0.3") == (["attack", "eps"], 0.3)
+    assert parse_override("trainer.use_gpu=true") == (["trainer", "use_gpu"], True)
+    assert parse_override("data.data_dir=/x/y") == (["data", "data_dir"], "/x/y")
+    cfg = load_config("tune_configs/smoke.yaml", ["attack.eps=0.25", "generate.sampler.steps=7"])
+    assert cfg.attack.eps == 0.25 and cfg.generate.sampler.steps == 7
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("attack.epsilon=0.1", "unknown key attack.epsilon"),
+        ("nonsense=1", "unknown key nonsense"),
+        ("attack.eps=-0.1", "attack.eps: -0.1 is out of range"),
+        ("attack.steps=0", "attack.steps: 0 is out of range"),
+        ("sampler.steps=0", "sampler.steps: 0 is out of range"),
+        ("train.steps=0", "train.steps: 0 is out of range"),
+        ("data.name=imagenet", "data.name: 'imagenet' is not allowed; choose one of mnist5k, cifar10"),
+        ("train.mode=gan", "train.mode: 'gan' is not allowed"),
+        ("model.depth=12", "model.depth: 12 is not allowed; it must be 6n+4"),
+        ("attack.steps=1.5", "attack.steps: expected an integer"),
+        ("attack.eps=abc", "attack.eps: expected a number"),
+        ("buffer.reinit_freq=1.5", "buffer.reinit_freq: 1.5 is out of range; it must be in [0.0, 1.0]"),
+        ("eval.metrics=[accuracy,bogus]", "eval.metrics: 'bogus' is not allowed"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("tune_configs/smoke.yaml", [override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_lists_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"attack": {"epz": 1}})
+    assert "allowed keys under attack:" in str(err.value) and "eps" in str(err.value)
+
+
+def test_global_batch_must_split_evenly_over_workers():
+    with pytest.raises(ConfigError, match="divisible by trainer.num_workers"):
+        load_config("tune_configs/smoke.yaml", ["trainer.num_workers=3", "train.batch_size=16"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        apply_overrides({}, ["attack.eps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tune_configs/nope.yaml")

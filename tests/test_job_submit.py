@@ -1,0 +1,164 @@
+"""``ray job submit -- rjem train ...`` against a real head node (``ray start --head``) on 127.0.0.1.
+
+The job gets the repository as its working directory (uploaded by the job server, as on a cluster) and
+absolute ``--out`` / tracking / cache paths, since its working directory is a copy. The run must reach
+SUCCEEDED and appear in MLflow tagged with its submission id.
+
+Teardown stops exactly the Ray processes this head started (those whose command line names its private
+temp dir, and their descendants) instead of ``ray stop``, which would stop every Ray instance on the
+machine, other people's included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rjem_ray.checkpoint import load_state
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes() -> list[tuple[int, int, bytes]]:
+    """``(pid, ppid, cmdline)`` of every process still readable in /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes()
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append((int(d.name), ppid, cmdline))
+    return out
+
+
+def _pids_of_instance(temp_dir: str) -> set[int]:
+    """The processes of the Ray instance that uses ``temp_dir``, and everything they started."""
+    procs = _processes()
+    children = defaultdict(list)
+    for pid, ppid, _ in procs:
+        children[ppid].append(pid)
+    found = {pid for pid, _, cmd in procs if temp_dir.encode() in cmd and pid != os.getpid()}
+    stack = list(found)
+    while stack:
+        for child in children[stack.pop()]:
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _stop_instance(temp_dir: str, grace_s: float = 10.0) -> set[int]:
+    """SIGTERM, then SIGKILL after ``grace_s``, every process of this instance; returns the survivors."""
+    pids = _pids_of_instance(temp_dir)
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 3.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            pids = {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)}
+            if not pids:
+                return set()
+            time.sleep(0.2)
+    return pids
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head node on 127.0.0.1 with the job server; yields ``(dashboard address, env for the CLI)``."""
+    temp_dir = tempfile.mkdtemp(prefix="rjjob", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", MLFLOW_DISABLE_TELEMETRY="true",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `rjem` for the job's entrypoint
+    )
+    dashboard_port = _free_port()
+    cmd = [
+        RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+        "--port", str(_free_port()), "--dashboard-port", str(dashboard_port), "--num-cpus", "4",
+        "--object-store-memory", str(256 * 2**20), "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield f"http://127.0.0.1:{dashboard_port}", env
+    finally:
+        survivors = _stop_instance(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not survivors, f"Ray processes of {temp_dir} survived teardown: {sorted(survivors)}"
+
+
+def test_job_submit_runs_rjem_train_to_succeeded_and_tracks_it_in_mlflow(ray_head, cache_dir, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, env = ray_head
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    submission_id = f"rjem-test-{uuid.uuid4().hex[:8]}"
+    sets = [
+        "trainer.num_workers=2", "train.batch_size=16", "train.steps=3", "train.log_every=1",
+        f"cache_dir={cache_dir}", f"tracking.tracking_uri=sqlite:///{db}",
+        f"tracking.artifact_location={tmp_path}/mlartifacts", "tracking.experiment=jobs",
+    ]
+    cmd = [RAY, "job", "submit", "--address", address, "--submission-id", submission_id,
+           "--working-dir", str(REPO), "--",
+           "rjem", "train", "tune_configs/smoke.yaml", "--out", str(out)] + [x for s in sets for x in ("--set", s)]
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+
+    log = done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.returncode == 0, log
+    assert JobSubmissionClient(address).get_job_status(submission_id) == JobStatus.SUCCEEDED, log
+    assert f"Job '{submission_id}' succeeded" in done.stdout, log
+    # The driver ran inside the job and printed its own summary line.
+    assert "[rjem] done: checkpoint" in done.stdout, log
+
+    # The outputs went to the absolute --out, not into the job's temporary copy of the repository.
+    assert load_state(out / "checkpoint")["step"] == 3
+    assert (out / "checkpoint" / "rank-1.pt").is_file()  # two Ray Train workers reported
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("jobs")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{submission_id}'")
+    assert len(runs) == 1, [r.data.tags for r in client.search_runs([exp.experiment_id])]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    tags, params = run.data.tags, run.data.params
+    assert tags["ray.job_id"] and tags["ray.nodes"] == "1" and float(tags["ray.cluster_cpus"]) == 4.0
+    assert tags["trainer.num_workers"] == "2" and params["trainer.num_workers"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/state.pt"}

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from rjem_ray.energy import joint_energy, marginal_energy
+from rjem_ray.models import WideResNet
+
+
+@pytest.mark.parametrize("channels, size, stride", [(1, 28, 1), (3, 32, 1), (3, 17, 2), (1, 12, 1)])
+def test_any_input_size_and_channel_count(channels, size, stride):
+    m = WideResNet(depth=10, widen=1, num_classes=7, in_channels=channels, norm="batch", stem_stride=stride)
+    out = m(torch.randn(3, channels, size, size))
+    assert out.shape == (3, 7)
+
+
+def test_forward_is_head_of_stem_and_stem_is_linear():
+    torch.manual_seed(0)
+    m = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="none").eval()
+    x, z = torch.randn(2, 1, 12, 12), torch.randn(2, 1, 12, 12)
+    assert torch.allclose(m(x), m.head(m.stem(x)))
+    bias = m.stem.bias.view(1, -1, 1, 1)
+    # linear up to its bias: stem(x + z) - bias = (stem(x) - bias) + (stem(z) - bias)
+    assert torch.allclose(m.stem(x + z) - bias, (m.stem(x) - bias) + (m.stem(z) - bias), atol=1e-5)
+
+
+def test_energies_match_their_definitions():
+    torch.manual_seed(0)
+    m = WideResNet(depth=10, widen=1, num_classes=5, in_channels=1, norm="none").eval()
+    x, y = torch.randn(4, 1, 12, 12), torch.tensor([0, 1, 2, 3])
+    logits = m(x)
+    assert torch.allclose(m.energy(x), -torch.logsumexp(logits, 1))
+    assert torch.allclose(m.joint_energy(x, y), -logits[torch.arange(4), y])
+    # E(x) = -log sum_y exp(-E(x, y)) and E(x) <= E(x, y) for every y
+    assert torch.all(marginal_energy(logits) <= joint_energy(logits, y) + 1e-6)
+
+
+def test_bad_depth_and_norm_are_rejected():
+    with pytest.raises(ValueError, match="6n\\+4"):
+        WideResNet(depth=12)
+    with pytest.raises(ValueError, match="model.norm"):
+        WideResNet(depth=10, norm="group")

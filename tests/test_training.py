@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rjem_ray.config import load_config
+from rjem_ray.data import load_split, to_model_space
+from rjem_ray.gmm import fit_class_gmm
+from rjem_ray.training import DivergenceError, Learner, attack_eps, jem_loss, lr_multiplier, run_loop
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_split("mnist5k", "train")
+    return x[::8], y[::8]  # the file is sorted by class: stride to keep all ten
+
+
+@pytest.fixture(scope="module")
+def gmm(digits):
+    x, y = digits
+    return fit_class_gmm(to_model_space(x), y, 10)
+
+
+def make_learner(digits, gmm, *overrides):
+    cfg = load_config("tune_configs/smoke.yaml", ["buffer.size=64", "train.batch_size=8", *overrides])
+    return Learner(cfg, digits[0], digits[1], gmm)
+
+
+def test_jem_loss_is_ce_plus_energy_contrast_plus_l2():
+    torch.manual_seed(0)
+    lc, lp, ln = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    y = torch.tensor([0, 1, 2, 0])
+    loss, parts = jem_loss(lc, y, lp, ln, energy_weight=0.5, energy_l2=0.1)
+    e_pos, e_neg = -lp.logsumexp(1), -ln.logsumexp(1)
+    expected = F.cross_entropy(lc, y) + 0.5 * (e_pos.mean() - e_neg.mean()) + 0.1 * (e_pos**2 + e_neg**2).mean()
+    assert torch.allclose(loss, expected)
+    assert parts["e_pos"] == pytest.approx(e_pos.mean().item())
+    # without a separate positive batch the classification batch is the positive one
+    loss2, _ = jem_loss(lc, y, None, ln, 1.0, 0.0)
+    assert torch.allclose(loss2, F.cross_entropy(lc, y) + (-lc.logsumexp(1)).mean() - e_neg.mean())
+    # classifier modes: CE only
+    loss3, parts3 = jem_loss(lc, y, None, None, 1.0, 0.1)
+    assert torch.allclose(loss3, F.cross_entropy(lc, y)) and "e_neg" not in parts3
+
+
+def test_schedules():
+    cfg = load_config("tune_configs/smoke.yaml", ["train.steps=100", "optim.schedule=cosine", "optim.warmup_steps=10",
+                                                  "attack.eps=0.6", "attack.eps_warmup_steps=20"])
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(99, cfg) < 0.01
+    assert attack_eps(0, cfg) == pytest.approx(0.03) and attack_eps(19, cfg) == pytest.approx(0.6)
+    assert attack_eps(50, cfg) == pytest.approx(0.6)
+
+
+def test_a_step_updates_the_model_and_the_buffer(digits, gmm):
+    learner = make_learner(digits, gmm)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    buf_before = learner.buffer.state_dict()["buffer"].clone()
+    m = learner.step()
+    assert learner.step_count == 1 and math.isfinite(m["loss"])
+    assert {"ce", "acc", "e_pos", "e_neg", "lr", "eps"} <= set(m)
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+    changed = (learner.buffer.state_dict()["buffer"] != buf_before).flatten(1).any(1)
+    assert int(changed.sum()) == 8  # exactly the leased batch was written back
+
+
+def test_resumed_learner_continues_exactly(digits, gmm):
+    a = make_learner(digits, gmm)
+    for _ in range(2):
+        a.step()
+    state = a.snapshot()
+    buffer_at_snapshot = a.buffer.state_dict()["buffer"].clone()
+    ma = a.step()  # before b exists: building a Learner reseeds the global RNG
+    b = make_learner(digits, gmm)
+    b.load_state_dict(state)
+    assert b.step_count == 2
+    assert torch.equal(b.buffer.state_dict()["buffer"], buffer_at_snapshot)
+    mb = b.step()
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-6)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+    assert torch.allclose(a.buffer.state_dict()["buffer"], b.buffer.state_dict()["buffer"], atol=1e-6)
+
+
+def test_divergence_never_reaches_the_optimiser(digits, gmm):
+    learner = make_learner(digits, gmm, "train.divergence_threshold=1e-6")
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    with pytest.raises(DivergenceError, match="train.divergence_threshold"):
+        learner.step()
+    assert learner.step_count == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+
+
+def test_run_loop_reports_checkpoints_and_rolls_back(digits, gmm):
+    learner = make_learner(digits, gmm, "train.steps=6", "train.log_every=2", "train.checkpoint_every=3",
+                           "train.max_rollbacks=2", "train.rollback_lr_factor=0.5", "train.mode=classifier")
+    real_step = learner.step
+    fail_at = {4: 1}  # the step after checkpoint 3 diverges once
+
+    def flaky_step():
+        if fail_at.get(learner.step_count):
+            fail_at[learner.step_count] -= 1
+            raise DivergenceError("boom")
+        return real_step()
+
+    learner.step = flaky_step
+    reports = []
+    run_loop(learner, lambda m, s: reports.append((m["step"], s is not None)), log=lambda s: None)
+    assert learner.step_count == 6
+    assert learner.rollbacks == 1 and learner.lr_scale == pytest.approx(0.5)
+    # 2, 3 (checkpoint), 4; step 5 diverges -> back to 3; 4 again, 6 (checkpoint, end)
+    assert reports == [(2, False), (3, True), (4, False), (4, False), (6, True)]
+
+
+def test_run_loop_stops_after_max_rollbacks(digits, gmm):
+    learner = make_learner(digits, gmm, "train.steps=4", "train.max_rollbacks=2", "train.mode=classifier")
+
+    def always_diverges():
+        raise DivergenceError("loss diverged")
+
+    learner.step = always_diverges
+    with pytest.raises(DivergenceError, match=r"stopped after 2 rollback\(s\)"):
+        run_loop(learner, lambda m, s: None, log=lambda s: None)
