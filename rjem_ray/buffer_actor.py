@@ -14,22 +14,26 @@ protocol, so :class:`~rjem_ray.training.Learner` needs no change):
   that gets each rounding remainder rotates with the worker's rank and call count), so every slot is
   equally likely to be leased whatever the shard sizes. The shard does the 5 % re-initialisation from
   the Gaussian mixture itself: the mixture's arrays are sent to each shard once, at creation.
-* ``write_back`` sends the results back, then immediately requests the *next* lease of the same size
-  (prefetch) so it is ready when the next step asks for it; the write-back itself is acknowledged
-  before ``write_back`` returns (see "consistent snapshot" below). Arrays travel as numpy through Ray's
-  object store; no torch tensor is pickled on this path.
+* ``write_back`` sends the results back and, without waiting, requests the *next* lease of the same
+  size (prefetch), so it is ready when the next step asks for it; the rest of the step (the loss, the
+  next PGD) hides both round trips. Arrays travel as numpy through Ray's object store; no torch tensor
+  is pickled on this path.
 * Two workers never hold the same slot: each shard hands out only free slots and every lease carries
   the shard's *epoch*; a restore, a lease reset or an actor restart starts a new epoch, which revokes
   every outstanding lease (its write-back is dropped and counted, never applied).
 
 **Consistent snapshot.** Rank 0's client (the *owner*) snapshots every shard in ``state_dict()``; the
 other ranks return a small marker, so their rank files do not duplicate the buffer. The training loop
-calls ``state_dict()`` after a step's all-reduce and before the checkpoint's report barrier. Because
-every rank waits for its write-back acknowledgements before that all-reduce, and no rank starts the
-next step before the report barrier, the snapshot contains every write-back of steps ``<= s`` and none
-of step ``s + 1``. The only leases outstanding then are the prefetched ones for step ``s + 1``: as in
-``LocalReplayBuffer.state_dict`` they are not part of the snapshot (their slots hold their contents at
-lease time, fresh GMM draw included) and restoring revokes them.
+calls ``state_dict()`` after the metrics all-reduce of checkpoint step ``s`` and before the report
+barrier. Every rank waits for its write-back acknowledgements (:meth:`SharedReplayBuffer.flush`) before
+each cross-rank reduction (``train_worker`` fences its reducer), and no rank starts step ``s + 1``
+before the report barrier, so the snapshot holds every write-back of steps ``<= s`` and none of step
+``s + 1``: "consistent" means every slot holds a chain state some step finished, all shards are taken
+at the same step boundary, and each shard's part is atomic (an actor runs one call at a time). The only
+leases outstanding then are the prefetched ones for step ``s + 1``: as in ``LocalReplayBuffer.state_dict``
+they are not part of the snapshot (their slots hold their contents at lease time, fresh GMM draw
+included) and a restore revokes them. Exact replay of the leases after a resume is not promised: the
+order in which workers lease from a shard is not deterministic.
 
 **Shard death.** Every snapshot (and the initial fill, and every restore) is also written by the shard
 to ``snapshot_dir/shard-<j>.pt`` on its own node. Ray recreates a dead shard (``max_restarts``) on the
@@ -415,6 +419,11 @@ class SharedReplayBuffer:
     ``owner`` (rank 0) snapshots and restores the shards through ``state_dict``/``load_state_dict``; the
     other ranks' ``state_dict`` is a marker and their ``load_state_dict`` only drops their prefetched
     lease. With ``prefetch`` the next lease is requested as soon as a lease is fully written back.
+
+    ``write_back`` does not wait for the shards' acknowledgements: :meth:`flush` does, and every other
+    method calls it first (``lease`` for free: the prefetched lease is answered after the write-back).
+    The training worker flushes before each cross-rank reduction, which is what makes rank 0's snapshot
+    hold every rank's write-backs (module docstring).
     """
 
     def __init__(self, shards: Sequence, *, rank: int = 0, owner: bool = False, prefetch: bool = True):
@@ -432,6 +441,8 @@ class SharedReplayBuffer:
         self._pending: _Request | None = None
         self._held: dict[int, tuple[int, np.ndarray]] = {}  # shard index -> (epoch, global slots leased)
         self._cache: dict | None = None  # the owner's last snapshot, valid until this client leases again
+        self._unacked: list = []  # ObjectRefs of write-backs not yet acknowledged
+        self._unacked_slots = 0
         self.dropped = 0  # written-back slots a shard refused because their lease had been revoked
 
     def __len__(self) -> int:
@@ -444,8 +455,16 @@ class SharedReplayBuffer:
         self._requests += 1
         return _Request(batch, [(j, self.shards[j].lease.remote(int(c))) for j, c in enumerate(counts) if c])
 
+    def flush(self) -> None:
+        """Wait until the shards have applied (or, for revoked leases, dropped) every write-back sent so far."""
+        if self._unacked:
+            applied = sum(ray.get(self._unacked))
+            self.dropped += self._unacked_slots - applied
+            self._unacked, self._unacked_slots = [], 0
+
     def _discard_pending(self) -> None:
         """Give a prefetched lease back unchanged (dropped by the shard if a restore revoked it meanwhile)."""
+        self.flush()
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -467,6 +486,7 @@ class SharedReplayBuffer:
         self._pending = None
         self._cache = None
         parts = ray.get([ref for _, ref in request.refs])
+        self.flush()  # answered before the lease above (same caller, same actors): no wait
         for (j, _), (epoch, slots, _, _) in zip(request.refs, parts):
             if j in self._held:
                 old_epoch, old = self._held[j]
@@ -513,10 +533,8 @@ class SharedReplayBuffer:
         if self.prefetch and not self._held and self._pending is None:
             # Same caller, same actor: Ray runs these after the write-backs above.
             self._pending = self._request(slots.size)
-        # Acknowledged before returning, so a checkpoint snapshot taken after the step's all-reduce
-        # holds this write-back.
-        applied = sum(ray.get(acks))
-        self.dropped += slots.size - applied
+        self._unacked += acks
+        self._unacked_slots += slots.size
         self._cache = None
 
     # ------------------------------------------------------------------------------------------ state
@@ -528,6 +546,7 @@ class SharedReplayBuffer:
         ``torch.load(weights_only=True)``. The owner returns its previous snapshot again while it has not
         leased or written back since (the rollback copy taken right after a checkpoint then equals it).
         """
+        self.flush()
         if not self.owner:
             return {"kind": SHARED_KIND, "owner": False}
         if self._cache is not None:
@@ -565,11 +584,12 @@ class SharedReplayBuffer:
         ray.get([s.reset_leases.remote() for s in self.shards])
 
     def close(self) -> None:
-        """Give back the prefetched lease, if any."""
+        """Wait for outstanding write-backs and give back the prefetched lease, if any."""
         self._discard_pending()
 
     def stats(self) -> dict[str, int]:
         """Totals over all shards: slots leased, re-initialised, and write-backs dropped as revoked."""
+        self.flush()
         infos = ray.get([s.info.remote() for s in self.shards])
         return {k: sum(int(i[k]) for i in infos) for k in ("leased", "reinit", "dropped")}
 

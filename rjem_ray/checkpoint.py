@@ -76,7 +76,8 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"{str(p)!r} is not a readable rjem checkpoint: {type(exc).__name__}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch's messages run over many lines
+        raise CheckpointError(f"{str(p)!r} is not a readable rjem checkpoint: {type(exc).__name__}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(p)!r} is not an rjem checkpoint (format tag {FORMAT!r} missing)")
     return state

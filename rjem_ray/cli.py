@@ -48,16 +48,22 @@ def cmd_sample(args) -> int:
     from .train_driver import gmm_for_checkpoint
 
     model, cfg = load_model(args.checkpoint)
+    data = cfg.to_dict()
+    if args.config:  # e.g. a sweep's best.yaml: its generate section replaces the checkpoint's
+        from .config import load_config
+
+        data["generate"] = load_config(args.config).to_dict()["generate"]
+    mode = args.mode or (data["generate"]["mode"] if args.config else "combined")
     overrides = list(args.set or [])
-    overrides.append(f"generate.mode={args.mode}")
+    overrides.append(f"generate.mode={mode}")
     if args.n is not None:
         overrides.append(f"generate.n={args.n}")
-    cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    cfg = Config.from_dict(apply_overrides(data, overrides))
     gmm = gmm_for_checkpoint(cfg, args.checkpoint)
     if args.class_ is not None and not 0 <= args.class_ < gmm.num_classes:
         raise ValueError(f"--class {args.class_} is out of range; allowed 0..{gmm.num_classes - 1}")
     say = _progress("sample")
-    say(f"{cfg.generate.n} samples, mode {args.mode}" + (f", class {args.class_}" if args.class_ is not None else ""))
+    say(f"{cfg.generate.n} samples, mode {mode}" + (f", class {args.class_}" if args.class_ is not None else ""))
     x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.out)
     if out.suffix.lower() == ".png":
@@ -127,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
     s.add_argument("checkpoint")
-    s.add_argument("--mode", choices=["energy", "pgd", "combined"], default="combined")
+    s.add_argument("--mode", choices=["energy", "pgd", "combined"],
+                   help="generation mode (default combined, or the --config file's generate.mode)")
+    s.add_argument("--config", help="take the generate section from this experiment YAML, e.g. a sweep's "
+                                    "best.yaml (`rjem tune`); --mode, --n and --set still override it")
     s.add_argument("--n", type=int, help="number of images (default generate.n)")
     s.add_argument("--class", dest="class_", type=int, help="generate only this class (default: cycle all)")
     s.add_argument("--out", default="samples.png", help="FILE.png for a grid, or a directory for single images")
@@ -147,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     add_set(u)
     u.set_defaults(func=cmd_ui)
+    from .tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
     return p
 
 

@@ -28,7 +28,7 @@ from .checkpoint import atomic_torch_save, load_state, save_checkpoint
 from .config import Config
 from .data import load_split, shard_indices
 from .gmm import load_or_fit_gmm
-from .training import Learner, run_loop
+from .training import Learner, Reducer, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
 RANK_KEYS = ("rng", "stream", "buffer")
@@ -48,6 +48,26 @@ def load_train_gmm(cfg: Config, images_u8: torch.Tensor | None = None, labels: t
         gmm_cache_file(cfg), to_model_space(images_u8), labels, dataset_info(cfg.data.name).num_classes,
         max_bytes=cfg.buffer.gmm_max_mb * 2**20,
     )
+
+
+class _BufferFencedReducer(Reducer):
+    """Waits for this rank's shared-buffer write-backs before every cross-rank reduction.
+
+    Rank 0 snapshots the shared buffer right after such a reduction (the checkpoint's metrics average),
+    so every rank's write-backs of that step are in the snapshot.
+    """
+
+    def __init__(self, world_size: int, buffer):
+        super().__init__(world_size)
+        self.buffer = buffer
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        self.buffer.flush()
+        return super().mean(values)
+
+    def max(self, value: float) -> float:
+        self.buffer.flush()
+        return super().max(value)
 
 
 def _uses_shared_buffer(learner: Learner) -> bool:
@@ -99,6 +119,8 @@ def train_loop_per_worker(config: dict) -> None:
         cfg, images[idx], labels[idx], gmm, rank=rank, world_size=world, device=device, buffer=buffer,
         wrap=ray.train.torch.prepare_model if world > 1 else None,
     )
+    if buffer is not None:
+        learner.reducer = _BufferFencedReducer(world, buffer)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
     checkpoint = ray.train.get_checkpoint()

@@ -398,17 +398,30 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    print(f"DBG {trial_id} pid {os.getpid()} {time.time()}", flush=True)
     trial_dir = Path(ctx.out_dir) / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     try:
         cfg = Config.from_dict(apply_params(ctx.cfg, _trial_params(config)))
         (_sample_trial if ctx.scope == "sample" else _train_trial)(cfg, ctx, trial_dir)
     except Exception as exc:
+        if _stopped_by_tune():  # ASHA stopped the trial: its trainer was torn down under it
+            print(f"[rjem] trial {trial_id} stopped early by the scheduler", flush=True)
+            return
         reason = _root_message(exc)
         print(f"[rjem] trial {trial_id} failed: {reason}", flush=True)
         (trial_dir / "error.txt").write_text(reason + "\n\n" + traceback.format_exc())
         tune.report({ctx.metric: ctx.worst, "failed": 1, "error": reason[:1000]})
+
+
+def _stopped_by_tune() -> bool:
+    """Whether Tune has asked this trial to stop (the scheduler's decision, or the end of the sweep)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        return bool(session is not None and session.stop_event.is_set())
+    except Exception:
+        return False
 
 
 def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
@@ -445,9 +458,14 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .train_driver import _worker_entry, copy_checkpoint, save_checkpoint_gmm
+    from .train_driver import _create_shards, _worker_entry, copy_checkpoint, save_checkpoint_gmm
+    from .train_worker import load_train_gmm
 
     run = json.loads((trial_dir / RUN_FILE).read_text()) if (trial_dir / RUN_FILE).is_file() else {}
+    gmm = load_train_gmm(cfg) if cfg.uses_energy else None  # cached by the sweep's preparation
+    shards = None
+    if gmm is not None and cfg.buffer.is_shared(cfg.trainer.num_workers):
+        shards = _create_shards(cfg, gmm, trial_dir, None)
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if ctx.use_gpu:
         resources["GPU"] = 1
@@ -458,6 +476,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             "mlflow_run_id": run.get("run_id"),
             "tracking_uri": run.get("tracking_uri"),
             "resume_from": None,
+            "buffer_shards": shards.handles if shards else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=ctx.use_gpu, resources_per_worker=resources),
@@ -469,16 +488,18 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             callbacks=[_callback_classes()[1](ctx.metric)],
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if shards is not None:
+            shards.shutdown()
     if result.error is not None:
         raise result.error
     ckpt = trial_dir / "checkpoint"
     with result.checkpoint.as_directory() as d:
         copy_checkpoint(d, ckpt)
-    if cfg.uses_energy:
-        from .train_worker import load_train_gmm
-
-        save_checkpoint_gmm(ckpt, load_train_gmm(cfg))
+    if gmm is not None:
+        save_checkpoint_gmm(ckpt, gmm)
     sample_grid(ckpt, cfg, trial_dir / "samples.png", ctx.seed)
 
 
@@ -788,8 +809,10 @@ def _scheduler(sweep: Sweep):
     from ray.tune.schedulers import ASHAScheduler
 
     t = sweep.cfg.train
+    # stop_last_trials=False: a trial that reaches max_t finishes on its own (copies its checkpoint, draws
+    # its grid) instead of being stopped by the scheduler at its last report.
     return ASHAScheduler(time_attr="step", max_t=t.steps, grace_period=sweep.settings.grace_period or t.eval_every,
-                         reduction_factor=sweep.settings.reduction_factor)
+                         reduction_factor=sweep.settings.reduction_factor, stop_last_trials=False)
 
 
 # ----------------------------------------------------------------------------------------------- results

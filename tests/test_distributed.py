@@ -2,7 +2,9 @@
 run resumes.
 
 Each test runs the real ``rjem train`` path (``run_training`` → ``TorchTrainer`` → ``train_loop_per_worker``)
-with two gloo workers on smoke-sized settings. To look inside the workers without touching the package,
+with two gloo workers on smoke-sized settings: one run whose rank 1 is killed mid-way (the DDP and the
+failure test both read it) and a stopped-then-resumed run through the CLI. To look inside the workers
+without touching the package,
 ``train_driver._worker_entry`` (the function the trainer ships to every worker) is replaced by a wrapper
 that calls the real ``train_loop_per_worker`` after swapping, inside that worker process only, two names
 it looks up at call time: ``Learner`` (a subclass that can pause one rank before a chosen step, so the
@@ -12,11 +14,13 @@ and after the real loop, plus a DDP-free control run). Nothing of the training i
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,11 +114,11 @@ def _hooked_entry(spy_dir: str, pause_rank: int | None = None, pause_before_step
     return entry
 
 
-def _dump(spy: Path, kind: str, rank: int) -> dict:
-    """``{"step", "params"}`` dumped at ``kind`` (start/end/control) by ``rank``'s last attempt."""
+def _dumps(spy: Path, kind: str, rank: int) -> list[dict]:
+    """``{"step", "params"}`` dumped at ``kind`` (start/end/control) by ``rank``, one per attempt, oldest first."""
     files = sorted(spy.glob(f"{kind}-rank{rank}-*.pt"), key=lambda p: p.stat().st_mtime)
     assert files, f"rank {rank} wrote no {kind} dump: {sorted(p.name for p in spy.iterdir())}"
-    return torch.load(files[-1], weights_only=True)
+    return [torch.load(f, weights_only=True) for f in files]
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -157,58 +161,34 @@ def _metric_steps(db: Path, run_id: str, key: str = "train/loss") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-@pytest.fixture
-def overrides(cache_dir, tmp_path) -> list[str]:
+def _overrides(cache_dir: str, directory: Path) -> list[str]:
     return TWO_WORKERS + [
         f"cache_dir={cache_dir}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        f"tracking.artifact_location={tmp_path}/mlartifacts",
+        f"tracking.tracking_uri=sqlite:///{directory}/mlflow.db",
+        f"tracking.artifact_location={directory}/mlartifacts",
         "tracking.experiment=dist",
     ]
 
 
-# ---------------------------------------------------------------------------------------------- tests
+KILLED_STEPS, KILL_BEFORE = 9, 7  # checkpoints at steps 3, 6, 9; rank 1 dies right before step 8
 
 
-def test_ddp_keeps_parameters_identical_across_ranks(ray_session, overrides, tmp_path, monkeypatch):
-    spy = tmp_path / "spy"
+@pytest.fixture(scope="module")
+def killed_run(ray_session, cache_dir, tmp_path_factory) -> SimpleNamespace:
+    """A 2-worker run of 9 steps (``trainer.max_failures=1``) whose rank 1 is SIGKILLed before step 8.
+
+    The kill comes from this process, by pid, while rank 1 waits at the kill point, so it lands at a
+    known step whatever the machine's load. Shared by the DDP and the failure test: one run, two questions.
+    """
+    tmp = tmp_path_factory.mktemp("killed")
+    spy = tmp / "spy"
     spy.mkdir()
-    monkeypatch.setattr(train_driver, "_worker_entry", _hooked_entry(str(spy)))
-    cfg = load_config(SMOKE, overrides + ["train.steps=4"])
-
-    outcome = train_driver.run_training(cfg, tmp_path / "out", samples=False)
-
-    start = [_dump(spy, "start", r)["params"] for r in (0, 1)]
-    end = [_dump(spy, "end", r)["params"] for r in (0, 1)]
-    control = [_dump(spy, "control", r)["params"] for r in (0, 1)]
-    # Each rank seeds its own initialisation (seed + 1000 rank): equal starts mean DDP broadcast rank 0's.
-    assert _same(start[0], start[1])
-    moved = [k for k in start[0] if not torch.equal(start[0][k], end[0][k])]
-    assert len(moved) > len(start[0]) // 2, "training left most parameters unchanged"
-    # After 4 steps on different shards the ranks still agree bit for bit: gradients were all-reduced.
-    assert _same(end[0], end[1]), [k for k in end[0] if not torch.equal(end[0][k], end[1][k])][:5]
-    # The control trains from the same start on the same shards without DDP and drifts apart, so the
-    # equality above is DDP's doing, not an artefact of identical data.
-    assert not _same(control[0], control[1])
-    # The checkpoint written by the run holds exactly what the ranks trained.
-    saved = load_state(outcome.checkpoint)
-    assert saved["step"] == 4
-    assert all(torch.equal(saved["model"][k], v) for k, v in end[0].items())
-
-
-def test_killed_worker_restarts_from_last_checkpoint_with_buffer_restored(ray_session, overrides, tmp_path,
-                                                                          monkeypatch):
-    steps, kill_before = 9, 7  # checkpoints at steps 3, 6, 9; rank 1 dies right before step 8
-    spy = tmp_path / "spy"
-    spy.mkdir()
-    monkeypatch.setattr(train_driver, "_worker_entry",
-                        _hooked_entry(str(spy), pause_rank=1, pause_before_step=kill_before))
-    cfg = load_config(SMOKE, overrides + [f"train.steps={steps}", "trainer.max_failures=1"])
+    cfg = load_config(SMOKE, _overrides(cache_dir, tmp) + [f"train.steps={KILLED_STEPS}", "trainer.max_failures=1"])
     killed: dict = {}
 
     def kill_paused_worker():
         victim = spy / "victim.pid"
-        deadline = time.time() + 150
+        deadline = time.time() + 240
         while not victim.exists() and time.time() < deadline:
             time.sleep(0.1)
         if not victim.exists():
@@ -220,9 +200,40 @@ def test_killed_worker_restarts_from_last_checkpoint_with_buffer_restored(ray_se
 
     killer = threading.Thread(target=kill_paused_worker, daemon=True)
     killer.start()
-    outcome = train_driver.run_training(cfg, tmp_path / "out", samples=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_driver, "_worker_entry",
+                   _hooked_entry(str(spy), pause_rank=1, pause_before_step=KILL_BEFORE))
+        outcome = train_driver.run_training(cfg, tmp / "out", samples=False)
     killer.join(timeout=5)
+    return SimpleNamespace(spy=spy, outcome=outcome, killed=killed, db=tmp / "mlflow.db")
 
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_ddp_keeps_parameters_identical_across_ranks(killed_run):
+    spy = killed_run.spy
+    first_start = [_dumps(spy, "start", r)[0]["params"] for r in (0, 1)]
+    end = [_dumps(spy, "end", r)[-1]["params"] for r in (0, 1)]
+    control = [_dumps(spy, "control", r)[-1]["params"] for r in (0, 1)]
+    # Each rank seeds its own initialisation (seed + 1000 rank): equal starts mean DDP broadcast rank 0's.
+    assert _same(first_start[0], first_start[1])
+    moved = [k for k in first_start[0] if not torch.equal(first_start[0][k], end[0][k])]
+    assert len(moved) > len(first_start[0]) // 2, "training left most parameters unchanged"
+    # After 9 steps on different data shards (and a restart) the ranks agree bit for bit: the gradients
+    # were all-reduced at every step.
+    assert _same(end[0], end[1]), [k for k in end[0] if not torch.equal(end[0][k], end[1][k])][:5]
+    # The control trains 2 steps from one common start on the same shards without DDP and drifts apart,
+    # so the equality above is DDP's doing, not an artefact of identical data or seeds.
+    assert not _same(control[0], control[1])
+    # The run's final checkpoint holds exactly what the ranks trained.
+    saved = load_state(killed_run.outcome.checkpoint)
+    assert saved["step"] == KILLED_STEPS
+    assert all(torch.equal(saved["model"][k], v) for k, v in end[0].items())
+
+
+def test_killed_worker_restarts_from_last_checkpoint_with_buffer_restored(killed_run):
+    spy, outcome, killed, steps = killed_run.spy, killed_run.outcome, killed_run.killed, KILLED_STEPS
     # The victim was a Ray Train worker process, and a new worker group replaced it.
     assert killed.get("pid"), "rank 1 never paused: the run did not reach the kill point"
     assert "RayTrainWorker" in killed["title"], killed["title"]
@@ -237,7 +248,7 @@ def test_killed_worker_restarts_from_last_checkpoint_with_buffer_restored(ray_se
     assert resumed_at in (3, 6)  # the last checkpoint registered when rank 1 died (6 only if Ray had it)
     # Both restarted ranks began their loop at that step with that checkpoint's weights.
     for rank in (0, 1):
-        start = _dump(spy, "start", rank)
+        start = _dumps(spy, "start", rank)[-1]
         assert start["step"] == resumed_at
         assert all(torch.equal(load_state(pre)["model"][k], v) for k, v in start["params"].items())
 
@@ -263,17 +274,17 @@ def test_killed_worker_restarts_from_last_checkpoint_with_buffer_restored(ray_se
     assert unchanged >= len(x_before) - (steps - resumed_at) * BATCH - slack
 
     # The MLflow run records the restart point.
-    [run] = _mlflow_runs(tmp_path / "mlflow.db", "dist")
+    [run] = _mlflow_runs(killed_run.db, "dist")
     assert run.info.status == "FINISHED"
     assert run.data.tags["resumed_at_step"] == str(resumed_at)
-    assert max(_metric_steps(tmp_path / "mlflow.db", run.info.run_id)) == steps
+    assert max(_metric_steps(killed_run.db, run.info.run_id)) == steps
 
 
-def test_cli_resume_continues_a_stopped_run_from_its_step(ray_session, overrides, tmp_path):
+def test_cli_resume_continues_a_stopped_run_from_its_step(ray_session, cache_dir, tmp_path):
     out = tmp_path / "run"
     db = tmp_path / "mlflow.db"
     args = ["train", str(SMOKE), "--out", str(out)]
-    sets = [x for o in overrides for x in ("--set", o)]
+    sets = [x for o in _overrides(cache_dir, tmp_path) for x in ("--set", o)]
 
     assert rjem_main(args + sets + ["--set", "train.steps=4"]) == 0
     assert load_state(out / "checkpoint")["step"] == 4
@@ -284,8 +295,6 @@ def test_cli_resume_continues_a_stopped_run_from_its_step(ray_session, overrides
     state = load_state(out / "checkpoint")
     assert state["step"] == 6
     assert load_config(out / "config.yaml").train.steps == 6
-    import json
-
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 6
     # The buffer came along: its counters went on from the stopped run's, two more steps of leases.
     parts, shared = _buffer_parts(out / "checkpoint")
@@ -298,7 +307,6 @@ def test_cli_resume_continues_a_stopped_run_from_its_step(ray_session, overrides
     # The resumed run logged only the steps after 4: it did not start over from step 0.
     assert _metric_steps(db, first.info.run_id) == [2, 3, 4]
     assert _metric_steps(db, second.info.run_id) == [6]
-    artifacts = {a.path for a in MlflowClient(tracking_uri=f"sqlite:///{db}").list_artifacts(second.info.run_id,
-                                                                                              "checkpoint")}
-    assert "checkpoint/state.pt" in artifacts
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(second.info.run_id, "checkpoint")}
     assert {p.name for p in (out / "samples").iterdir()} >= {"energy.png", "pgd.png", "combined.png"}
