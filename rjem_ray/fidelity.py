@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ._torchvision_compat import ensure_torchvision_importable
+from .checkpoint import atomic_torch_save
 
 ensure_torchvision_importable()  # torch_fidelity imports torchvision; also when rjem_ray/__init__ did not run
 
@@ -184,18 +184,6 @@ def reference_classifier_path(cache_dir: str | os.PathLike, dataset: str) -> Pat
     return Path(cache_dir) / f"reference-classifier-{dataset}.pt"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_reference_classifier(model: ReferenceClassifier, path: str | os.PathLike, dataset: str) -> Path:
     """Write ``{"format", "state_dict", "meta"}`` atomically; ``meta`` holds the shape facts and training info."""
     meta = {
@@ -207,7 +195,7 @@ def save_reference_classifier(model: ReferenceClassifier, path: str | os.PathLik
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
-    _atomic_torch_save({"format": FILE_FORMAT, "state_dict": state, "meta": meta}, path)
+    atomic_torch_save({"format": FILE_FORMAT, "state_dict": state, "meta": meta}, path)
     return path
 
 

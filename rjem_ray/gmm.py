@@ -23,14 +23,14 @@ CIFAR-100 would need 3.8 GB, so the rank is chosen to fit the budget (:func:`cho
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_torch_save
 
 _STATE_VERSION = 1
 _BYTES_PER_FLOAT = 4  # everything is stored in float32
@@ -296,18 +296,7 @@ def load_or_fit_gmm(
             )
         return gmm
     gmm = fit_class_gmm(x, y, num_classes, **fit_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(gmm.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(gmm.state_dict(), path)
     return gmm
 
 

@@ -38,8 +38,9 @@ def checkpoint(tmp_path_factory, ray_session, cache_dir) -> Path:
 
 
 def _store(tmp_path: Path, cache_dir: str) -> list[str]:
+    # tracking.enabled: a sample sweep inherits the checkpoint's config, whose tracking the fixture turned off
     return [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/art",
-            f"cache_dir={cache_dir}"]
+            "tracking.enabled=true", f"cache_dir={cache_dir}"]
 
 
 def _client(tmp_path: Path):
