@@ -19,6 +19,7 @@ it at a barrier.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def _uses_shared_buffer(learner: Learner) -> bool:
     return isinstance(learner.buffer, SharedReplayBuffer)
 
 
+def _stdout_line(msg: str) -> None:
+    # Not print(): Ray Train V2 patches print() into a logger and tees it, so each line showed twice.
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
 def _restore(learner: Learner, directory: str | Path, rank: int, log=lambda msg: None) -> bool:
     """Load a checkpoint into ``learner``; returns whether its replay buffer was restored too."""
     from .buffer_actor import is_shared_state
@@ -121,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     )
     if buffer is not None:
         learner.reducer = _BufferFencedReducer(world, buffer)
-    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    log = _stdout_line if rank == 0 else (lambda msg: None)
 
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
