@@ -363,7 +363,7 @@ def run_loop(
                 continue
             raise DivergenceError(
                 f"{exc}; stopped after {learner.rollbacks} rollback(s) (train.max_rollbacks = "
-                f"{cfg.train.max_rollbacks}); the last good checkpoint is kept"
+                f"{cfg.train.max_rollbacks})"
             ) from None
         for k, v in metrics.items():
             window[k] = window.get(k, 0.0) + v

@@ -100,6 +100,18 @@ def test_resume_continues_from_the_checkpoint_step(trained, tmp_path):
     assert metrics["train"]["steps"] == 8
 
 
+@pytest.mark.slow
+def test_divergence_exits_1_with_one_clear_line(tmp_path, ray_session, cache_dir, tracking_overrides, capsys):
+    argv = ["train", "tune_configs/smoke.yaml", "--out", str(tmp_path / "run"),
+            "--set", "train.divergence_threshold=1e-9", "--set", "train.max_rollbacks=0", "--set", f"cache_dir={cache_dir}"]
+    for s in tracking_overrides:
+        argv += ["--set", s]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rjem train: training failed: loss diverged at step 0")
+    assert "stopped after 0 rollback(s)" in err and "no checkpoint was saved" in err
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
