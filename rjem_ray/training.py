@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,12 +53,30 @@ class DivergenceError(RuntimeError):
     """The loss became non-finite or exploded; the optimiser step was not taken."""
 
 
+@contextmanager
+def running_stats_frozen(model: nn.Module):
+    """BatchNorm in train mode normalises by batch statistics but leaves its running statistics alone.
+
+    ``momentum = 0`` makes the update ``running ← (1 − 0)·running + 0·batch`` a no-op.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
 class JointForward(nn.Module):
     """Logits for the classification batch, the positive batch and the negative samples, in one call.
 
     Each batch goes through ``model`` separately, so BatchNorm (train mode) uses per-batch statistics.
-    ``x_pos`` may be ``None`` when it equals ``x_cls`` (non-robust energy mode) and ``x_neg`` may be
-    ``None`` (classifier modes).
+    The negative samples do not update the running statistics: those describe data only, since they
+    are what evaluation and generation normalise with. ``x_pos`` may be ``None`` when it equals
+    ``x_cls`` (non-robust energy mode) and ``x_neg`` may be ``None`` (classifier modes).
     """
 
     def __init__(self, model: nn.Module):
@@ -67,7 +86,10 @@ class JointForward(nn.Module):
     def forward(self, x_cls, x_pos=None, x_neg=None):
         out_cls = self.model(x_cls)
         out_pos = self.model(x_pos) if x_pos is not None else None
-        out_neg = self.model(x_neg) if x_neg is not None else None
+        out_neg = None
+        if x_neg is not None:
+            with running_stats_frozen(self.model):
+                out_neg = self.model(x_neg)
         return out_cls, out_pos, out_neg
 
 

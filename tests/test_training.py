@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from rjem_ray.config import load_config
 from rjem_ray.data import load_split, to_model_space
 from rjem_ray.gmm import fit_class_gmm
-from rjem_ray.training import DivergenceError, Learner, attack_eps, jem_loss, lr_multiplier, run_loop
+from rjem_ray.models import WideResNet
+from rjem_ray.training import DivergenceError, JointForward, Learner, attack_eps, jem_loss, lr_multiplier, run_loop
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,27 @@ def test_run_loop_stops_after_max_rollbacks(digits, gmm):
     learner.step = always_diverges
     with pytest.raises(DivergenceError, match=r"stopped after 2 rollback\(s\)"):
         run_loop(learner, lambda m, s: None, log=lambda s: None)
+
+
+def test_negative_samples_do_not_move_batchnorm_running_statistics():
+    def wrn():
+        torch.manual_seed(0)
+        return WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").train()
+
+    def bn_stats(m):
+        return [t.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)
+                for t in (b.running_mean, b.running_var)]
+
+    x, x_neg = torch.randn(8, 1, 12, 12), torch.randn(8, 1, 12, 12) * 5 + 3
+    model, data_only = wrn(), wrn()
+    _, _, out_neg = JointForward(model)(x, None, x_neg)
+    data_only(x)
+    assert out_neg.shape == (8, 10)
+    # running statistics are exactly those of the data pass alone ...
+    assert all(torch.allclose(a, b) for a, b in zip(bn_stats(model), bn_stats(data_only)))
+    # ... although a plain pass of the same samples would have moved them, and momentum is restored
+    moved = wrn()
+    moved(x)
+    moved(x_neg)
+    assert not all(torch.allclose(a, b) for a, b in zip(bn_stats(moved), bn_stats(data_only)))
+    assert all(b.momentum == 0.1 for b in model.modules() if isinstance(b, torch.nn.BatchNorm2d))
