@@ -362,7 +362,8 @@ def create_buffer_shards(
 ) -> BufferShards:
     """Create the shard actors of a ``size``-slot buffer: ``num_shards`` (0: one per alive node) actors.
 
-    Shard ``j`` is pinned (hard node affinity) to alive node ``j mod #nodes``, takes no CPU, and is
+    Nodes are the alive nodes that offer CPUs (all alive nodes if none does). Shard ``j`` is pinned
+    (hard node affinity) to node ``j mod #nodes``, takes no CPU, and is
     recreated by Ray when it dies. ``initial_state`` (a snapshot from :meth:`SharedReplayBuffer.state_dict`,
     e.g. the checkpoint being resumed) fills the shards instead of the mixture; its size wins over
     ``size``. With ``batch_per_worker`` and ``num_workers`` the layout is checked for capacity.

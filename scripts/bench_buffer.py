@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -55,7 +56,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import numpy as np
     import ray
     import torch
     from ray.cluster_utils import Cluster
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from rjem_ray.gmm import fit_class_gmm
 
     torch.set_num_threads(1)
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rjbb-", dir="/tmp")  # a private, short path
+    ray_tmpdir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rjbb-", dir="/tmp")  # private, short path
     max_w = max(args.workers)
     per_node = -(-max_w // args.nodes)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
@@ -173,8 +173,8 @@ def main(argv=None) -> int:
               f"{'buffer ms':>9} | {'buffer %':>8}")
         print("-" * 85)
         for n, step, compute, lease, write, buf, pct in rows:
-            print(f"{n:>7} | {1e3 * step:>8.1f} | {1e3 * compute:>10.1f} | {1e3 * lease:>8.2f} | {1e3 * write:>13.2f} | "
-                  f"{1e3 * buf:>9.2f} | {pct:>7.2f}%")
+            print(f"{n:>7} | {1e3 * step:>8.1f} | {1e3 * compute:>10.1f} | {1e3 * lease:>8.2f} | "
+                  f"{1e3 * write:>13.2f} | {1e3 * buf:>9.2f} | {pct:>7.2f}%")
         worst = max(r[-1] for r in rows)
         print(f"target: buffer <= 3 % of step time -> {'met' if worst <= 3 else 'NOT met'} (worst {worst:.2f} %)")
         for w in workers:
@@ -184,6 +184,7 @@ def main(argv=None) -> int:
             shards.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     return 0
 
 

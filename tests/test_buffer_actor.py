@@ -10,6 +10,7 @@ file it writes cannot capture another process's ``ray.init()``; a Ray the sessio
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -117,7 +118,8 @@ def test_config_buffer_shared_and_shards_keys():
     assert off.shared == "false" and not off.is_shared(8)
     # YAML reads an unquoted true/yes as a boolean: normalised, not rejected.
     assert load_config(None, ["buffer.shared=yes"]).buffer.shared == "true"
-    with pytest.raises(ConfigError, match=r"buffer.shared: 'sometimes' is not allowed; choose one of auto, true, false"):
+    allowed = r"buffer.shared: 'sometimes' is not allowed; choose one of auto, true, false"
+    with pytest.raises(ConfigError, match=allowed):
         load_config(None, ["buffer.shared=sometimes"])
     with pytest.raises(ConfigError, match=r"buffer.shards: -1 is out of range; it must be >= 0"):
         load_config(None, ["buffer.shards=-1"])
@@ -138,7 +140,7 @@ def cluster(tmp_path_factory):
     if restart_session:
         ray.shutdown()
     saved_tmpdir = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rjb-", dir="/tmp")  # short: socket paths
+    ray_tmpdir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rjb-", dir="/tmp")  # short: socket paths
     node = dict(num_cpus=1, object_store_memory=128 * 2**20)
     c = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
     try:
@@ -149,6 +151,7 @@ def cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         c.shutdown()
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
         if saved_tmpdir is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:
