@@ -61,10 +61,6 @@ class Param:
         return f"{self.kind}({', '.join(map(str, self.values))})"
 
     @property
-    def numeric(self) -> bool:
-        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.values)
-
-    @property
     def log_scale(self) -> bool:
         return self.kind == "loguniform"
 

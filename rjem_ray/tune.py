@@ -21,6 +21,13 @@ Two scopes:
   ``train.eval_every`` steps; those reports (only those) reach Tune through a ``TuneReportCallback``,
   and ASHA (``time_attr = step``) stops the poor trials early.
 
+MLflow: the driver creates the sweep's parent run and, through a Tune callback (``SweepRuns``), one
+child run per trial (``mlflow.parentRunId``): the trial's config as params, FID / IS / accuracy / robust
+accuracy at their step, the sample grid, the status; at the end the best child is tagged ``rjem.best``
+and the parent gets ``summary/trials.csv`` and ``summary/summary.png``. Trials never open MLflow
+themselves, except that a train-scope trial's rank 0 logs its ``train/*`` step metrics into its child run.
+Every value carries its FID protocol (extractor, sample count, reference set) as tags.
+
 Outputs under ``--out DIR`` (default ``runs/tune/NAME``): ``sweep.yaml`` (the resolved sweep, for
 ``--resume``), ``sweep.json`` (the MLflow parent run), ``ray/NAME/`` (Tune's state), ``trials/ID/``
 (per-trial outputs; scope train: Ray Train's run and the final checkpoint), ``trials.csv``,
@@ -39,7 +46,6 @@ import csv
 import functools
 import json
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -63,7 +69,8 @@ FIGURES = ("fid", "inception_score", "inception_score_std", "accuracy", "robust_
 SAMPLE_METRICS = ("fid", "inception_score")
 # Sample scope: the model is fixed, only these sections may be overridden by the sweep file.
 SAMPLE_SECTIONS = ("name", "cache_dir", "data", "generate", "eval", "tracking")
-NOT_SEARCHABLE = ("name", "cache_dir", "data.", "eval.", "tracking.", "trainer.", "train.eval_every",
+NOT_SEARCHABLE = ("name", "cache_dir", "data.name", "data.data_dir", "data.download", "eval.", "tracking.", "trainer.",
+                  "train.eval_every",
                   "train.eval_metrics", "train.log_every", "train.checkpoint_every", "generate.n",
                   "generate.batch_size")
 
@@ -151,7 +158,10 @@ def _flatten_search(node: Any, prefix: str = "") -> dict:
         raise ConfigError(f"search{'.' + prefix if prefix else ''}: expected a mapping, got {node!r}")
     for k, v in node.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and not (len(v) == 1 and next(iter(v)) in KINDS):
+        kinds = [kind for kind in v if kind in KINDS] if isinstance(v, dict) else []
+        if len(kinds) > 1:
+            raise ConfigError(f"search.{key}: give one distribution, got {', '.join(kinds)}")
+        if isinstance(v, dict) and not kinds:
             out.update(_flatten_search(v, key))
         else:
             out.pop(key, None)
@@ -312,7 +322,7 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
     checkpoint's accuracy and robust accuracy here (the searched knobs cannot change them)."""
     import torch
 
-    from .data import load_split, to_uint8
+    from .data import load_split
 
     torch.set_num_threads(max(1, num_threads))
     cfg = Config.from_dict(cfg_dict)
@@ -330,7 +340,12 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
         "reference_set": f"{cfg.data.name} train split ({len(train_imgs)} images)",
         "reference_cache": ref["cache_name"], "weights": warm["protocol"]["weights"],
     }
-    out: dict = {"protocol": protocol, "checkpoint_metrics": {}}
+    e = cfg.eval
+    robust = {"attack": "PGD, untargeted, random start", "norm": "linf", "eps": e.robust_eps,
+              "eps_unit": "model input space [-1, 1]", "steps": e.robust_steps,
+              "step_size": e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps, "restarts": e.robust_restarts,
+              "num_samples": min(e.robust_max_samples, len(test_imgs)), "split": f"{cfg.data.name} test"}
+    out: dict = {"protocol": protocol, "robust_protocol": robust, "checkpoint_metrics": {}}
     if scope == "train" and cfg.uses_energy:
         from .train_worker import load_train_gmm
 
@@ -343,7 +358,6 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
         model, _ = load_model(checkpoint, map_location=device)
         res = evaluate_model(model, cfg, ["accuracy", "robust"])
         out["checkpoint_metrics"] = {k: res[k] for k in ("accuracy", "robust_accuracy")}
-        out["protocol"]["robust_accuracy"] = res["protocol"]["robust_accuracy"]
     return out
 
 
@@ -392,8 +406,8 @@ def _root_message(exc: BaseException) -> str:
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """The Tune trial function of both scopes; a failure becomes a reported worst value, not an exception.
 
-    Trials do not talk to MLflow (the driver's :func:`sweep_runs_callback` does, from their reports);
-    only a train-scope trial hands its run id to Ray Train's rank 0 for the step metrics.
+    Trials do not talk to MLflow (the driver's ``SweepRuns`` callback does, from their reports); only a
+    train-scope trial hands its run id to Ray Train's rank 0, which logs the step metrics into it.
     """
     from ray import tune
 
@@ -574,7 +588,8 @@ def _callback_classes():
                     tags={"rjem.trial_id": trial.trial_id, "rjem.scope": i["scope"], "rjem.searched": ",".join(i["searched"]),
                           "rjem.fid.protocol": json.dumps(proto, sort_keys=True)[:4900],
                           "rjem.fid.extractor": proto["extractor"], "rjem.fid.num_samples": proto["num_samples"],
-                          "rjem.fid.reference": proto["reference_set"]},
+                          "rjem.fid.reference": proto["reference_set"],
+                          "rjem.robust.protocol": json.dumps(i["robust_protocol"], sort_keys=True)},
                 )
                 run_id = self.runs[trial.trial_id] = child.run_id
                 try:
@@ -683,6 +698,7 @@ def _parent_run(sweep: Sweep, out: Path, state: dict, prepared: dict):
               "rjem.fid.protocol": json.dumps(proto, sort_keys=True)[:4900],
               "rjem.fid.extractor": proto["extractor"], "rjem.fid.num_samples": proto["num_samples"],
               "rjem.fid.reference": proto["reference_set"],
+              "rjem.robust.protocol": json.dumps(prepared["robust_protocol"], sort_keys=True),
               "mlflow.source.git.commit": git_commit(Path(__file__).resolve().parent)},
     )
     parent.log_params({**{f"search.{p.key}": p.describe() for p in sweep.params},
@@ -716,7 +732,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
             raise ConfigError(f"--resume: the sweep in {out} was started from a different configuration; "
                               "resume with the same TUNE_CONFIG and --set values (see its sweep.yaml)")
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    elif restorable or state_file.exists():
+    elif restorable:
         raise ConfigError(f"--out {out} already holds a sweep; pass --resume to continue it, "
                           "or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -739,8 +755,11 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
     progress(f"[rjem] sweep {sweep.name}: scope {sweep.scope}, {sweep.num_trials()} trial(s), "
              f"{sweep.mode}imise {sweep.metric}; caching the FID reference statistics")
     prepare = ray.remote(_prepare).options(num_cpus=max(st.trial_cpus, 1), num_gpus=1 if use_gpu else 0)
-    prepared = ray.get(prepare.remote(cfg.to_dict(), sweep.scope, str(sweep.checkpoint) if sweep.checkpoint else None,
-                                      int(max(st.trial_cpus, 1))))
+    try:
+        prepared = ray.get(prepare.remote(cfg.to_dict(), sweep.scope, str(sweep.checkpoint) if sweep.checkpoint else None,
+                                          int(max(st.trial_cpus, 1))))
+    except ray.exceptions.RayTaskError as exc:  # e.g. a DataError: report it as itself, not as Ray's wrapper
+        raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
     (out / "sweep.yaml").write_text(yaml.safe_dump(_comparable(sweep.document), sort_keys=False))
     parent = _parent_run(sweep, out, state, prepared)
     if parent:
@@ -760,7 +779,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
     if parent:
         info = {**_tracking_info(cfg), "parent_run_id": parent.run_id, "sweep": sweep.name, "scope": sweep.scope,
                 "metric": sweep.metric, "steps": cfg.train.steps, "cfg": cfg.to_dict(), "out_dir": str(out),
-                "protocol": prepared["protocol"], "searched": [p.key for p in sweep.params]}
+                "protocol": prepared["protocol"], "robust_protocol": prepared["robust_protocol"],
+                "searched": [p.key for p in sweep.params]}
         all_callbacks.insert(0, _callback_classes()[0](info))
     resources = {"cpu": st.trial_cpus}
     if trial_gpus:
@@ -785,7 +805,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
                 callbacks=all_callbacks,
             ),
         )
-    if resume:  # a restored Tuner unpickles the callbacks of the first start; use this start's instead
+    if resume and getattr(tuner, "_local_tuner", None) is not None:
+        # A restored Tuner unpickles the callbacks of the first start; use this start's instead.
         tuner._local_tuner.get_run_config().callbacks = all_callbacks
     results = tuner.fit()
     return finalize(sweep, out, results, parent, progress, use_gpu)
@@ -831,6 +852,8 @@ def _rows(sweep: Sweep, out: Path, results) -> tuple[list[dict], bool]:
     statuses = _trial_statuses(out / "ray" / sweep.name)
     rows = []
     for res in results:
+        if not res.path:  # created but never started (an interrupted sweep): counted as missing below
+            continue
         trial_id = Path(res.path).name.removeprefix("trial_")
         m = res.metrics or {}
         row: dict = {"trial_id": trial_id}
@@ -991,9 +1014,7 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> Path | None:
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
     for ax, p in zip(axes.flat, sweep.params):
-        cats = None
-        if not p.numeric:
-            cats = [str(v) for v in p.values]
+        cats = [str(v) for v in p.values] if p.kind in ("grid", "choice") else None  # evenly spaced, labelled
         for r in rows:
             v = r.get(p.key)
             if r["status"] == "interrupted" or v is None or v == "":
@@ -1017,9 +1038,9 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> Path | None:
         ax.axis("off")
     from .evaluate import fid_extractor_for
 
-    fig.suptitle(f"{sweep.name}: {metric} ({sweep.mode}) — {fid_extractor_for(sweep.cfg)} features, "
-                 f"{sweep.cfg.eval.fid_samples} samples vs {sweep.cfg.data.name} train; "
-                 "x = failed, grey = stopped early, star = best", fontsize=9)
+    fig.suptitle(f"{sweep.name}: {metric} ({sweep.mode}imised); FID: {fid_extractor_for(sweep.cfg)} features, "
+                 f"{sweep.cfg.eval.fid_samples} samples vs {sweep.cfg.data.name} train\n"
+                 "red x = failed, grey = stopped early by ASHA, star = best", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

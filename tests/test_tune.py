@@ -136,15 +136,14 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
     assert seen[0].sampler.step_size == pytest.approx(best["generate.sampler.step_size"])
     assert seen[0].sampler.steps == best["generate.sampler.steps"] and seen[0].n == 6
 
-    # The sweep's FID is the one `rjem eval` reports for the same knobs (same protocol, same seed).
+    # The sweep's FID is the one `rjem eval` reports for best.yaml's knobs (same protocol, same seed).
     from rjem_ray.evaluate import evaluate_checkpoint
+    from rjem_ray.tracking import flatten
 
-    again = evaluate_checkpoint(checkpoint, ["fid"], [f"cache_dir={cache_dir}", "eval.fid_samples=50",
-                                                       "eval.fid_extractor=reference-classifier"]
-                                + [f"{k}={best[k]}" for k in SAMPLE_KEYS]
-                                + ["generate.pgd_steps=5", "generate.pgd_step_size=0.1",
-                                   "generate.sampler.inner_steps=2"])
-    assert again["fid"] == pytest.approx(best["fid"], rel=1e-4)
+    sets = [f"generate.{k}={v}" for k, v in flatten(tuned.to_dict()["generate"]).items()]
+    sets += [f"eval.fid_samples={tuned.eval.fid_samples}", f"eval.fid_extractor={tuned.eval.fid_extractor}",
+             f"cache_dir={cache_dir}"]
+    assert evaluate_checkpoint(checkpoint, ["fid"], sets)["fid"] == pytest.approx(best["fid"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- train scope
@@ -217,7 +216,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(checkpoint,
     spec = {
         "scope": "sample", "checkpoint": str(checkpoint), "name": "resume-test",
         "eval": {"fid_samples": 50, "fid_extractor": "reference-classifier"},
-        "generate": {"mode": "energy", "sampler": {"kind": "pyld", "steps": 2, "inner_steps": 2, "step_size": 0.2}},
+        "generate": {"mode": "combined", "pgd_steps": 3, "pgd_step_size": 0.1,
+                     "sampler": {"kind": "pyld", "steps": 2, "inner_steps": 2, "step_size": 0.2}},
         "search": {"generate.contrast": {"grid": [0.5, 0.7, 0.9]}},
         "tune": {"max_concurrent": 1},
     }
@@ -304,6 +304,8 @@ def test_sample_scope_takes_the_checkpoint_config_and_overrides(fake_checkpoint)
     (["tune.mode=lowest"], "tune.mode: 'lowest' is not allowed"),
     (["tune.num_samples=0"], "tune.num_samples: 0 is out of range"),
     (["tune.bogus=1"], "unknown key tune.bogus"),
+    (["search.generate.contrast.grid=[0.5]", "search.generate.contrast.choice=[0.5]"],
+     "search.generate.contrast: give one distribution, got grid, choice"),
 ])
 def test_bad_sample_sweeps_fail_before_ray_starts(fake_checkpoint, sets, message):
     with pytest.raises(ConfigError) as err:
