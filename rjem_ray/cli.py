@@ -1,4 +1,4 @@
-"""The ``rjem`` command line: train, sample, eval, ui.
+"""The ``rjem`` command line: train, sample, eval, tune, ui.
 
 Bad input ends in one line on stderr naming what was wrong and what is allowed (exit status 2); a run
 that fails (divergence, a crashed worker beyond ``trainer.max_failures``) ends with exit status 1 and

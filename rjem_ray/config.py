@@ -12,6 +12,7 @@ names the key and what is allowed, and returns a frozen-in-shape :class:`Config`
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not allowed; it must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -47,6 +47,8 @@ def test_override_parses_yaml_scalars():
         ("attack.eps=abc", "attack.eps: expected a number"),
         ("buffer.reinit_freq=1.5", "buffer.reinit_freq: 1.5 is out of range; it must be in [0.0, 1.0]"),
         ("eval.metrics=[accuracy,bogus]", "eval.metrics: 'bogus' is not allowed"),
+        ("generate.sampler.step_size=.inf", "generate.sampler.step_size: inf is not allowed; it must be a finite"),
+        ("attack.eps=.nan", "attack.eps: nan is not allowed"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, fragment):
