@@ -64,7 +64,7 @@ import torch
 
 from .checkpoint import atomic_torch_save
 from .gmm import ClassConditionalGMM, as_init_fn
-from .replay_buffer import Lease, LocalReplayBuffer
+from .replay_buffer import Lease, LocalReplayBuffer, check_write_back
 
 SHARED_KIND = "shared-replay-buffer-v1"
 SNAPSHOT_FILE = "shard-{j}.pt"
@@ -503,16 +503,7 @@ class SharedReplayBuffer:
 
     def write_back(self, slots: np.ndarray, x: np.ndarray) -> None:
         """Store ``x [B, C, H, W]`` at global ``slots [B]`` (all leased by this client) and release them."""
-        slots = np.asarray(slots)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if slots.ndim != 1 or not np.issubdtype(slots.dtype, np.integer):
-            raise ValueError(f"slots must be a 1-D integer array, got shape {slots.shape} dtype {slots.dtype}")
-        if x.shape != (slots.size, *self.sample_shape):
-            raise ValueError(f"x has shape {x.shape}, expected {(slots.size, *self.sample_shape)}")
-        if np.unique(slots).size != slots.size:
-            raise ValueError("slots contains duplicates")
-        if slots.size and (slots.min() < 0 or slots.max() >= len(self)):
-            raise ValueError(f"slots must lie in [0, {len(self) - 1}], got range [{slots.min()}, {slots.max()}]")
+        slots, x = check_write_back(slots, x, len(self), self.sample_shape)
         shard_of = np.searchsorted(self.offsets, slots, side="right") - 1
         for j in np.unique(shard_of).tolist():
             held = self._held.get(j, (None, np.empty(0, np.int64)))[1]

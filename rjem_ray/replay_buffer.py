@@ -45,6 +45,25 @@ class ReplayBuffer(Protocol):
 _BIT_GENERATORS = {g.__name__: g for g in (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64, np.random.MT19937)}
 
 
+def check_write_back(slots, x, size: int, sample_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a write-back of ``x [B, *sample_shape]`` to ``slots [B]`` of a buffer of ``size`` slots.
+
+    Returns ``(slots, x)`` as a 1-D integer array and a contiguous float32 array; raises ``ValueError``
+    naming the problem (shape, range, duplicates) before anything is written.
+    """
+    slots = np.asarray(slots)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if slots.ndim != 1 or not np.issubdtype(slots.dtype, np.integer):
+        raise ValueError(f"slots must be a 1-D integer array, got shape {slots.shape} dtype {slots.dtype}")
+    if x.shape != (slots.size, *sample_shape):
+        raise ValueError(f"x has shape {x.shape}, expected {(slots.size, *sample_shape)}")
+    if slots.size and (slots.min() < 0 or slots.max() >= size):
+        raise ValueError(f"slots must lie in [0, {size - 1}], got range [{slots.min()}, {slots.max()}]")
+    if np.unique(slots).size != slots.size:
+        raise ValueError("slots contains duplicates")
+    return slots, x
+
+
 def _check_reinit_freq(reinit_freq: float) -> float:
     reinit_freq = float(reinit_freq)
     if not 0.0 <= reinit_freq <= 1.0:
@@ -115,16 +134,7 @@ class LocalReplayBuffer:
 
     def write_back(self, slots: np.ndarray, x: np.ndarray) -> None:
         """Store ``x [B, C, H, W]`` (as float32) at ``slots [B]`` and release them; all must be leased."""
-        slots = np.asarray(slots)
-        x = np.asarray(x, dtype=np.float32)
-        if slots.ndim != 1 or not np.issubdtype(slots.dtype, np.integer):
-            raise ValueError(f"slots must be a 1-D integer array, got shape {slots.shape} dtype {slots.dtype}")
-        if x.shape != (slots.size, *self.sample_shape):
-            raise ValueError(f"x has shape {x.shape}, expected {(slots.size, *self.sample_shape)}")
-        if slots.size and (slots.min() < 0 or slots.max() >= len(self)):
-            raise ValueError(f"slots must lie in [0, {len(self) - 1}], got range [{slots.min()}, {slots.max()}]")
-        if np.unique(slots).size != slots.size:
-            raise ValueError("slots contains duplicates")
+        slots, x = check_write_back(slots, x, len(self), self.sample_shape)
         not_leased = slots[~self._leased[slots]]
         if not_leased.size:
             # Checked before any write so a bad call leaves the buffer untouched.

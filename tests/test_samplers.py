@@ -14,16 +14,6 @@ from rjem_ray.samplers import SAMPLERS, pyld, run_sampler, sgld
 BATCH = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only contend with other processes on a shared 2-core machine
-    # (66 s instead of 2 s under load), so run single-threaded and restore the setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> WideResNet:
     torch.manual_seed(0)
