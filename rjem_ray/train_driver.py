@@ -131,7 +131,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     use_gpu = cluster_has_gpus() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
     shards = None
     if cfg.uses_energy and cfg.buffer.is_shared(cfg.trainer.num_workers):
-        shards = _create_shards(cfg, gmm, out, resume_buffer)
+        shards = create_shards(cfg, gmm, out, resume_buffer)
     del resume_buffer
 
     dump_config(cfg, out / "config.yaml")
@@ -146,7 +146,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     if use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        train_loop_per_worker=_worker_entry,
+        train_loop_per_worker=worker_entry,
         train_loop_config={
             "cfg": cfg.to_dict(),
             "mlflow_run_id": tracker.run_id if tracker else None,
@@ -172,7 +172,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         error = result.error
     except Exception as exc:  # Train V2 raises TrainingFailedError; keep what was saved
         error = exc
-        latest = _latest_checkpoint(out / "ray")
+        latest = latest_checkpoint(out / "ray")
     finally:
         if shards is not None:
             shards.shutdown()
@@ -186,12 +186,12 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             save_checkpoint_gmm(ckpt_dir, gmm)
     if error is not None:
         if tracker:
-            tracker.set_tags({"rjem.error": _root_message(error)[:4000]})
+            tracker.set_tags({"rjem.error": root_message(error)[:4000]})
             if latest is not None:
                 tracker.log_artifacts(ckpt_dir, "checkpoint")
             tracker.finish("FAILED")
         kept = f"; last good checkpoint: {ckpt_dir}" if latest is not None else "; no checkpoint was saved"
-        raise TrainingFailed(_root_message(error) + kept)
+        raise TrainingFailed(root_message(error) + kept)
 
     state = load_state(ckpt_dir)
     metrics = {"train": {"steps": int(state["step"]), "wall_s": round(wall, 1)}}
@@ -213,7 +213,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)
 
 
-def _create_shards(cfg: Config, gmm: ClassConditionalGMM, out: Path, resume_buffer: dict | None):
+def create_shards(cfg: Config, gmm: ClassConditionalGMM, out: Path, resume_buffer: dict | None):
     """The shared buffer's shard actors, filled from ``resume_buffer`` when it is a shared snapshot."""
     from .buffer_actor import create_buffer_shards, is_shared_state
 
@@ -241,7 +241,7 @@ def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:
     atomic_torch_save(gmm.state_dict(), ckpt_dir / GMM_FILE)
 
 
-def _latest_checkpoint(ray_dir: Path):
+def latest_checkpoint(ray_dir: Path):
     import ray.train
 
     found = sorted(ray_dir.glob("*/checkpoint-*"))
@@ -249,7 +249,7 @@ def _latest_checkpoint(ray_dir: Path):
     return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
 
 
-def _root_message(error: BaseException) -> str:
+def root_message(error: BaseException) -> str:
     """The innermost error's message: Ray wraps the worker's exception in several layers."""
     seen = error
     while True:
@@ -265,7 +265,7 @@ def _root_message(error: BaseException) -> str:
     return lines[-1] if lines else type(seen).__name__
 
 
-def _worker_entry(config: dict) -> None:
+def worker_entry(config: dict) -> None:
     # Imported inside the worker so the package (and its torchvision shim) loads there first.
     from rjem_ray.train_worker import train_loop_per_worker
 

@@ -394,8 +394,8 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _root_message(exc: BaseException) -> str:
-    from .train_driver import _root_message as root
+def root_message(exc: BaseException) -> str:
+    from .train_driver import root_message as root
 
     try:
         return root(exc)
@@ -421,7 +421,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         if _stopped_by_tune():  # ASHA stopped the trial: its trainer was torn down under it
             print(f"[rjem] trial {trial_id} stopped early by the scheduler", flush=True)
             return
-        reason = _root_message(exc)
+        reason = root_message(exc)
         print(f"[rjem] trial {trial_id} failed: {reason}", flush=True)
         (trial_dir / "error.txt").write_text(reason + "\n\n" + traceback.format_exc())
         tune.report({ctx.metric: ctx.worst, "failed": 1, "error": reason[:1000]})
@@ -472,19 +472,19 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .train_driver import _create_shards, _worker_entry, copy_checkpoint, save_checkpoint_gmm
+    from .train_driver import create_shards, worker_entry, copy_checkpoint, save_checkpoint_gmm
     from .train_worker import load_train_gmm
 
     run = json.loads((trial_dir / RUN_FILE).read_text()) if (trial_dir / RUN_FILE).is_file() else {}
     gmm = load_train_gmm(cfg) if cfg.uses_energy else None  # cached by the sweep's preparation
     shards = None
     if gmm is not None and cfg.buffer.is_shared(cfg.trainer.num_workers):
-        shards = _create_shards(cfg, gmm, trial_dir, None)
+        shards = create_shards(cfg, gmm, trial_dir, None)
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if ctx.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        train_loop_per_worker=_worker_entry,
+        train_loop_per_worker=worker_entry,
         train_loop_config={
             "cfg": cfg.to_dict(),
             "mlflow_run_id": run.get("run_id"),
@@ -637,7 +637,7 @@ def _callback_classes():
                 if run_id:
                     child = self._tracker(run_id)
                     err = trial.get_error()
-                    reason = _root_message(err) if err is not None else "the trial process crashed"
+                    reason = root_message(err) if err is not None else "the trial process crashed"
                     child.set_tags({"rjem.trial_status": "failed", "rjem.error": reason[:4000]})
                     child.finish("FAILED")
 
@@ -861,7 +861,7 @@ def _rows(sweep: Sweep, out: Path, results) -> tuple[list[dict], bool]:
         tune_status = statuses.get(trial_id, "TERMINATED" if m else "UNKNOWN")
         error = ""
         if res.error is not None:
-            status, error = "failed", _root_message(res.error)
+            status, error = "failed", root_message(res.error)
         elif m.get("failed"):
             status, error = "failed", str(m.get("error", ""))
         elif tune_status not in ("TERMINATED", "ERROR") or sweep.metric not in m:
@@ -953,12 +953,12 @@ def _grid_for_stopped(sweep: Sweep, out: Path, row: dict, child, use_gpu: bool) 
     on a GPU when the trials had one)."""
     import ray
 
-    from .train_driver import _latest_checkpoint
+    from .train_driver import latest_checkpoint
 
     trial_dir = out / "trials" / row["trial_id"]
     grid = trial_dir / "samples.png"
     try:
-        ckpt = _latest_checkpoint(trial_dir / "ray")
+        ckpt = latest_checkpoint(trial_dir / "ray")
         if ckpt is not None and not grid.exists():
             cfg = Config.from_dict(apply_params(sweep.cfg.to_dict(), {p.key: row[p.key] for p in sweep.params}))
             task = ray.remote(sample_grid).options(num_cpus=1, num_gpus=1 if use_gpu else 0)

@@ -375,14 +375,14 @@ def test_run_training_shares_one_buffer_across_nodes(cluster, cache_dir, tmp_pat
     from rjem_ray.checkpoint import load_state
 
     created = {}
-    real = train_driver._create_shards
+    real = train_driver.create_shards
 
     def spy(*args, **kwargs):
         shards = real(*args, **kwargs)
         created.update(handles=list(shards.handles), nodes=list(shards.node_ids), sizes=list(shards.sizes))
         return shards
 
-    monkeypatch.setattr(train_driver, "_create_shards", spy)
+    monkeypatch.setattr(train_driver, "create_shards", spy)
     cfg = load_config(REPO / "tune_configs" / "smoke.yaml", [
         "trainer.num_workers=2", "train.batch_size=16", "train.steps=3", "train.log_every=3",
         "train.checkpoint_every=3", "train.max_rollbacks=0", "tracking.enabled=false", f"cache_dir={cache_dir}",

@@ -5,7 +5,7 @@ Each test runs the real ``rjem train`` path (``run_training`` → ``TorchTrainer
 with two gloo workers on smoke-sized settings: one run whose rank 1 is killed mid-way (the DDP and the
 failure test both read it) and a stopped-then-resumed run through the CLI. To look inside the workers
 without touching the package,
-``train_driver._worker_entry`` (the function the trainer ships to every worker) is replaced by a wrapper
+``train_driver.worker_entry`` (the function the trainer ships to every worker) is replaced by a wrapper
 that calls the real ``train_loop_per_worker`` after swapping, inside that worker process only, two names
 it looks up at call time: ``Learner`` (a subclass that can pause one rank before a chosen step, so the
 test kills it from outside at a known point) and ``run_loop`` (which dumps each rank's parameters before
@@ -201,7 +201,7 @@ def killed_run(ray_session, cache_dir, tmp_path_factory) -> SimpleNamespace:
     killer = threading.Thread(target=kill_paused_worker, daemon=True)
     killer.start()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_driver, "_worker_entry",
+        mp.setattr(train_driver, "worker_entry",
                    _hooked_entry(str(spy), pause_rank=1, pause_before_step=KILL_BEFORE))
         outcome = train_driver.run_training(cfg, tmp / "out", samples=False)
     killer.join(timeout=5)

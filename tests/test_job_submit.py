@@ -2,7 +2,8 @@
 
 The job gets the repository as its working directory (uploaded by the job server, as on a cluster) and
 absolute ``--out`` / tracking / cache paths, since its working directory is a copy. The run must reach
-SUCCEEDED and appear in MLflow tagged with its submission id.
+SUCCEEDED, write its outputs, and appear in MLflow as exactly one finished run carrying the job's Ray job
+id and its submission id (the tag ``ray.submission_id``, what ``ray job submit`` and ``ray job logs`` call it).
 
 Teardown stops exactly the Ray processes this head started (those whose command line names its private
 temp dir, and their descendants) instead of ``ray stop``, which would stop every Ray instance on the
@@ -97,6 +98,17 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+def _submit(cmd: list[str], env: dict, timeout_s: float = 480) -> subprocess.CompletedProcess:
+    """Run ``ray job submit``; retried while the head's job agent is still starting (it registers after
+    ``ray start`` returns, which takes a while on a loaded machine)."""
+    deadline = time.time() + timeout_s
+    while True:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(1, deadline - time.time()))
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline - 60:
+            return done
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A head node on 127.0.0.1 with the job server; yields ``(dashboard address, env for the CLI)``."""
@@ -138,27 +150,34 @@ def test_job_submit_runs_rjem_train_to_succeeded_and_tracks_it_in_mlflow(ray_hea
            "--working-dir", str(REPO), "--",
            "rjem", "train", "tune_configs/smoke.yaml", "--out", str(out)] + [x for s in sets for x in ("--set", s)]
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    done = _submit(cmd, env)
 
-    log = done.stdout[-6000:] + done.stderr[-3000:]
-    assert done.returncode == 0, log
-    assert JobSubmissionClient(address).get_job_status(submission_id) == JobStatus.SUCCEEDED, log
-    assert f"Job '{submission_id}' succeeded" in done.stdout, log
+    status = JobSubmissionClient(address).get_job_status(submission_id)
+    if done.returncode != 0 or status != JobStatus.SUCCEEDED:  # pytest.fail: the job's log tail, untruncated
+        pytest.fail(f"job {submission_id}: exit {done.returncode}, status {status}\n"
+                    f"--- stdout ---\n{done.stdout[-6000:]}\n--- stderr ---\n{done.stderr[-3000:]}")
+    assert f"Job '{submission_id}' succeeded" in done.stdout
     # The driver ran inside the job and printed its own summary line.
-    assert "[rjem] done: checkpoint" in done.stdout, log
+    assert "[rjem] done: checkpoint" in done.stdout
 
     # The outputs went to the absolute --out, not into the job's temporary copy of the repository.
     assert load_state(out / "checkpoint")["step"] == 3
     assert (out / "checkpoint" / "rank-1.pt").is_file()  # two Ray Train workers reported
 
+    # Exactly one MLflow run, made by this job's driver (Ray's job id of the submission).
+    job = JobSubmissionClient(address).get_job_info(submission_id)
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("jobs")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{submission_id}'")
-    assert len(runs) == 1, [r.data.tags for r in client.search_runs([exp.experiment_id])]
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.data.tags for r in runs]
     run = runs[0]
-    assert run.info.status == "FINISHED"
     tags, params = run.data.tags, run.data.params
-    assert tags["ray.job_id"] and tags["ray.nodes"] == "1" and float(tags["ray.cluster_cpus"]) == 4.0
+    assert job.job_id and tags["ray.job_id"] == job.job_id, (job.job_id, tags)
+    assert run.info.status == "FINISHED"
+    assert tags["ray.nodes"] == "1" and float(tags["ray.cluster_cpus"]) == 4.0
     assert tags["trainer.num_workers"] == "2" and params["trainer.num_workers"] == "2"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/state.pt"}
+    # ... and findable by the id `ray job submit` knows it by.
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{submission_id}'")
+    assert [r.info.run_id for r in found] == [run.info.run_id], f"ray.submission_id tag is {tags['ray.submission_id']!r}"
