@@ -98,13 +98,13 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def _submit(cmd: list[str], env: dict, timeout_s: float = 480) -> subprocess.CompletedProcess:
+def _submit(cmd: list[str], env: dict, agent_wait_s: float = 120, timeout_s: float = 480) -> subprocess.CompletedProcess:
     """Run ``ray job submit``; retried while the head's job agent is still starting (it registers after
     ``ray start`` returns, which takes a while on a loaded machine)."""
-    deadline = time.time() + timeout_s
+    start = time.time()
     while True:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(1, deadline - time.time()))
-        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline - 60:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() - start > agent_wait_s:
             return done
         time.sleep(2)
 
@@ -123,6 +123,10 @@ def ray_head():
     cmd = [
         RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
         "--port", str(_free_port()), "--dashboard-port", str(dashboard_port), "--num-cpus", "4",
+        # Every port Ray would otherwise take at a fixed default (the dashboard agent's 52365) or pick
+        # itself: other Ray instances on this machine (other tests, other users) must not collide.
+        "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+        "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
         "--object-store-memory", str(256 * 2**20), "--temp-dir", temp_dir, "--disable-usage-stats",
     ]
     try:
@@ -152,7 +156,10 @@ def test_job_submit_runs_rjem_train_to_succeeded_and_tracks_it_in_mlflow(ray_hea
 
     done = _submit(cmd, env)
 
-    status = JobSubmissionClient(address).get_job_status(submission_id)
+    try:
+        status = JobSubmissionClient(address).get_job_status(submission_id)
+    except RuntimeError as exc:  # the job was never created
+        status = f"unknown ({exc})"
     if done.returncode != 0 or status != JobStatus.SUCCEEDED:  # pytest.fail: the job's log tail, untruncated
         pytest.fail(f"job {submission_id}: exit {done.returncode}, status {status}\n"
                     f"--- stdout ---\n{done.stdout[-6000:]}\n--- stderr ---\n{done.stderr[-3000:]}")
