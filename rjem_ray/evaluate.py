@@ -76,16 +76,20 @@ def evaluate_model(
             out["protocol"]["ece"] = {"bins": e.ece_bins, "binning": "equal-width confidence", "num_samples": len(y)}
     if "robust" in metrics:
         n = min(e.robust_max_samples, len(y))
+        # A seeded random subset: test files are often sorted by class, so the first n would not be
+        # representative (the first 200 mnist5k test digits are classes 0-3 only).
+        sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].to(device)
         step = e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps
         progress(f"robust accuracy: PGD-{e.robust_steps} at eps {e.robust_eps} on {n} images")
         out["robust_accuracy"] = robust_accuracy(
-            model, x[:n], y[:n], eps=e.robust_eps, steps=e.robust_steps, step_size=step, norm="linf",
+            model, x[sub], y[sub], eps=e.robust_eps, steps=e.robust_steps, step_size=step, norm="linf",
             restarts=e.robust_restarts, batch_size=e.batch_size, generator=g,
         )
         out["protocol"]["robust_accuracy"] = {
             "attack": "PGD, untargeted, random start", "norm": "linf", "eps": e.robust_eps,
             "eps_unit": "model input space [-1, 1]", "eps_01_scale": e.robust_eps / 2,
             "steps": e.robust_steps, "step_size": step, "restarts": e.robust_restarts, "num_samples": n,
+            "subset": "all test images" if n == len(y) else f"{n} drawn at random (seed {seed})",
         }
     if "ood" in metrics:
         progress(f"OOD AUROC against {e.ood_dataset}")

@@ -7,6 +7,9 @@ import os
 _QUIET_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # cloud-only; saves ~6 s of trainer teardown
+    # Ray Train's controller collects each worker's report once per poll (2 s by default): a report
+    # sent sooner waits for it, which stalled short steps by up to 2 s (scripts/bench_overhead.py).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
 
 
@@ -29,6 +32,7 @@ def ensure_ray(min_cpus: float = 1, object_store_mb: int | None = None) -> None:
     num_cpus = max(os.cpu_count() or 1, int(-(-min_cpus // 1)))
     store = (object_store_mb or 512) * 2**20
     ray.init(
+        address="local",  # a new instance: never attach to another user's `ray start` cluster
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=store,

@@ -76,6 +76,15 @@ def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int 
     return paths
 
 
+def _submission_id() -> str:
+    """The `ray job submit` id of this driver, or "" outside a submitted job (Ray 2.60 passes it in JSON)."""
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata") or {}
+    except ValueError:
+        meta = {}
+    return str(meta.get("job_submission_id", ""))
+
+
 def _run_tags(cfg: Config) -> dict[str, str]:
     import ray
 
@@ -86,7 +95,7 @@ def _run_tags(cfg: Config) -> dict[str, str]:
         "rjem.mode": cfg.train.mode,
         "rjem.dataset": cfg.data.name,
         "ray.job_id": ray.get_runtime_context().get_job_id(),
-        "ray.submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID", ""),
+        "ray.submission_id": _submission_id(),
         "ray.nodes": str(len([n for n in ray.nodes() if n.get("Alive")])),
         "ray.cluster_cpus": str(res.get("CPU", 0)),
         "ray.cluster_gpus": str(res.get("GPU", 0)),
@@ -173,6 +182,14 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     except Exception as exc:  # Train V2 raises TrainingFailedError; keep what was saved
         error = exc
         latest = latest_checkpoint(out / "ray")
+    except BaseException:  # `ray job stop`, SIGTERM, Ctrl-C: keep the last checkpoint, close the run, re-raise
+        interrupted = latest_checkpoint(out / "ray")
+        if interrupted is not None:
+            with interrupted.as_directory() as d:
+                copy_checkpoint(d, out / "checkpoint")
+        if tracker:
+            tracker.finish("KILLED")
+        raise
     finally:
         if shards is not None:
             shards.shutdown()

@@ -162,6 +162,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:
+            s, every = int(metrics["step"]), cfg.train.eval_every
+            if not (every and (s % every == 0 or s == cfg.train.steps)):
+                # Rank 0 already logged these to MLflow; Ray only needs checkpoints and evaluations
+                # (Tune), and each report is a barrier that waits for the controller's next poll.
+                return
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
