@@ -29,7 +29,7 @@ from .checkpoint import atomic_torch_save, load_state, save_checkpoint
 from .config import Config
 from .data import load_split, shard_indices
 from .gmm import load_or_fit_gmm
-from .training import Learner, Reducer, run_loop
+from .training import Learner, Reducer, is_eval_step, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
 RANK_KEYS = ("rng", "stream", "buffer")
@@ -162,12 +162,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:
-            s, every = int(metrics["step"]), cfg.train.eval_every
-            if not (every and (s % every == 0 or s == cfg.train.steps)):
-                # Rank 0 already logged these to MLflow; Ray only needs checkpoints and evaluations
-                # (Tune), and each report is a barrier that waits for the controller's next poll.
-                return
-            ray.train.report(metrics)
+            if is_eval_step(int(metrics["step"]), cfg):
+                ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
             if rank == 0:

@@ -344,6 +344,16 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def is_eval_step(step: int, cfg: Config) -> bool:
+    """Whether ``run_loop`` evaluates at ``step`` (every ``train.eval_every`` steps and at the end).
+
+    Under Ray Train only these steps and checkpoints call ``ray.train.report``: rank 0 logs the other
+    metrics to MLflow itself, and every report is a barrier that waits for the controller's next poll.
+    """
+    every = cfg.train.eval_every
+    return bool(every) and (step % every == 0 or step == cfg.train.steps)
+
+
 def run_loop(
     learner: Learner,
     report: Report,
@@ -392,7 +402,7 @@ def run_loop(
         window_n += 1
         s = learner.step_count
         do_ckpt = s % cfg.train.checkpoint_every == 0 or s == steps
-        do_eval = evaluate is not None and cfg.train.eval_every > 0 and (s % cfg.train.eval_every == 0 or s == steps)
+        do_eval = evaluate is not None and is_eval_step(s, cfg)
         if not (s % cfg.train.log_every == 0 or do_ckpt or do_eval):
             continue
         avg = learner.reducer.mean({k: v / window_n for k, v in window.items()})

@@ -111,6 +111,7 @@ def ray_worker(config: dict) -> None:
     import ray.train
 
     from rjem_ray.checkpoint import save_checkpoint
+    from rjem_ray.training import is_eval_step
 
     learner = build_learner(config["cfg"])
     for _ in range(config["warmup"]):
@@ -118,7 +119,8 @@ def ray_worker(config: dict) -> None:
 
     def ray_report(metrics: dict, state: dict | None) -> None:  # as in rjem_ray.train_worker
         if state is None:
-            ray.train.report(metrics)
+            if is_eval_step(int(metrics["step"]), learner.cfg):
+                ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
             save_checkpoint(tmp, state)
