@@ -185,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     build_learner(cfg_dict)  # fit/cache the GMM once, outside every timing
 
+    times: dict[str, list[float]] = {"bare": [], "in-worker": [], "ray-train": []}
+    times["bare"] += bare(cfg_dict, args.warmup, args.steps)
+    ensure_ray(min_cpus=cfg.trainer.cpus_per_worker)  # sets rjem's default report poll unless already set
     print(f"config {args.config} {' '.join(args.set)}: {cfg.train.mode}, batch {cfg.train.batch_size}, "
           f"log every {cfg.train.log_every}, checkpoint every {cfg.train.checkpoint_every}; "
           f"{args.steps} timed steps per run after {args.warmup} warm-up, "
           f"{max(1, int(cfg.trainer.cpus_per_worker))} torch thread(s); RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="
           f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', 'unset (Ray default 2.0 s)')}", flush=True)
-    times: dict[str, list[float]] = {"bare": [], "in-worker": [], "ray-train": []}
-    times["bare"] += bare(cfg_dict, args.warmup, args.steps)
-    ensure_ray(min_cpus=cfg.trainer.cpus_per_worker)
     import ray
 
     try:
