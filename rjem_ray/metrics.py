@@ -144,7 +144,6 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 20) 
     # inner edges k/n computed by division so that k/n itself lands exactly on an edge (right-closed bins)
     inner_edges = torch.arange(1, n_bins, dtype=torch.float64) / n_bins
     bins = torch.bucketize(conf, inner_edges, right=False)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     # |B_b|/N · |acc_b − conf_b| = |sum_acc_b − sum_conf_b| / N

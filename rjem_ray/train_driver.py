@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_checkpoint, load_gmm_state, save_checkpoint, load_state
+from .checkpoint import copy_checkpoint, load_gmm_state, load_state
 from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM

@@ -34,7 +34,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -323,7 +322,7 @@ class Learner:
 
     def snapshot(self) -> dict:
         """A deep CPU copy of the state, kept in memory for divergence rollback."""
-        return copy.deepcopy({k: v for k, v in self.state_dict().items()})
+        return copy.deepcopy(self.state_dict())
 
     def rollback(self, snapshot: dict, lr_factor: float) -> None:
         """Restore ``snapshot`` and lower the learning rate by ``lr_factor`` (counts one rollback)."""
