@@ -94,9 +94,11 @@ def cmd_eval(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         merge_json(path, result)
         print(f"[eval] wrote {path}")
-    summary = {k: result[k] for k in ("accuracy", "robust_accuracy", "ece", "ood_auroc", "fid", "inception_score")
-               if k in result}
+    summary = {k: result[k] for k in ("accuracy", "robust_accuracy", "pgd_robust_accuracy", "ece", "ood_auroc", "fid",
+                                      "inception_score") if k in result}
     print(json.dumps(summary, indent=2) if args.json else text)
+    for warning in result.get("masking", {}).get("warnings", []):
+        print(f"[eval] masking warning: {warning}")
     return 0
 
 
@@ -144,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(s)
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="accuracy, robust accuracy, ECE, OOD AUROC, FID and IS of a checkpoint")
+    e = sub.add_parser("eval", help="accuracy, robust accuracy (AutoAttack), PGD robust accuracy, gradient-masking "
+                                    "report, ECE, OOD AUROC, FID and IS of a checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("--metrics", help="comma list of accuracy,robust,ece,fid,is,ood (default eval.metrics)")
+    e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,fid,is,ood (default "
+                                     "eval.metrics; robust = PGD, autoattack = the robust accuracy)")
     e.add_argument("--json", help="merge the results into this JSON file")
     add_set(e)
     e.set_defaults(func=cmd_eval)

@@ -27,12 +27,19 @@ class ConfigError(ValueError):
 
 MODES = ("classifier", "robust-classifier", "jempp", "robust-jem")
 GEN_MODES = ("energy", "pgd", "combined")
+CONTRAST_CENTERS = ("floor", "class-mean", "image-mean")
 SAMPLER_KINDS = ("sgld", "pyld")
 NORMS = ("linf", "l2")
-MODEL_NORMS = ("batch", "none")
+MODEL_NORMS = ("batch", "group", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
-FID_EXTRACTORS = ("auto", "inception", "reference-classifier")
+FID_EXTRACTORS = ("auto", "inception", "reference-classifier", "robust-reference-classifier")
+SECOND_FID_EXTRACTORS = ("auto", "none") + FID_EXTRACTORS[1:]
+# AutoAttack (rjem_ray/autoattack.py, library pyautoattack): every attack name its AutoAttack accepts,
+# the standard version's list in its order, and the versions we offer (custom = a chosen sub-list).
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+AUTOATTACK_VERSIONS = ("standard", "custom")
 DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "svhn")
 OOD_NAMES = DATASET_NAMES + ("uniform", "gaussian")
 
@@ -51,7 +58,7 @@ class DataConfig:
 class ModelConfig:
     depth: int = 28  # 6n + 4
     widen: int = 10
-    norm: str = "batch"  # batch | none
+    norm: str = "batch"  # batch | group (GroupNorm: no batch or train/eval dependence) | none
     dropout: float = 0.0
     leak: float = 0.2  # LeakyReLU slope
     stem_stride: int = 1  # 2 halves the resolution after the first conv (cheap models for small CPUs)
@@ -79,6 +86,9 @@ class AttackConfig:
     steps: int = 15
     random_start: bool = True
     eps_warmup_steps: int = 0  # ε grows linearly from 0 over this many optimiser steps
+    # BatchNorm statistics the training attack sees: eval (running statistics, the evaluated function) |
+    # train (the batch's own statistics, the function the loss then trains; running statistics frozen)
+    bn_mode: str = "eval"
 
 
 @dataclass
@@ -90,6 +100,10 @@ class SamplerConfig:
     inner_steps: int = 5  # PYLD inner steps n (ignored by SGLD)
     step_size: float = 0.2  # PYLD lr, or SGLD lr, [-1, 1] units per unit gradient
     noise_std: float = 0.01  # SGLD noise std, [-1, 1] units (PYLD adds none)
+    # PYLD only: a plain gradient step x += outer_step_size · ∂(−E)/∂x before each outer step's inner
+    # steps ([-1, 1] units per unit gradient). JEM++'s public code has both variants: 0 (inner steps
+    # only) and 1.0 (its sgld_lr); 0 is the default here.
+    outer_step_size: float = 0.0
 
 
 BUFFER_SHARED = ("auto", "true", "false")
@@ -122,7 +136,10 @@ class TrainConfig:
     divergence_threshold: float = 1e8  # |loss| above this (or non-finite) counts as divergence
     max_rollbacks: int = 3  # divergences rolled back to the last good checkpoint before the run stops
     rollback_lr_factor: float = 0.5  # learning rate multiplier applied at each rollback
-    sampler_bn_mode: str = "eval"  # BatchNorm mode for PGD-free sampling passes: eval (default, see training.py) | train (the JEM++ reference)
+    # BatchNorm statistics of the sampler's passes AND of the loss's view of x_q (one choice for both, so
+    # the loss raises the energy the sampler lowered; running statistics never updated by x_q):
+    # train (default) = the negative batch's own statistics; eval = running statistics. See training.py.
+    sampler_bn_mode: str = "train"
     log_every: int = 20
     checkpoint_every: int = 200
     eval_every: int = 0  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)
@@ -149,21 +166,32 @@ class GenerateConfig:
     pgd_eps: float = 0.5  # targeted-PGD budget, [-1, 1] units
     pgd_steps: int = 40
     pgd_step_size: float = 0.05
-    contrast: float = 0.7  # κ: x ← mean + κ (x − mean) before Langevin (combined mode)
+    contrast: float = 0.7  # κ: x ← m + κ (x − m) before Langevin (combined mode)
+    # m: floor (−1: black stays black, strokes dim) | class-mean (μ_c of the prior) | image-mean (x̄); generate.py
+    contrast_center: str = "floor"
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=50, inner_steps=5, step_size=0.2))
     batch_size: int = 100
 
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["accuracy", "robust", "ece", "fid", "is", "ood"])
-    robust_eps: float = 0.1  # [-1, 1] units
+    # robust = PGD (pgd_robust_accuracy, a cheap signal); autoattack = robust_accuracy (the reported figure)
+    metrics: list[str] = field(default_factory=lambda: ["accuracy", "robust", "autoattack", "ece", "fid", "is", "ood"])
+    robust_eps: float = 0.1  # [-1, 1] units; the evaluation ε of PGD, AutoAttack and the masking report
     robust_steps: int = 20
     robust_step_size: float | None = None  # None: 2.5 ε / steps
     robust_restarts: int = 1
     robust_max_samples: int = 1000
+    autoattack_version: str = "standard"  # standard (APGD-CE, APGD-T, FAB-T, Square) | custom
+    autoattack_attacks: list[str] = field(default_factory=lambda: ["apgd-ce", "apgd-t"])  # used with custom
+    autoattack_max_samples: int = 1000  # a seeded random subset when below the test size
+    masking_eps_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # PGD grid, × robust_eps
     ece_bins: int = 20
     fid_extractor: str = "auto"  # auto: inception for natural images, reference-classifier for digits
+    # FID/KID of the same samples in a second feature space, reported as fid_2/kid_2 beside fid/kid.
+    # auto: robust-reference-classifier (features targeted PGD cannot fool) where fid_extractor is the
+    # plain reference-classifier, none otherwise.
+    fid_second_extractor: str = "auto"
     fid_samples: int = 1000
     inception_weights: str | None = None  # local Inception weights for offline clusters
     ood_dataset: str = "uniform"
@@ -305,6 +333,7 @@ def _validate_sampler(prefix: str, s: SamplerConfig) -> None:
     _at_least(f"{prefix}.inner_steps", s.inner_steps, 1)
     _at_least(f"{prefix}.step_size", s.step_size, 0, strict=True)
     _at_least(f"{prefix}.noise_std", s.noise_std, 0)
+    _at_least(f"{prefix}.outer_step_size", s.outer_step_size, 0)
 
 
 def validate(cfg: Config) -> None:
@@ -333,6 +362,7 @@ def validate(cfg: Config) -> None:
     _at_least("attack.step_size", cfg.attack.step_size, 0)
     _at_least("attack.steps", cfg.attack.steps, 1)
     _at_least("attack.eps_warmup_steps", cfg.attack.eps_warmup_steps, 0)
+    _choice("attack.bn_mode", cfg.attack.bn_mode, ("eval", "train"))
     _validate_sampler("sampler", cfg.sampler)
     _at_least("buffer.size", cfg.buffer.size, 1)
     _between("buffer.reinit_freq", cfg.buffer.reinit_freq, 0.0, 1.0)
@@ -378,6 +408,7 @@ def validate(cfg: Config) -> None:
     _at_least("generate.pgd_steps", g.pgd_steps, 1)
     _at_least("generate.pgd_step_size", g.pgd_step_size, 0)
     _between("generate.contrast", g.contrast, 0.0, 1.0)
+    _choice("generate.contrast_center", g.contrast_center, CONTRAST_CENTERS)
     _validate_sampler("generate.sampler", g.sampler)
     _at_least("generate.batch_size", g.batch_size, 1)
     e = cfg.eval
@@ -388,14 +419,28 @@ def validate(cfg: Config) -> None:
     _at_least("eval.robust_step_size", e.robust_step_size, 0)
     _at_least("eval.robust_restarts", e.robust_restarts, 1)
     _at_least("eval.robust_max_samples", e.robust_max_samples, 1)
+    _choice("eval.autoattack_version", e.autoattack_version, AUTOATTACK_VERSIONS)
+    for a in e.autoattack_attacks:
+        _choice("eval.autoattack_attacks", a, AUTOATTACK_ATTACKS)
+    if len(set(e.autoattack_attacks)) != len(e.autoattack_attacks):
+        raise ConfigError(f"eval.autoattack_attacks: {e.autoattack_attacks} repeats an attack; list each once")
+    if e.autoattack_version == "custom" and not e.autoattack_attacks:
+        raise ConfigError("eval.autoattack_attacks: empty, but eval.autoattack_version is custom; list one or more "
+                          f"of {', '.join(AUTOATTACK_ATTACKS)}")
+    _at_least("eval.autoattack_max_samples", e.autoattack_max_samples, 1)
+    if not e.masking_eps_factors:
+        raise ConfigError("eval.masking_eps_factors: empty; list one or more factors > 0 of eval.robust_eps")
+    for f in e.masking_eps_factors:
+        _at_least("eval.masking_eps_factors", f, 0, strict=True)
     _at_least("eval.ece_bins", e.ece_bins, 1)
     _choice("eval.fid_extractor", e.fid_extractor, FID_EXTRACTORS)
+    _choice("eval.fid_second_extractor", e.fid_second_extractor, SECOND_FID_EXTRACTORS)
     _at_least("eval.fid_samples", e.fid_samples, 2)
     _choice("eval.ood_dataset", e.ood_dataset, OOD_NAMES)
     _at_least("eval.batch_size", e.batch_size, 1)
 
 
-METRIC_NAMES = ("accuracy", "robust", "ece", "fid", "is", "ood")
+METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "fid", "is", "ood")
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -3,6 +3,11 @@
 Every figure comes with its protocol (split, number of samples, ε and its unit, attack steps, reference
 set, feature extractor), because a figure without one cannot be compared. ε is given in the model's
 [-1, 1] input space and, for convenience, on the [0, 1] pixel scale (half of it).
+
+Robustness: ``robust_accuracy`` is AutoAttack's (metric ``autoattack``, ``rjem_ray/autoattack.py``), the
+figure the field accepts; ``pgd_robust_accuracy`` is our PGD (metric ``robust``), a cheap signal that
+overstates robustness when gradients are masked; ``masking`` holds the gradient-masking report
+(``rjem_ray/masking.py``) and its warnings.
 """
 
 from __future__ import annotations
@@ -74,23 +79,56 @@ def evaluate_model(
         if "ece" in metrics:
             out["ece"] = expected_calibration_error(logits.softmax(1).cpu(), y.cpu(), e.ece_bins)
             out["protocol"]["ece"] = {"bins": e.ece_bins, "binning": "equal-width confidence", "num_samples": len(y)}
-    if "robust" in metrics:
-        n = min(e.robust_max_samples, len(y))
+
+    def subset(max_samples: int) -> tuple[torch.Tensor, str]:
         # A seeded random subset: test files are often sorted by class, so the first n would not be
-        # representative (the first 200 mnist5k test digits are classes 0-3 only).
+        # representative (the first 200 mnist5k test digits are classes 0-3 only). One permutation per
+        # seed, so PGD, AutoAttack and the masking report share their images when their sizes agree.
+        n = min(max_samples, len(y))
         sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].to(device)
+        return sub, "all test images" if n == len(y) else f"{n} drawn at random (seed {seed})"
+
+    if "robust" in metrics:
+        # PGD: a cheap signal (and the training-time one); the reported robust accuracy is AutoAttack's.
+        sub, how = subset(e.robust_max_samples)
+        n = len(sub)
         step = e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps
-        progress(f"robust accuracy: PGD-{e.robust_steps} at eps {e.robust_eps} on {n} images")
-        out["robust_accuracy"] = robust_accuracy(
+        progress(f"PGD robust accuracy: PGD-{e.robust_steps} at eps {e.robust_eps} on {n} images")
+        out["pgd_robust_accuracy"] = robust_accuracy(
             model, x[sub], y[sub], eps=e.robust_eps, steps=e.robust_steps, step_size=step, norm="linf",
             restarts=e.robust_restarts, batch_size=e.batch_size, generator=g,
         )
-        out["protocol"]["robust_accuracy"] = {
+        out["protocol"]["pgd_robust_accuracy"] = {
             "attack": "PGD, untargeted, random start", "norm": "linf", "eps": e.robust_eps,
             "eps_unit": "model input space [-1, 1]", "eps_01_scale": e.robust_eps / 2,
             "steps": e.robust_steps, "step_size": step, "restarts": e.robust_restarts, "num_samples": n,
-            "subset": "all test images" if n == len(y) else f"{n} drawn at random (seed {seed})",
+            "subset": how,
         }
+    aa_result = None
+    if "autoattack" in metrics or "masking" in metrics:
+        from .autoattack import autoattack_robust
+
+        sub, how = subset(e.autoattack_max_samples)
+        x_aa, y_aa = x[sub], y[sub]
+    if "autoattack" in metrics:
+        attacks = e.autoattack_attacks if e.autoattack_version == "custom" else None
+        progress(f"robust accuracy: AutoAttack ({e.autoattack_version}) at eps {e.robust_eps} on {len(sub)} images")
+        aa_result = autoattack_robust(
+            model, x_aa, y_aa, eps=e.robust_eps, norm="linf", version=e.autoattack_version, attacks=attacks,
+            seed=seed, batch_size=e.batch_size, subset=how, progress=progress,
+        )
+        out["robust_accuracy"] = aa_result[0].double().mean().item()
+        out["protocol"]["robust_accuracy"] = aa_result[1]
+    if "masking" in metrics:
+        from .masking import masking_report
+
+        report = masking_report(
+            model, x_aa, y_aa, eps=e.robust_eps, norm="linf", eps_factors=e.masking_eps_factors,
+            pgd_steps=e.robust_steps, pgd_restarts=e.robust_restarts, autoattack=aa_result, seed=seed,
+            batch_size=e.batch_size, progress=progress,
+        )
+        report["subset"] = how
+        out["masking"] = report
     if "ood" in metrics:
         progress(f"OOD AUROC against {e.ood_dataset}")
         x_out, desc = _ood_images(cfg, len(y), x, g)
@@ -104,19 +142,40 @@ def evaluate_model(
     return out
 
 
+def seed_images(gmm, n: int, seed: int, batch_size: int) -> torch.Tensor:
+    """The Gaussian-mixture seeds that ``generate`` starts from for the same ``n``, seed and batch size.
+
+    ``generate`` cycles the classes and draws ``gmm.sample`` batch by batch from one generator seeded
+    with ``seed``; drawing the same way gives exactly its starting points, with no model involved.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % gmm.num_classes
+    return torch.cat([gmm.sample(len(yb), classes=yb, generator=g)[0] for yb in y.split(batch_size)])
+
+
+def second_fid_extractor_for(cfg: Config) -> str | None:
+    """The extractor of the second FID/KID (``eval.fid_second_extractor``), or None."""
+    name = cfg.eval.fid_second_extractor
+    if name == "auto":
+        return "robust-reference-classifier" if fid_extractor_for(cfg) == "reference-classifier" else None
+    return None if name == "none" else name
+
+
 def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed: int) -> dict:
     from .fidelity import fidelity_metrics, load_or_train_reference_classifier
     from .generate import generate
 
     e = cfg.eval
-    extractor = fid_extractor_for(cfg)
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
-    weights = e.inception_weights
     cache = Path(cfg.cache_dir)
-    if extractor == "reference-classifier":
-        progress("reference classifier for FID (trained once per dataset, cached)")
-        weights = str(load_or_train_reference_classifier(
-            cache, cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes))
+
+    def weights_for(extractor: str):
+        if extractor == "inception":
+            return e.inception_weights
+        progress(f"{extractor} for FID (trained once per dataset, cached)")
+        return str(load_or_train_reference_classifier(
+            cache, cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes, kind=extractor))
+
     if gmm is None:
         from .train_worker import load_train_gmm
 
@@ -124,20 +183,49 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
     n = e.fid_samples
     progress(f"generating {n} samples ({cfg.generate.mode} mode) for FID/IS")
     x_gen, _ = generate(model, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(seed), device=device)
-    progress(f"FID/IS with the {extractor} extractor")
+    samples = to_uint8(x_gen)
+    extractor = fid_extractor_for(cfg)
+    progress(f"FID/KID/IS with the {extractor} extractor")
     res = fidelity_metrics(
-        to_uint8(x_gen), train_imgs, extractor=extractor, weights_path=weights,
+        samples, train_imgs, extractor=extractor, weights_path=weights_for(extractor),
         cache_root=str(cache / "fidelity"), reference_cache_name=f"{cfg.data.name}-train-{extractor}",
-        fid="fid" in metrics, isc="is" in metrics,
+        fid="fid" in metrics, kid="fid" in metrics, isc="is" in metrics,
     )
     out = {k: v for k, v in res.items() if k != "protocol"}
     proto = dict(res.get("protocol", {}))
+    second = second_fid_extractor_for(cfg) if "fid" in metrics else None
+    if second is not None:
+        progress(f"FID/KID with the {second} extractor")
+        res2 = fidelity_metrics(
+            samples, train_imgs, extractor=second, weights_path=weights_for(second),
+            cache_root=str(cache / "fidelity"), reference_cache_name=f"{cfg.data.name}-train-{second}",
+            fid=True, kid=True, isc=False,
+        )
+        out.update(fid_2=res2["fid"], kid_2=res2["kid"], kid_2_std=res2["kid_std"])
+        proto["second_extractor"] = res2["protocol"]
+    if "fid" in metrics:
+        # The no-op baseline: the Gaussian-mixture seeds themselves (same classes, same draws, no model),
+        # in both feature spaces. A generation mode that does not beat this row has not helped.
+        progress("FID/KID of the Gaussian-mixture seeds alone (the no-op baseline)")
+        seeds = seed_images(gmm, n, seed, cfg.generate.batch_size)
+        for suffix, name in (("", extractor), ("_2", second)):
+            if name is None:
+                continue
+            r = fidelity_metrics(
+                to_uint8(seeds), train_imgs, extractor=name, weights_path=weights_for(name),
+                cache_root=str(cache / "fidelity"), reference_cache_name=f"{cfg.data.name}-train-{name}",
+                fid=True, kid=True, isc=False,
+            )
+            out[f"fid{suffix}_seeds"], out[f"kid{suffix}_seeds"] = r["fid"], r["kid"]
     s = cfg.generate.sampler
     proto.update({
         "generation_mode": cfg.generate.mode, "conditional": cfg.generate.conditional,
         "classes": "cycled 0..K-1", "reference_set": f"{cfg.data.name} train split ({len(train_imgs)} images)",
         "pgd_eps": cfg.generate.pgd_eps, "pgd_steps": cfg.generate.pgd_steps, "contrast": cfg.generate.contrast,
-        "sampler": f"{s.kind} steps={s.steps} inner={s.inner_steps} lr={s.step_size} noise={s.noise_std}",
+        "contrast_center": cfg.generate.contrast_center,
+        "sampler": f"{s.kind} steps={s.steps} inner={s.inner_steps} lr={s.step_size} noise={s.noise_std} "
+                   f"outer_lr={s.outer_step_size}",
+        "kid_subset_size": min(1000, n, len(train_imgs)),
     })
     return {**out, "protocol_fidelity": proto}
 

@@ -6,8 +6,25 @@ For a requested class ``c`` and a seed ``x0 ~ N(μ_c, Σ_c)`` (clamped to [-1, 1
   the L∞ ball of radius ``generate.pgd_eps`` around ``x0`` ([-1, 1] units; the paper uses 0.5).
 * ``energy``   (Robust JEM-Energy): Langevin dynamics (SGLD or PYLD) on ``E(x, c)`` (or ``E(x)`` when
   ``generate.conditional`` is false) from ``x0``.
-* ``combined`` (Robust JEM): the PGD prior, then contrast reduction about each image's mean,
-  ``x ← x̄ + κ (x − x̄)`` with ``κ = generate.contrast``, then Langevin dynamics on ``E(x, c)``.
+* ``combined`` (Robust JEM): the PGD prior, then contrast reduction ``x ← m + κ (x − m)`` with
+  ``κ = generate.contrast``, then Langevin dynamics on ``E(x, c)``.
+
+What the contrast is reduced about (``generate.contrast_center``) decides what it does to a background:
+
+* ``floor`` (default): ``m = −1``, the black end of the pixel range. Every pixel's distance above black
+  shrinks by κ: black stays exactly black (``−1 + κ·0 = −1``), white strokes dim to ``2κ − 1``, which
+  leaves the headroom the paper wants (the sampler can brighten without leaving [−1, 1]). It cannot
+  grey a black background, whatever the image.
+* ``class-mean``: ``m = μ_c``, the Gaussian mixture's mean image of the requested class, per pixel.
+  The prior's deviation from its class prototype shrinks. Pixels black in every training image of the
+  class (a digit's border) stay black, but a black pixel where ``μ_c`` is grey (inside a digit's
+  blurry mean) is pulled up to ``(1 − κ) μ_c − κ``: for natural images, where no level is background.
+* ``image-mean``: ``m = x̄``, each image's mean over channels and pixels (a literal reading of the
+  paper's "decrease contrast"). It pulls a black background up to ``−1 + (1 − κ)(1 + x̄)``: on digits,
+  whose mean is about −0.75, κ = 0.7 greys the background to −0.93 before the sampler starts, which the
+  combined-mode grids showed as grey, speckled backgrounds.
+
+All three are convex combinations of ``x`` and ``m``, so pixels stay in [−1, 1].
 
 The model is put in eval mode (BatchNorm uses its running statistics) and restored afterwards.
 """
@@ -23,10 +40,15 @@ from .gmm import ClassConditionalGMM
 from .samplers import run_sampler
 
 
-def reduce_contrast(x: torch.Tensor, kappa: float) -> torch.Tensor:
-    """``x̄ + κ (x − x̄)`` with ``x̄`` the per-image mean over channels and pixels; stays in [-1, 1]."""
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return mean + kappa * (x - mean)
+def reduce_contrast(x: torch.Tensor, kappa: float, center: torch.Tensor | None = None) -> torch.Tensor:
+    """``m + κ (x − m)``: the deviation of ``x`` from ``m`` scaled by ``κ`` ∈ [0, 1].
+
+    ``center`` is ``m`` (broadcast against ``x``, e.g. the class-mean images ``[B, C, H, W]``); None uses
+    each image's mean over channels and pixels, ``x̄``. Pixels equal to ``m`` do not move, and the result
+    stays in [-1, 1] when ``x`` and ``m`` do.
+    """
+    m = x.mean(dim=(1, 2, 3), keepdim=True) if center is None else center
+    return m + kappa * (x - m)
 
 
 def generate(
@@ -64,21 +86,26 @@ def generate(
         for start in range(0, n, gen.batch_size):
             yb = y[start : start + gen.batch_size]
             x0, _ = gmm.sample(len(yb), classes=yb, generator=generator)
-            outs.append(_generate_batch(model, x0.to(device), yb.to(device), gen, mode).cpu())
+            center = None  # image-mean
+            if gen.contrast_center == "class-mean":
+                center = gmm.means[yb].reshape(len(yb), *gmm.shape).to(device)
+            elif gen.contrast_center == "floor":
+                center = torch.full((1, 1, 1, 1), -1.0, device=device)
+            outs.append(_generate_batch(model, x0.to(device), yb.to(device), gen, mode, center).cpu())
     finally:
         model.train(was_training)
     return torch.cat(outs), y
 
 
-def _generate_batch(model, x0, y, gen: GenerateConfig, mode: str) -> torch.Tensor:
+def _generate_batch(model, x0, y, gen: GenerateConfig, mode: str, center=None) -> torch.Tensor:
     x = x0
     if mode in ("pgd", "combined"):
         x = pgd(model, x, y, eps=gen.pgd_eps, steps=gen.pgd_steps, step_size=gen.pgd_step_size,
                 norm="linf", targeted=True, random_start=False)
     if mode == "combined":
-        x = reduce_contrast(x, gen.contrast)
+        x = reduce_contrast(x, gen.contrast, center)
     if mode in ("energy", "combined"):
         s = gen.sampler
         x = run_sampler(model, x, kind=s.kind, steps=s.steps, inner_steps=s.inner_steps, step_size=s.step_size,
-                        noise_std=s.noise_std, y=y if gen.conditional else None)
+                        noise_std=s.noise_std, y=y if gen.conditional else None, outer_step_size=s.outer_step_size)
     return x.clamp(-1, 1)

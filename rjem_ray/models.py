@@ -6,8 +6,12 @@ the first convolution, a linear map: PYLD (``samplers.pyld``) relies on that spl
 of ``<stem(x), p>`` with respect to ``x`` is ``stemᵀ p`` and does not depend on ``x``.
 
 Depth is ``6n + 4`` (n residual blocks per group, three groups of widths 16k, 32k, 64k for widen factor
-k). Activations are LeakyReLU(0.2) as in JEM; ``norm`` is ``"batch"`` or ``"none"`` (JEM trains without
-normalisation; JEM++ with BatchNorm).
+k). Activations are LeakyReLU(0.2) as in JEM; ``norm`` is ``"batch"``, ``"group"`` or ``"none"`` (JEM
+trains without normalisation; JEM++ with BatchNorm). ``"group"`` is GroupNorm with
+:data:`GROUP_NORM_GROUPS` groups (fewer when the width is smaller): it normalises each sample by its own
+statistics, so a network's output on one image never depends on the rest of the batch or on train/eval
+mode. PGD, the Langevin sampler, the loss and evaluation then all see one and the same function, which
+BatchNorm cannot give (batch statistics in training, running statistics in evaluation).
 """
 
 from __future__ import annotations
@@ -18,12 +22,18 @@ from torch import nn
 
 from .energy import joint_energy, marginal_energy
 
-NORMS = ("batch", "none")
+NORMS = ("batch", "group", "none")
+GROUP_NORM_GROUPS = 8
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
+    if kind == "group":
+        groups = GROUP_NORM_GROUPS
+        while channels % groups:
+            groups //= 2
+        return nn.GroupNorm(groups, channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"model.norm must be one of {NORMS}, got {kind!r}")

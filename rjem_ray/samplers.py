@@ -5,6 +5,9 @@
 * ``pyld`` — JEM++'s proximal YOPO-based Langevin dynamics, ``m`` outer × ``n`` inner steps without
   noise: the outer step evaluates the network once; the inner steps reuse that gradient through the
   linear first convolution (``model.stem``) and cost no network evaluation (JEM++ trains with lr = 0.2).
+  JEM++'s public code exists in two variants: inner steps only (``sgld_lr = 0`` in one commit, our
+  default ``outer_step_size = 0``) and an extra plain gradient step of ``sgld_lr = 1.0`` at the start of
+  each outer step (another commit); ``outer_step_size`` selects between them.
 
 Energies are ``E(x) = −logsumexp_y f(x)[y]`` or, given labels, ``E(x, y) = −f(x)[y]`` (nats). Step
 sizes and noise standard deviations are in the model's input space [−1, 1].
@@ -94,6 +97,7 @@ def pyld(
     inner_steps: int,
     step_size: float,
     y: Tensor | None = None,
+    outer_step_size: float = 0.0,
 ) -> Tensor:
     """JEM++ PYLD: ``outer_steps`` × ``inner_steps`` noise-free steps that lower ``E(x)`` (or ``E(x, y)``).
 
@@ -106,13 +110,16 @@ def pyld(
     ``stem`` is linear, so ``∂⟨stem(x), p⟩/∂x = stemᵀ p`` does not depend on ``x`` and equals the
     chain rule's ``∂(−E)/∂x``: one autograd call per outer step gives it, and the inner steps reuse it
     without evaluating the network. ``step_size`` is in the input space [−1, 1] (the per-pixel move of
-    one inner step is at most ``step_size``). Energies: marginal ``E(x) = −logsumexp f(x)``, or joint
+    one inner step is at most ``step_size``). With ``outer_step_size = η > 0`` (JEM++'s ``sgld_lr``
+    variant) each outer step first moves ``x ← clamp(x + η · ∂(−E)/∂x, −1, 1)`` with the same gradient,
+    then runs the inner steps; η is in [−1, 1] units per unit of energy gradient. Energies: marginal ``E(x) = −logsumexp f(x)``, or joint
     ``E(x, y) = −f(x)[y]`` when ``y`` is given. Returns a detached tensor; zero outer or inner steps
     return ``x.detach().clone()``.
     """
     _check_steps("outer_steps", outer_steps)
     _check_steps("inner_steps", inner_steps)
     _check_nonneg("step_size", step_size)
+    _check_nonneg("outer_step_size", outer_step_size)
     for part in ("stem", "head"):
         if not callable(getattr(model, part, None)):
             raise TypeError(
@@ -132,6 +139,8 @@ def pyld(
             (stem_t_p,) = torch.autograd.grad(neg_energy, x)
         move = step_size * stem_t_p.clamp(-1, 1)
         x = x.detach()
+        if outer_step_size > 0:
+            x = (x + outer_step_size * stem_t_p).clamp(-1, 1)
         for _ in range(inner_steps):
             x = (x + move).clamp(-1, 1)
     return x.detach()
@@ -148,12 +157,14 @@ def run_sampler(
     noise_std: float,
     y: Tensor | None = None,
     generator: torch.Generator | None = None,
+    outer_step_size: float = 0.0,
 ) -> Tensor:
     """Run the sampler named ``kind`` on the energy of ``model`` (marginal, or joint when ``y`` is given).
 
     ``"sgld"``: ``steps`` SGLD steps of size ``step_size`` with noise ``noise_std`` (``inner_steps``
-    unused). ``"pyld"``: ``steps`` outer × ``inner_steps`` inner PYLD steps of size ``step_size``
-    (``noise_std`` and ``generator`` unused: PYLD has no noise). Units as in ``sgld`` and ``pyld``.
+    unused). ``"pyld"``: ``steps`` outer × ``inner_steps`` inner PYLD steps of size ``step_size``,
+    each outer step led by a plain gradient step of ``outer_step_size`` (0: none), (``noise_std`` and
+    ``generator`` unused: PYLD has no noise; ``outer_step_size`` unused by SGLD). Units as in ``sgld`` and ``pyld``.
     """
     if kind not in SAMPLERS:
         raise ValueError(f"kind must be one of {SAMPLERS}, got {kind!r}")
@@ -161,8 +172,10 @@ def run_sampler(
     _check_steps("inner_steps", inner_steps)
     _check_nonneg("step_size", step_size)
     _check_nonneg("noise_std", noise_std)
+    _check_nonneg("outer_step_size", outer_step_size)
     if kind == "sgld":
         return sgld(
             _energy_fn(model, y), x, steps=steps, step_size=step_size, noise_std=noise_std, generator=generator
         )
-    return pyld(model, x, outer_steps=steps, inner_steps=inner_steps, step_size=step_size, y=y)
+    return pyld(model, x, outer_steps=steps, inner_steps=inner_steps, step_size=step_size, y=y,
+                outer_step_size=outer_step_size)

@@ -61,11 +61,14 @@ SCOPES = ("sample", "train")
 SCHEDULERS = ("fifo", "asha")
 SWEEP_KEYS = ("scope", "base", "checkpoint", "search", "tune")
 # Objective name → default mode, and the train.eval_metrics entry that produces it.
+# robust_accuracy is AutoAttack's (eval metric autoattack); pgd_robust_accuracy is PGD's (eval metric robust),
+# the cheap training-time signal.
 METRIC_MODES = {"fid": "min", "inception_score": "max", "accuracy": "max", "robust_accuracy": "max",
-                "ece": "min", "ood_auroc": "max"}
-EVAL_METRIC_OF = {"fid": "fid", "inception_score": "is", "accuracy": "accuracy", "robust_accuracy": "robust",
-                  "ece": "ece", "ood_auroc": "ood"}
-FIGURES = ("fid", "inception_score", "inception_score_std", "accuracy", "robust_accuracy", "ece", "ood_auroc")
+                "pgd_robust_accuracy": "max", "ece": "min", "ood_auroc": "max"}
+EVAL_METRIC_OF = {"fid": "fid", "inception_score": "is", "accuracy": "accuracy", "robust_accuracy": "autoattack",
+                  "pgd_robust_accuracy": "robust", "ece": "ece", "ood_auroc": "ood"}
+FIGURES = ("fid", "inception_score", "inception_score_std", "accuracy", "robust_accuracy", "pgd_robust_accuracy",
+           "ece", "ood_auroc")
 SAMPLE_METRICS = ("fid", "inception_score")
 # Sample scope: the model is fixed, only these sections may be overridden by the sweep file.
 SAMPLE_SECTIONS = ("name", "cache_dir", "data", "generate", "eval", "tracking")
@@ -79,7 +82,9 @@ NOT_SEARCHABLE = ("name", "cache_dir", "data.name", "data.data_dir", "data.downl
 class TuneSettings:
     """The ``tune:`` section of a sweep file."""
 
-    metric: str = "fid"  # fid | inception_score (both scopes); accuracy | robust_accuracy | ece | ood_auroc (train)
+    # fid | inception_score (both scopes); accuracy | robust_accuracy (AutoAttack) | pgd_robust_accuracy | ece |
+    # ood_auroc (train)
+    metric: str = "fid"
     mode: str | None = None  # min | max; None: min for fid and ece, max for the others
     num_samples: int = 1  # trials drawn per grid point
     max_concurrent: int = 2  # trials running at once
@@ -319,7 +324,8 @@ def score_samples(x, cfg: Config, metrics: tuple[str, ...] = ("fid", "is")) -> d
 def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int) -> dict:
     """Once per sweep, before any trial: the reference classifier, FID reference statistics and GMM
     are computed and cached, so concurrent trials only read them. Scope sample also measures the
-    checkpoint's accuracy and robust accuracy here (the searched knobs cannot change them)."""
+    checkpoint's accuracy, robust accuracy (AutoAttack) and PGD robust accuracy here (the searched knobs
+    cannot change them)."""
     import torch
 
     from .data import load_split
@@ -341,10 +347,18 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
         "reference_cache": ref["cache_name"], "weights": warm["protocol"]["weights"],
     }
     e = cfg.eval
-    robust = {"attack": "PGD, untargeted, random start", "norm": "linf", "eps": e.robust_eps,
-              "eps_unit": "model input space [-1, 1]", "steps": e.robust_steps,
-              "step_size": e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps, "restarts": e.robust_restarts,
-              "num_samples": min(e.robust_max_samples, len(test_imgs)), "split": f"{cfg.data.name} test"}
+    pgd = {"attack": "PGD, untargeted, random start", "norm": "linf", "eps": e.robust_eps,
+           "eps_unit": "model input space [-1, 1]", "steps": e.robust_steps,
+           "step_size": e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps, "restarts": e.robust_restarts,
+           "num_samples": min(e.robust_max_samples, len(test_imgs)), "split": f"{cfg.data.name} test"}
+    from .config import AUTOATTACK_STANDARD
+
+    aa = {"attack": "AutoAttack (pyautoattack, the fra31/auto-attack code)", "version": e.autoattack_version,
+          "attacks": list(AUTOATTACK_STANDARD) if e.autoattack_version == "standard" else e.autoattack_attacks,
+          "norm": "linf", "eps": e.robust_eps, "eps_unit": "model input space [-1, 1]",
+          "eps_01_scale": e.robust_eps / 2, "num_samples": min(e.autoattack_max_samples, len(test_imgs)),
+          "split": f"{cfg.data.name} test"}
+    robust = {"robust_accuracy": aa, "pgd_robust_accuracy": pgd}
     out: dict = {"protocol": protocol, "robust_protocol": robust, "checkpoint_metrics": {}}
     if scope == "train" and cfg.uses_energy:
         from .train_worker import load_train_gmm
@@ -356,8 +370,8 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, _ = load_model(checkpoint, map_location=device)
-        res = evaluate_model(model, cfg, ["accuracy", "robust"])
-        out["checkpoint_metrics"] = {k: res[k] for k in ("accuracy", "robust_accuracy")}
+        res = evaluate_model(model, cfg, ["accuracy", "robust", "autoattack"])
+        out["checkpoint_metrics"] = {k: res[k] for k in ("accuracy", "robust_accuracy", "pgd_robust_accuracy")}
     return out
 
 
@@ -1064,8 +1078,9 @@ def write_best_config(sweep: Sweep, best: dict, path: Path) -> Path:
 
 
 def print_ranking(sweep: Sweep, rows: list[dict], say=print) -> None:
-    cols = ["rank", "trial_id", "status", sweep.metric] + [k for k in ("inception_score", "accuracy", "robust_accuracy")
-                                                         if k != sweep.metric and any(k in r for r in rows)]
+    cols = ["rank", "trial_id", "status", sweep.metric] + [
+        k for k in ("inception_score", "accuracy", "robust_accuracy", "pgd_robust_accuracy")
+        if k != sweep.metric and any(k in r for r in rows)]
     keys = [p.key for p in sweep.params]
 
     def fmt(v):

@@ -44,18 +44,31 @@ def main() -> None:
     m = json.loads(metrics_file.read_text())
     m["demo_wall_s"] = {"train": round(t_train, 1), "total": round(total, 1)}
     metrics_file.write_text(json.dumps(m, indent=2, sort_keys=True))
-    r = m["protocol"]["robust_accuracy"]
+    r = m["protocol"]["robust_accuracy"]  # AutoAttack
+    p = m["protocol"]["pgd_robust_accuracy"]
     f = m["protocol"]["fidelity"]
     width = shutil.get_terminal_size((100, 20)).columns
     print("=" * min(width, 100))
     print(f"rjem demo report — {m['protocol']['dataset']} test split ({m['protocol']['num_test']} images)")
     print(f"  accuracy              {m['accuracy']:.4f}")
-    print(f"  robust accuracy       {m['robust_accuracy']:.4f}   (PGD-{r['steps']}, L∞ ε = {r['eps']} in [-1, 1]"
-          f" = {r['eps_01_scale']} in [0, 1], {r['num_samples']} images)")
+    attacks = "standard" if r["version"] == "standard" else "custom: " + ", ".join(r["attacks"])
+    print(f"  robust accuracy       {m['robust_accuracy']:.4f}   (AutoAttack {attacks}, {r['library']} "
+          f"{r['library_version']}, L∞ ε = {r['eps']} in [-1, 1] = {r['eps_01_scale']} in [0, 1], "
+          f"{r['num_samples']} images, {r['wall_s']:.0f} s)")
+    print(f"  PGD robust accuracy   {m['pgd_robust_accuracy']:.4f}   (PGD-{p['steps']}, {p['restarts']} restart(s), "
+          f"same ε, {p['num_samples']} images; a cheap signal, not the robustness figure)")
+    for w in m.get("masking", {}).get("warnings", []):
+        print(f"  masking warning       {w}")
     print(f"  ECE (20 bins)         {m['ece']:.4f}")
     print(f"  OOD AUROC             {m['ood_auroc']:.4f}   (score −E(x), vs {m['protocol']['ood_auroc']['out']})")
     print(f"  FID                   {m['fid']:.3f}   ({f['num_samples']} {f['generation_mode']}-mode samples vs "
           f"{f['reference_set']}, {f['extractor']} features)")
+    print(f"  FID, seeds alone      {m['fid_seeds']:.3f}   (the Gaussian-mixture draws the samples start from, no "
+          f"model: the no-op baseline)")
+    if "fid_2" in m:
+        second = f["second_extractor"]["extractor"]
+        print(f"  FID ({second})  {m['fid_2']:.3f}   (seeds alone {m['fid_2_seeds']:.3f}; features that targeted "
+              f"PGD cannot fool)")
     print(f"  Inception score       {m['inception_score']:.3f}   (same samples and extractor)")
     print(f"  time                  train {t_train / 60:.1f} min, total {total / 60:.1f} min")
     print(f"  samples               {out / 'samples'}/{{energy,pgd,combined}}.png")

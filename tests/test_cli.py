@@ -72,18 +72,36 @@ def test_sample_to_directory_writes_single_images(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_writes_every_metric_with_its_protocol(trained, tmp_path, cache_dir):
+def test_eval_writes_every_metric_with_its_protocol(trained, tmp_path, cache_dir, capsys):
     run, _, _ = trained
     out = tmp_path / "metrics.json"
     assert main(["eval", str(run / "checkpoint"), "--json", str(out), "--set", f"cache_dir={cache_dir}",
+                 "--metrics", "accuracy,robust,autoattack,masking,ece,fid,is,ood",
+                 "--set", "eval.autoattack_max_samples=100",
                  "--set", "generate.pgd_steps=3", "--set", "generate.sampler.steps=2"]) == 0
     res = json.loads(out.read_text())
-    for key in ("accuracy", "robust_accuracy", "ece", "fid", "inception_score", "ood_auroc"):
+    for key in ("accuracy", "robust_accuracy", "pgd_robust_accuracy", "ece", "fid", "inception_score", "ood_auroc"):
         assert isinstance(res[key], float), key
     assert 0 <= res["accuracy"] <= 1 and 0 <= res["robust_accuracy"] <= res["accuracy"]
+    assert 0 <= res["pgd_robust_accuracy"] <= res["accuracy"]
     p = res["protocol"]
-    assert p["robust_accuracy"]["eps"] == 0.6 and p["robust_accuracy"]["eps_01_scale"] == 0.3
-    assert p["robust_accuracy"]["steps"] == 5 and "[-1, 1]" in p["robust_accuracy"]["eps_unit"]
+    # robust_accuracy is AutoAttack's (standard version by default); PGD has its own key and protocol.
+    aa = p["robust_accuracy"]
+    assert aa["library"] == "pyautoattack" and aa["version"] == "standard"
+    assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert [s["attack"] for s in aa["accuracy_after"]] == aa["attacks"]
+    assert aa["accuracy_after"][-1]["accuracy"] == res["robust_accuracy"]
+    assert aa["eps"] == 0.6 and aa["eps_01_scale"] == 0.3 and "[-1, 1]" in aa["eps_unit"]
+    assert aa["num_samples"] == 100 and aa["subset"] == "100 drawn at random (seed 0)"
+    pgd = p["pgd_robust_accuracy"]
+    assert pgd["eps"] == 0.6 and pgd["eps_01_scale"] == 0.3
+    assert pgd["steps"] == 5 and "[-1, 1]" in pgd["eps_unit"]
+    m = res["masking"]
+    assert m["autoattack_accuracy"] == res["robust_accuracy"] and m["num_samples"] == 100
+    assert m["pgd_grid"][-1]["eps"] == 2.0 and isinstance(m["warnings"], list)
+    printed = [line.removeprefix("[eval] masking warning: ") for line in capsys.readouterr().out.splitlines()
+               if line.startswith("[eval] masking warning: ")]
+    assert printed == m["warnings"]  # one line per warning
     assert p["ece"]["bins"] == 20
     assert p["fidelity"]["extractor"] == "reference-classifier" and p["fidelity"]["num_samples"] == 50
 

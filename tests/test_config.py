@@ -49,12 +49,30 @@ def test_override_parses_yaml_scalars():
         ("eval.metrics=[accuracy,bogus]", "eval.metrics: 'bogus' is not allowed"),
         ("generate.sampler.step_size=.inf", "generate.sampler.step_size: inf is not allowed; it must be a finite"),
         ("attack.eps=.nan", "attack.eps: nan is not allowed"),
+        ("sampler.outer_step_size=-0.5", "sampler.outer_step_size: -0.5 is out of range; it must be >= 0"),
+        ("generate.sampler.outer_step_size=-1", "generate.sampler.outer_step_size: -1.0 is out of range"),
+        ("generate.contrast_center=median", "generate.contrast_center: 'median' is not allowed; choose one of"),
+        ("eval.fid_extractor=clip", "eval.fid_extractor: 'clip' is not allowed"),
+        ("eval.fid_second_extractor=clip", "eval.fid_second_extractor: 'clip' is not allowed"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("tune_configs/smoke.yaml", [override])
     assert fragment in str(err.value)
+
+
+def test_new_sampler_generation_and_fidelity_keys_default_and_load():
+    cfg = Config.from_dict({})
+    assert cfg.sampler.outer_step_size == 0.0 and cfg.generate.sampler.outer_step_size == 0.0  # inner steps only
+    assert cfg.eval.fid_second_extractor == "auto"
+    cfg = load_config("tune_configs/smoke.yaml", [
+        "sampler.outer_step_size=1.0", "generate.sampler.outer_step_size=0.5", "generate.contrast_center=image-mean",
+        "eval.fid_extractor=robust-reference-classifier", "eval.fid_second_extractor=none",
+    ])
+    assert (cfg.sampler.outer_step_size, cfg.generate.sampler.outer_step_size) == (1.0, 0.5)
+    assert cfg.generate.contrast_center == "image-mean"
+    assert (cfg.eval.fid_extractor, cfg.eval.fid_second_extractor) == ("robust-reference-classifier", "none")
 
 
 def test_unknown_key_lists_the_allowed_keys():

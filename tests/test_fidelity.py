@@ -199,3 +199,89 @@ def test_inception_path_passes_the_offline_weights_to_torch_fidelity(digits, tmp
     item = seen["input1"][0]
     assert item.dtype == torch.uint8 and item.shape == (3, 8, 8)  # grayscale repeated to RGB
     assert out["fid"] == 12.5 and out["inception_score"] == 7.0 and out["protocol"]["extractor"] == "inception"
+
+
+# ---------------------------------------------------------------- the robust reference classifier and KID
+
+
+@pytest.fixture(scope="module")
+def robust_classifier(classifier, digits):
+    """Adversarially trained (the kind's own ε and PGD steps), in the same cache directory as the plain one."""
+    x_tr, y_tr, _, _ = digits
+    return fd.load_or_train_reference_classifier(
+        classifier.parent, "digits8", x_tr, y_tr, 10, kind="robust-reference-classifier", epochs=3)
+
+
+def test_robust_classifier_is_cached_beside_the_plain_one_and_adversarially_trained(classifier, robust_classifier):
+    assert robust_classifier == fd.reference_classifier_path(classifier.parent, "digits8", "robust-reference-classifier")
+    assert robust_classifier.name == "robust-reference-classifier-digits8.pt" and classifier.exists()
+    _, meta = fd.load_reference_classifier(robust_classifier)
+    _, plain_meta = fd.load_reference_classifier(classifier)
+    assert (meta["adversarial_eps"], meta["adversarial_steps"]) == (fd.ROBUST_REFERENCE_EPS, fd.ROBUST_REFERENCE_STEPS)
+    assert plain_meta["adversarial_eps"] == 0.0
+    assert meta["heldout_accuracy"] > 0.85, meta  # still a good classifier of clean digits
+    with pytest.raises(ValueError, match="kind must be one of"):
+        fd.reference_classifier_path(classifier.parent, "digits8", "inception")
+
+
+def test_targeted_pgd_fools_the_plain_extractor_far_more_than_the_robust_one(classifier, robust_classifier, digits):
+    """Generation's pgd mode, run on an independent plain classifier, transfers to the plain extractor.
+
+    The prior is fitted with labels shifted by one, so the seeds "of class c" are digits c − 1, and PGD
+    (ε = 0.5, generation's default budget, [-1, 1] units) pushes them toward c. Measured (50 per class):
+    the plain extractor's share of argmax = c rises 0.002 → 0.72, the robust one's 0.000 → 0.32.
+    """
+    from rjem_ray.config import GenerateConfig
+    from rjem_ray.data import to_model_space, to_uint8
+    from rjem_ray.generate import generate
+    from rjem_ray.gmm import fit_class_gmm
+
+    x_tr, y_tr, _, _ = digits
+    generator = fd.train_reference_classifier(x_tr, y_tr, 10, epochs=10, seed=1)
+    gmm = fit_class_gmm(to_model_space(x_tr), (y_tr + 1) % 10, 10)
+    plain, _ = fd.load_reference_classifier(classifier)
+    robust, _ = fd.load_reference_classifier(robust_classifier)
+    cfg = GenerateConfig(pgd_eps=0.5, pgd_steps=20, pgd_step_size=2.5 * 0.5 / 20, batch_size=50)
+    hits = {"plain": [0, 0], "robust": [0, 0]}  # [seeds, PGD images] predicted as the target class
+    for c in range(10):
+        seeds, _ = gmm.sample(50, classes=torch.full((50,), c), generator=torch.Generator().manual_seed(c))
+        x, _ = generate(generator, gmm, cfg, mode="pgd", n=50, classes=c, generator=torch.Generator().manual_seed(c))
+        assert (x - seeds).abs().max() <= 0.5 + 1e-5
+        with torch.no_grad():  # as the extractor reads them: through uint8
+            for name, model in (("plain", plain), ("robust", robust)):
+                for i, images in enumerate((seeds, x)):
+                    hits[name][i] += (model(to_model_space(to_uint8(images))).argmax(1) == c).sum().item()
+    rate = {k: (s / 500, p / 500) for k, (s, p) in hits.items()}
+    print("share of argmax == target (seeds, PGD images):", rate)
+    rise = {k: p - s for k, (s, p) in rate.items()}
+    assert max(rate["plain"][0], rate["robust"][0]) < 0.05  # the seeds are not the target class
+    assert rise["plain"] > 0.5
+    assert rise["plain"] - rise["robust"] > 0.25
+
+
+def test_kid_is_near_zero_for_two_halves_of_the_data_and_large_for_noise(classifier, robust_classifier, digits,
+                                                                           tmp_path):
+    """KID has the kernel's scale, (h·h'/128 + 1)³, so "near zero" is relative to what another distribution scores.
+
+    Measured at 200 vs 200 images (float64, 100 random splits of the training digits): plain extractor
+    KID(split halves) std 19, max |·| 58, noise 944; robust extractor std 0.41, max 1.6, noise 27.
+    """
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    x_tr = digits[0]
+    noise = torch.randint(0, 256, (200, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for extractor, weights in (("reference-classifier", classifier), ("robust-reference-classifier", robust_classifier)):
+        def kid(samples):
+            # torch-fidelity's KID is 300 numpy matmuls: a multi-threaded BLAS on a busy 2-core box takes
+            # ~15x longer than one thread
+            with threadpool_limits(limits=1):
+                return fd.fidelity_metrics(samples, x_tr[200:400], extractor=extractor, weights_path=weights,
+                                           cache_root=str(tmp_path), reference_cache_name=f"second-200-{extractor}",
+                                           fid=False, isc=False, kid=True)
+
+        half, far = kid(x_tr[:200]), kid(noise)
+        print(f"{extractor}: KID halves {half['kid']:.4f} ± {half['kid_std']:.4f}, noise {far['kid']:.2f}")
+        assert set(half) == {"kid", "kid_std", "protocol"}  # no FID or IS asked for, none computed
+        assert half["protocol"]["num_reference"] == 200
+        assert far["kid"] > 10
+        assert abs(half["kid"]) < 0.15 * far["kid"]

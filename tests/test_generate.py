@@ -62,7 +62,7 @@ def test_energy_mode_lowers_the_conditional_energy(setup):
 
 def test_reduce_contrast_keeps_the_mean_and_scales_deviations():
     x = torch.rand(3, 1, 4, 4) * 2 - 1
-    r = reduce_contrast(x, 0.5)
+    r = reduce_contrast(x, 0.5, center=None)  # None: each image's own mean (the image-mean centre)
     assert torch.allclose(r.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-6)
     assert torch.allclose(r - r.mean((1, 2, 3), keepdim=True), 0.5 * (x - x.mean((1, 2, 3), keepdim=True)), atol=1e-6)
 
@@ -73,3 +73,63 @@ def test_bad_mode_and_class(setup):
         generate(model, gmm, gen_cfg(), mode="diffusion", n=2)
     with pytest.raises(ValueError, match="out of range"):
         generate(model, gmm, gen_cfg(), mode="pgd", n=2, classes=10)
+
+
+def test_class_mean_contrast_keeps_a_black_background_black():
+    # digit-like images: strokes (random grey to white) on a black background, −1 in [-1, 1] units
+    background = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    background[..., 1:5, 2:4] = False
+    g = torch.Generator().manual_seed(0)
+    x = torch.where(background, -1.0, torch.rand(3, 1, 6, 6, generator=g) * 1.5 - 0.5)
+    class_mean = torch.where(background, -1.0, 0.4)  # black wherever every image of the class is black
+    bg = background.expand_as(x)
+    for kappa in (0.0, 0.3, 0.7, 1.0):
+        r = reduce_contrast(x, kappa, center=class_mean)
+        assert torch.equal(r[bg], torch.full_like(r[bg], -1.0))  # exactly black, not nearly
+        assert r.min() >= -1 and r.max() <= 1
+        torch.testing.assert_close(r - class_mean, kappa * (x - class_mean), atol=1e-6, rtol=0)
+    # the image-mean centre greys the same background: −1 → −1 + (1 − κ)(1 + x̄)
+    r = reduce_contrast(x, 0.7)
+    x_bar = x.mean((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(r[bg], (-1 + 0.3 * (1 + x_bar)).expand_as(x)[bg], atol=1e-6, rtol=0)
+    assert (r[bg] > -1 + 0.05).all()
+
+
+def test_combined_mode_reduces_contrast_about_the_configured_centre(setup, monkeypatch):
+    """With PGD and the sampler replaced by the identity, combined mode is m + κ (x0 − m) of its own seeds,
+    m = that sample's class mean (class-mean), its own mean (image-mean) or −1 (floor)."""
+    import rjem_ray.generate as gen_mod
+
+    model, gmm = setup
+    seen = {}
+
+    def identity_sampler(model, x, **kw):
+        seen.update(kw)
+        return x.clone()
+
+    monkeypatch.setattr(gen_mod, "pgd", lambda model, x, y, **kw: x.clone())
+    monkeypatch.setattr(gen_mod, "run_sampler", identity_sampler)
+    sampler = SamplerConfig(kind="pyld", steps=1, inner_steps=1, step_size=0.2, outer_step_size=0.3)
+    n, batch = 20, 8  # classes cycle 0..9 across batches of 8: every sample needs its own class's mean
+
+    def run(center):
+        cfg = gen_cfg(contrast=0.5, batch_size=batch, sampler=sampler, contrast_center=center)
+        return generate(model, gmm, cfg, mode="combined", n=n, generator=torch.Generator().manual_seed(3))
+
+    x, y = run("class-mean")
+    g = torch.Generator().manual_seed(3)  # the seeds generate drew: one generator, batch by batch
+    seeds = torch.cat([gmm.sample(len(yb), classes=yb, generator=g)[0] for yb in y.split(batch)])
+    means = gmm.means[y].reshape(seeds.shape)
+    torch.testing.assert_close(x, means + 0.5 * (seeds - means), atol=1e-6, rtol=0)
+    assert seen["outer_step_size"] == 0.3  # generate.sampler.outer_step_size reaches the sampler
+    # pixels black in both the class mean and the seed stay black; the image-mean centre greys them
+    black = (means == -1) & (seeds == -1)
+    assert black.sum() > 1000 and torch.all(x[black] == -1)
+    x_img, _ = run("image-mean")
+    x_bar = seeds.mean((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(x_img, x_bar + 0.5 * (seeds - x_bar), atol=1e-6, rtol=0)
+    assert (x_img[black] > -1 + 0.05).all()
+    # the floor centre, m = −1: every seed pixel's height above black halves; black seed pixels stay black
+    x_floor, _ = run("floor")
+    torch.testing.assert_close(x_floor, -1 + 0.5 * (seeds + 1), atol=1e-6, rtol=0)
+    assert torch.all(x_floor[seeds == -1] == -1)

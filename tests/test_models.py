@@ -37,4 +37,22 @@ def test_bad_depth_and_norm_are_rejected():
     with pytest.raises(ValueError, match="6n\\+4"):
         WideResNet(depth=12)
     with pytest.raises(ValueError, match="model.norm"):
-        WideResNet(depth=10, norm="group")
+        WideResNet(depth=10, norm="layer")
+
+
+def test_group_norm_output_depends_on_the_sample_alone():
+    """GroupNorm: an image's logits are the same alone, in any batch, in train or eval mode (BatchNorm's are not)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 12, 12)
+    gn = WideResNet(depth=10, widen=2, num_classes=10, in_channels=1, norm="group")
+    assert any(isinstance(mod, torch.nn.GroupNorm) for mod in gn.modules())
+    with torch.no_grad():
+        batch_train = gn.train()(x)
+        alone_eval = torch.cat([gn.eval()(x[i : i + 1]) for i in range(6)])
+        shuffled = gn.train()(torch.cat([x[3:], torch.randn(4, 1, 12, 12) * 5, x[:3]]))
+    assert torch.allclose(batch_train, alone_eval, atol=1e-5)
+    assert torch.allclose(torch.cat([shuffled[7:], shuffled[:3]]), batch_train, atol=1e-5)
+    bn = WideResNet(depth=10, widen=2, num_classes=10, in_channels=1, norm="batch")
+    with torch.no_grad():
+        # the control: BatchNorm's train-mode output on a sample changes with its batch
+        assert not torch.allclose(bn.train()(x)[:3], bn.train()(torch.cat([x[:3], x[3:] * 5]))[:3], atol=1e-3)

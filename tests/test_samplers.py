@@ -157,3 +157,49 @@ def test_direct_sampler_arguments_are_validated(model, x):
         pyld(model, x, outer_steps=-1, inner_steps=1, step_size=0.2)
     with pytest.raises(ValueError, match="^noise_std must"):
         sgld(energy_fn(model), x, steps=1, step_size=1.0, noise_std=-1.0)
+
+
+def _manual_pyld(model, x, y, outer_steps, inner_steps, step_size, outer_step_size):
+    """PYLD written out: g = ∂(−E)/∂x through the whole network, x ← clamp(x + η g), then n inner steps
+    x ← clamp(x + lr · clamp(g, −1, 1)) that reuse g (taken before the outer step)."""
+    out = x.clone()
+    for _ in range(outer_steps):
+        x_in = out.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(-energy_of(model(x_in), y).sum(), x_in)
+        if outer_step_size > 0:
+            out = (out + outer_step_size * g).clamp(-1, 1)
+        for _ in range(inner_steps):
+            out = (out + step_size * g.clamp(-1, 1)).clamp(-1, 1)
+    return out
+
+
+@pytest.mark.parametrize("outer_steps", [1, 2])
+def test_pyld_outer_step_size_leads_each_outer_step_with_a_plain_gradient_step(model, x, outer_steps):
+    steep = copy.deepcopy(model)
+    with torch.no_grad():  # gradients of order 1-10 per pixel: the η step moves pixels and hits the box
+        steep.fc.weight.mul_(3000.0)
+    y, eta = LABELS[1], 0.05
+    x_in = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(-energy_of(steep(x_in), y).sum(), x_in)
+    assert ((x + eta * g).abs() > 1).any()  # the clamp after the η step is exercised
+
+    got = pyld(steep, x, outer_steps=outer_steps, inner_steps=3, step_size=0.1, y=y, outer_step_size=eta)
+    torch.testing.assert_close(got, _manual_pyld(steep, x, y, outer_steps, 3, 0.1, eta), atol=1e-6, rtol=0)
+    old = pyld(steep, x, outer_steps=outer_steps, inner_steps=3, step_size=0.1, y=y)
+    assert (got - old).abs().max() > 0.05  # the η step changed the result
+    # η = 0 is the old behaviour, exactly
+    assert torch.equal(pyld(steep, x, outer_steps=outer_steps, inner_steps=3, step_size=0.1, y=y, outer_step_size=0.0),
+                       old)
+    torch.testing.assert_close(old, _manual_pyld(steep, x, y, outer_steps, 3, 0.1, 0.0), atol=1e-6, rtol=0)
+    # run_sampler hands η to PYLD
+    via = run_sampler(steep, x, kind="pyld", steps=outer_steps, inner_steps=3, step_size=0.1, noise_std=0.0, y=y,
+                      outer_step_size=eta)
+    assert torch.equal(via, got)
+
+
+def test_pyld_refuses_a_negative_outer_step_size(model, x):
+    with pytest.raises(ValueError, match="^outer_step_size must"):
+        pyld(model, x, outer_steps=1, inner_steps=1, step_size=0.2, outer_step_size=-0.1)
+    with pytest.raises(ValueError, match="^outer_step_size must"):
+        run_sampler(model, x, kind="pyld", steps=1, inner_steps=1, step_size=0.2, noise_std=0.0,
+                    outer_step_size=float("nan"))

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -6,9 +7,12 @@ import torch.nn.functional as F
 
 from rjem_ray.config import load_config
 from rjem_ray.data import load_split, to_model_space
+from rjem_ray.energy import marginal_energy
 from rjem_ray.gmm import fit_class_gmm
 from rjem_ray.models import WideResNet
-from rjem_ray.training import DivergenceError, JointForward, Learner, attack_eps, jem_loss, lr_multiplier, run_loop
+from rjem_ray.training import (
+    DivergenceError, JointForward, Learner, attack_eps, batchnorm_eval, jem_loss, lr_multiplier, run_loop,
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +152,77 @@ def test_negative_samples_do_not_move_batchnorm_running_statistics():
     moved(x_neg)
     assert not all(torch.allclose(a, b) for a, b in zip(bn_stats(moved), bn_stats(data_only)))
     assert all(b.momentum == 0.1 for b in model.modules() if isinstance(b, torch.nn.BatchNorm2d))
+
+
+def _bn_state(model):
+    # running_mean/var only: num_batches_tracked also counts frozen (momentum 0) passes, and is unused
+    # by a BatchNorm with a momentum
+    return [t.clone() for b in model.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)
+            for t in (b.running_mean, b.running_var)]
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_loss_sees_the_negatives_with_the_energy_the_sampler_lowered(digits, gmm, bn_mode):
+    """E(x_q) in the loss is the sampler's energy: running statistics (eval) or the batch's own (train)."""
+    learner = make_learner(digits, gmm, f"train.sampler_bn_mode={bn_mode}")
+    learner.step()  # running statistics away from their (0, 1) initialisation
+    model = learner.model
+    model.train()
+    x_q = learner._sample_negatives()  # exactly as a step samples (eval-mode model when bn_mode=eval)
+    x_cls, x_pos = to_model_space(digits[0][:8]), to_model_space(digits[0][8:16])
+    with torch.no_grad():
+        model.eval()
+        e_eval = marginal_energy(model(x_q))  # the running statistics the eval-mode sampler used
+        model.train()
+        e_batch = marginal_energy(copy.deepcopy(model)(x_q))  # the negative batch's own statistics
+        data_only = copy.deepcopy(model)
+        data_only(x_cls)
+        data_only(x_pos)
+        before = _bn_state(model)
+        _, _, logits_neg = learner.joint(x_cls, x_pos, x_q)
+    expected, other = (e_eval, e_batch) if bn_mode == "eval" else (e_batch, e_eval)
+    assert (expected - other).abs().max() > 1e-2  # the two views differ, so a mode leak would show
+    torch.testing.assert_close(marginal_energy(logits_neg), expected, atol=1e-5, rtol=0)
+    after = _bn_state(model)
+    # the negative pass moved no running statistic; the data passes (x_cls, x_pos) did
+    assert all(torch.equal(a, b) for a, b in zip(after, _bn_state(data_only)))
+    assert not all(torch.equal(a, b) for a, b in zip(after, before))
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_sampler_runs_in_the_configured_batchnorm_mode_with_its_outer_step(digits, gmm, bn_mode, monkeypatch):
+    import rjem_ray.training as training
+
+    seen = {}
+
+    def fake_sampler(model, x, **kw):
+        seen.update(kw, modes={m.training for m in model.modules()})
+        return x.clone()
+
+    monkeypatch.setattr(training, "run_sampler", fake_sampler)
+    learner = make_learner(digits, gmm, f"train.sampler_bn_mode={bn_mode}", "sampler.outer_step_size=0.5")
+    learner.step()
+    assert seen["outer_step_size"] == 0.5
+    assert seen["modes"] == {bn_mode == "train"}
+    assert all(m.training for m in learner.model.modules())  # back in train mode afterwards
+
+
+def test_batchnorm_eval_switches_only_batchnorm_and_restores_each_flag():
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", dropout=0.3).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bns[0].eval()  # a mixed state must come back exactly as it was
+    flags = {name: m.training for name, m in model.named_modules()}
+    stats = _bn_state(model)
+    x = torch.randn(4, 1, 12, 12)
+    with batchnorm_eval(model):
+        assert not any(b.training for b in bns)
+        assert all(m.training == flags[n] for n, m in model.named_modules() if m not in bns)  # dropout etc. untouched
+        model(x)
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    assert all(torch.equal(a, b) for a, b in zip(_bn_state(model), stats))  # eval BatchNorm updated nothing
+    with pytest.raises(RuntimeError, match="inside"):
+        with batchnorm_eval(model):
+            raise RuntimeError("inside")
+    assert {name: m.training for name, m in model.named_modules()} == flags

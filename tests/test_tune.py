@@ -98,7 +98,8 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
         child = children[r["trial_id"]]
         assert child.info.status == "FINISHED"
         assert child.data.metrics["fid"] == pytest.approx(r["fid"])
-        assert {"inception_score", "accuracy", "robust_accuracy"} <= set(child.data.metrics)
+        # measured once per sweep: robust_accuracy by AutoAttack, pgd_robust_accuracy by PGD
+        assert {"inception_score", "accuracy", "robust_accuracy", "pgd_robust_accuracy"} <= set(child.data.metrics)
         assert child.data.params["generate.mode"] == r["generate.mode"]
         assert child.data.tags["rjem.fid.extractor"] == "reference-classifier"
         assert "samples/samples.png" in _artifacts(client, child.info.run_id, "samples")
@@ -182,7 +183,9 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
         history = client.get_metric_history(child.info.run_id, "fid")  # FID over time, every eval_every steps
         assert sorted(m.step for m in history) == ([3, 6] if r["status"] == "finished" else [3])
         assert child.data.metrics["fid"] == pytest.approx(r["fid"])
-        assert {"inception_score", "accuracy", "robust_accuracy", "train/loss"} <= set(child.data.metrics)
+        # train.eval_metrics has `robust` (PGD, the cheap training-time signal), not `autoattack`
+        assert {"inception_score", "accuracy", "pgd_robust_accuracy", "train/loss"} <= set(child.data.metrics)
+        assert "robust_accuracy" not in child.data.metrics
         assert "samples/samples.png" in _artifacts(client, child.info.run_id, "samples")
     assert [t for t, c in children.items() if c.data.tags.get("rjem.best") == "true"] == [rows[0]["trial_id"]]
 
