@@ -20,6 +20,7 @@ protocol, the command and the wall times) and ``OUT/grids/<run>-<mode>.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--eps", default="0.2,0.4,0.6", help="robust-jem training ε list, [-1, 1] units")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (separate processes when > 1)")
     p.add_argument("--set", action="append", default=[], help="overrides for every run (key.sub=value)")
     p.add_argument("--tiny", action="store_true",
                    help="a few steps of tiny models and small evaluation sets (for tests)")
@@ -269,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=mp.get_context("spawn")) as pool:
-        for r in pool.map(train_and_evaluate, jobs):
+    pool = None
+    if a.jobs > 1:  # one process per run keeps each on its own torch thread; --jobs 1 runs in this process
+        pool = ProcessPoolExecutor(max_workers=a.jobs, mp_context=mp.get_context("spawn"))
+    with pool if pool is not None else contextlib.nullcontext():
+        for r in (pool.map(train_and_evaluate, jobs) if pool is not None else map(train_and_evaluate, jobs)):
             e = r["eval"]
             print(f"[study] {r['name']}: acc {e.get('accuracy', float('nan')):.3f} AutoAttack "
                   f"{e.get('robust_accuracy', float('nan')):.3f} train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s",

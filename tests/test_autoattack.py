@@ -12,43 +12,26 @@ import typing
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
 from rjem_ray import autoattack as aa
-from rjem_ray.data import load_split, to_model_space
 from rjem_ray.metrics import accuracy, robust_accuracy
 
+from digit_models import digits_14, train_digit_mlp
+
 EPS = 0.1  # [-1, 1] units (0.05 on [0, 1]): PGD leaves this MLP about 0.7 of its ~0.92
-
-
-def _digits(split: str):
-    imgs, labels = load_split("mnist5k", split)
-    return F.avg_pool2d(to_model_space(imgs), 2), labels  # 14×14, still in [-1, 1]
 
 
 @pytest.fixture(scope="module")
 def mlp():
     """An MLP on 14×14 digits, ~0.92 test accuracy, eval mode."""
-    x, y = _digits("train")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(196, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    for _ in range(15):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 128):
-            b = perm[i : i + 128]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_digit_mlp()
 
 
 @pytest.fixture(scope="module")
 def test_subset():
-    x, y = _digits("test")
+    x, y = digits_14("test")
     sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:120]  # the file is class-sorted
     return x[sub], y[sub]
 
@@ -155,7 +138,7 @@ def test_protocol_names_library_version_units_samples_and_each_attack(cheap_run)
 
 
 def test_eps_zero_leaves_clean_accuracy(mlp):
-    x, y = _digits("test")
+    x, y = digits_14("test")
     with torch.no_grad():
         right = mlp(x).argmax(1) == y
     pick = torch.cat([right.nonzero()[:6, 0], (~right).nonzero()[:2, 0]])  # 6 right, 2 wrong: clean 0.75

@@ -16,16 +16,12 @@ from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
 from rjem_ray import masking
-from rjem_ray.data import load_split, to_model_space
 from rjem_ray.metrics import accuracy
+
+from digit_models import digits_14, train_digit_mlp
 
 EPS = 0.1  # [-1, 1] units (0.05 on [0, 1])
 QUERIES = 1000  # Square's budget in these tests (5,000 in the standard suite); enough to beat a masked model
-
-
-def _digits(split: str):
-    imgs, labels = load_split("mnist5k", split)
-    return F.avg_pool2d(to_model_space(imgs), 2), labels  # 14×14, still in [-1, 1]
 
 
 class Quantise(nn.Module):
@@ -41,24 +37,12 @@ class Quantise(nn.Module):
 
 @pytest.fixture(scope="module")
 def mlp():
-    x, y = _digits("train")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(196, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    for _ in range(15):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 128):
-            b = perm[i : i + 128]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_digit_mlp()
 
 
 @pytest.fixture(scope="module")
 def data():
-    x, y = _digits("test")
+    x, y = digits_14("test")
     sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:150]  # the file is class-sorted
     return x[sub], y[sub]
 
