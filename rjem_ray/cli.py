@@ -119,7 +119,10 @@ def cmd_ui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="rjem", description="Robust Joint Energy-Based Models on Ray")
+    p.add_argument("--version", action="version", version=f"rjem {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_set(sp):
