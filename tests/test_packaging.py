@@ -1,4 +1,4 @@
-"""Packaging: `rjem --version`, `python -m rjem_ray`, every imported package declared."""
+"""Packaging: `rjem --version`, `python -m rjem_ray`, every imported package declared, the test timeout."""
 
 from __future__ import annotations
 
@@ -119,3 +119,16 @@ def test_python_dash_m_rjem_ray_is_the_command_line():
     helped = run("eval", "--help")
     assert helped.returncode == 0 and "--metrics" in helped.stdout
 
+
+def test_pytest_timeout_is_configured(pytestconfig):
+    # A hung Ray test must fail, not hang CI: pytest-timeout is loaded and pyproject sets its limit.
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    ini = _pyproject()["tool"]["pytest"]["ini_options"]
+    assert float(pytestconfig.getini("timeout")) == float(ini["timeout"]) > 0
+
+
+def test_a_hung_test_fails_instead_of_hanging(tmp_path):
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(120)\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=2",
+                           "test_hang.py"], cwd=tmp_path, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1 and "Timeout" in proc.stdout, proc.stdout[-2000:]
