@@ -177,7 +177,7 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
             cache, cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes, kind=extractor))
 
     if gmm is None:
-        from .train_worker import load_train_gmm
+        from .prior import load_train_gmm
 
         gmm = load_train_gmm(cfg, train_imgs, train_labels)
     n = e.fid_samples
@@ -234,7 +234,7 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
                         progress: Progress = lambda s: None) -> dict:
     from .checkpoint import load_model
     from .config import apply_overrides
-    from .train_driver import gmm_for_checkpoint
+    from .prior import gmm_for_checkpoint
 
     model, cfg = load_model(path)
     if overrides:

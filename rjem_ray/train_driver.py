@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_checkpoint, load_gmm_state, load_state
+from .checkpoint import copy_checkpoint, load_state
 from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM
+from .prior import gmm_for_checkpoint, load_train_gmm  # prior.py is their home; cli.py, tune.py import them here
 
 
 class TrainingFailed(RuntimeError):
@@ -48,16 +49,6 @@ def merge_json(path: Path, update: dict) -> dict:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return data
-
-
-def gmm_for_checkpoint(cfg: Config, checkpoint_dir: str | Path) -> ClassConditionalGMM:
-    """The Gaussian mixture stored beside a checkpoint, or the cached/fitted one of its dataset."""
-    state = load_gmm_state(checkpoint_dir)
-    if state is not None:
-        return ClassConditionalGMM.from_state_dict(state)
-    from .train_worker import load_train_gmm
-
-    return load_train_gmm(cfg)
 
 
 def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int = 8, seed: int = 0) -> dict[str, Path]:
@@ -128,8 +119,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
     gmm = None
     if cfg.uses_energy:
-        from .train_worker import load_train_gmm
-
         gmm = load_train_gmm(cfg, images, labels)  # cached: workers read the file instead of refitting
     del images, labels
     cfg.cache_dir = str(Path(cfg.cache_dir).resolve())  # workers run in another working directory

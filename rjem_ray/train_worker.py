@@ -28,27 +28,11 @@ import torch
 from .checkpoint import atomic_torch_save, load_state, save_checkpoint
 from .config import Config
 from .data import load_split, shard_indices
-from .gmm import load_or_fit_gmm
+from .prior import load_train_gmm  # prior.py is its home; tune.py imports it from here too
 from .training import Learner, Reducer, is_eval_step, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
 RANK_KEYS = ("rng", "stream", "buffer")
-
-
-def gmm_cache_file(cfg: Config) -> Path:
-    return Path(cfg.cache_dir) / "gmm" / f"{cfg.data.name}-max{cfg.buffer.gmm_max_mb}mb.pt"
-
-
-def load_train_gmm(cfg: Config, images_u8: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-    """The Gaussian mixture of the full training split, fitted once per dataset and cached."""
-    from .data import dataset_info, to_model_space
-
-    if images_u8 is None:
-        images_u8, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
-    return load_or_fit_gmm(
-        gmm_cache_file(cfg), to_model_space(images_u8), labels, dataset_info(cfg.data.name).num_classes,
-        max_bytes=cfg.buffer.gmm_max_mb * 2**20,
-    )
 
 
 class _BufferFencedReducer(Reducer):

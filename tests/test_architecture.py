@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "rjem_ray"
 FORBIDDEN = ("ray", "mlflow")
 # Pure functions of tensors and a model, and the Ray-free training step (docs/ARCHITECTURE.md).
-ALGORITHMS = ("attacks", "samplers", "energy", "training", "metrics", "gmm", "generate", "masking", "autoattack",
-              "fidelity", "replay_buffer", "models", "data")
+ALGORITHMS = ("attacks", "samplers", "energy", "training", "metrics", "gmm", "prior", "generate", "masking",
+              "autoattack", "fidelity", "evaluate", "replay_buffer", "models", "data")
 TRACKING = ("tracking",)  # the one module that talks to MLflow
 BASE = ("__init__", "_torchvision_compat", "config", "checkpoint", "images")
 
