@@ -169,6 +169,9 @@ class GenerateConfig:
     contrast: float = 0.7  # κ: x ← m + κ (x − m) before Langevin (combined mode)
     # m: floor (−1: black stays black, strokes dim) | class-mean (μ_c of the prior) | image-mean (x̄); generate.py
     contrast_center: str = "floor"
+    # BatchNorm while generating: eval (running statistics) | train (the generated batch's statistics,
+    # running statistics frozen: the training sampler's view under train.sampler_bn_mode = train); generate.py
+    bn_mode: str = "eval"
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=50, inner_steps=5, step_size=0.2))
     batch_size: int = 100
 
@@ -409,6 +412,7 @@ def validate(cfg: Config) -> None:
     _at_least("generate.pgd_step_size", g.pgd_step_size, 0)
     _between("generate.contrast", g.contrast, 0.0, 1.0)
     _choice("generate.contrast_center", g.contrast_center, CONTRAST_CENTERS)
+    _choice("generate.bn_mode", g.bn_mode, ("eval", "train"))
     _validate_sampler("generate.sampler", g.sampler)
     _at_least("generate.batch_size", g.batch_size, 1)
     e = cfg.eval

@@ -26,10 +26,17 @@ What the contrast is reduced about (``generate.contrast_center``) decides what i
 
 All three are convex combinations of ``x`` and ``m``, so pixels stay in [−1, 1].
 
-The model is put in eval mode (BatchNorm uses its running statistics) and restored afterwards.
+BatchNorm during generation (``generate.bn_mode``): ``eval`` normalises by the running statistics, so
+each sample is independent of the others in its batch; ``train`` normalises every layer by the statistics
+of the batch being generated (running statistics frozen), the view in which the training sampler draws
+its negatives under ``train.sampler_bn_mode = train``, so generation walks the energy the model was
+trained to shape. Everything else (Dropout) is in eval mode either way; the model's modes are restored
+afterwards.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -38,6 +45,7 @@ from .attacks import pgd
 from .config import GEN_MODES, GenerateConfig
 from .gmm import ClassConditionalGMM
 from .samplers import run_sampler
+from .training import running_stats_frozen
 
 
 def reduce_contrast(x: torch.Tensor, kappa: float, center: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,6 +89,10 @@ def generate(
         y = classes.long()
     was_training = model.training
     model.eval()
+    if gen.bn_mode == "train":  # batch statistics, running statistics left alone
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
     outs = []
     try:
         for start in range(0, n, gen.batch_size):
@@ -91,7 +103,8 @@ def generate(
                 center = gmm.means[yb].reshape(len(yb), *gmm.shape).to(device)
             elif gen.contrast_center == "floor":
                 center = torch.full((1, 1, 1, 1), -1.0, device=device)
-            outs.append(_generate_batch(model, x0.to(device), yb.to(device), gen, mode, center).cpu())
+            with running_stats_frozen(model) if gen.bn_mode == "train" else contextlib.nullcontext():
+                outs.append(_generate_batch(model, x0.to(device), yb.to(device), gen, mode, center).cpu())
     finally:
         model.train(was_training)
     return torch.cat(outs), y

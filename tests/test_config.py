@@ -52,6 +52,7 @@ def test_override_parses_yaml_scalars():
         ("sampler.outer_step_size=-0.5", "sampler.outer_step_size: -0.5 is out of range; it must be >= 0"),
         ("generate.sampler.outer_step_size=-1", "generate.sampler.outer_step_size: -1.0 is out of range"),
         ("generate.contrast_center=median", "generate.contrast_center: 'median' is not allowed; choose one of"),
+        ("generate.bn_mode=batch", "generate.bn_mode: 'batch' is not allowed; choose one of"),
         ("eval.fid_extractor=clip", "eval.fid_extractor: 'clip' is not allowed"),
         ("eval.fid_second_extractor=clip", "eval.fid_second_extractor: 'clip' is not allowed"),
     ],

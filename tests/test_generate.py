@@ -133,3 +133,26 @@ def test_combined_mode_reduces_contrast_about_the_configured_centre(setup, monke
     x_floor, _ = run("floor")
     torch.testing.assert_close(x_floor, -1 + 0.5 * (seeds + 1), atol=1e-6, rtol=0)
     assert torch.all(x_floor[seeds == -1] == -1)
+
+
+def test_bn_mode_train_uses_the_batch_statistics_and_leaves_running_statistics_alone(setup):
+    """generate.bn_mode=train normalises by the generated batch (so a sample depends on its batch
+    mates, unlike eval), restores the model's modes, and does not move BatchNorm's running statistics."""
+    model, gmm = setup
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    g = torch.Generator
+    cfg_e, cfg_t = gen_cfg(bn_mode="eval"), gen_cfg(bn_mode="train")
+    ev, _ = generate(model, gmm, cfg_e, mode="energy", n=8, classes=2, generator=g().manual_seed(3))
+    tr, _ = generate(model, gmm, cfg_t, mode="energy", n=8, classes=2, generator=g().manual_seed(3))
+    assert not model.training and all(not m.training for m in bns)
+    for m, (mu, var) in zip(bns, before):
+        assert torch.equal(m.running_mean, mu) and torch.equal(m.running_var, var)
+    assert (ev - tr).abs().max() > 1e-3  # a different energy landscape: batch vs running statistics
+    # batch statistics: the first 4 samples change when generated in a batch of 4 instead of 8
+    tr4, _ = generate(model, gmm, gen_cfg(bn_mode="train", batch_size=4), mode="energy", n=4, classes=2,
+                      generator=g().manual_seed(3))
+    assert (tr4 - tr[:4]).abs().max() > 1e-3
+    ev4, _ = generate(model, gmm, gen_cfg(bn_mode="eval", batch_size=4), mode="energy", n=4, classes=2,
+                      generator=g().manual_seed(3))
+    torch.testing.assert_close(ev4, ev[:4])  # eval: each sample independent of its batch mates
