@@ -103,11 +103,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .config import load_config
-    from .tracking import resolve_artifact_location, resolve_tracking_uri
+    from .config import ConfigError, load_config
+    from .tracking import is_server_uri, resolve_artifact_location, resolve_tracking_uri
 
     cfg = load_config(args.config, args.set)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    if is_server_uri(uri):
+        raise ConfigError(f"tracking.tracking_uri is the MLflow server {uri}: open it in a browser; "
+                          "`rjem ui` serves a local store (sqlite:///FILE)")
     cmd = [
         sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
         "--default-artifact-root", resolve_artifact_location(cfg.tracking.artifact_location),

@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml
+from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml, with_tracking_env
 from .search_space import KINDS, Param, apply_params, num_trials, param_space, parse_search
 
 SCOPES = ("sample", "train")
@@ -190,7 +190,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     from .checkpoint import config_from_state, load_state
 
     path = Path(path)
-    doc = apply_overrides(read_yaml(path), overrides)
+    # MLflow's variables enter the sweep's own tracking section, which wins over the base or checkpoint config.
+    doc = apply_overrides(with_tracking_env(read_yaml(path)), overrides)
     scope = doc.get("scope")
     if scope not in SCOPES:
         raise ConfigError(f"scope: {scope!r} is not allowed; choose one of {', '.join(SCOPES)}")
@@ -687,8 +688,9 @@ def _tracking_info(cfg: Config) -> dict | None:
     t = cfg.tracking
     if not t.enabled:
         return None
-    return {"uri": resolve_tracking_uri(t.tracking_uri), "experiment": t.experiment,
-            "artifact_location": resolve_artifact_location(t.artifact_location)}
+    uri = resolve_tracking_uri(t.tracking_uri)
+    return {"uri": uri, "experiment": t.experiment,
+            "artifact_location": resolve_artifact_location(t.artifact_location, tracking_uri=uri)}
 
 
 def _parent_run(sweep: Sweep, out: Path, state: dict, prepared: dict):
