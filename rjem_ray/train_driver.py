@@ -14,6 +14,7 @@ its last snapshot in ``OUT/buffer/shard-<j>.pt`` (on its own node) to come back 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -26,10 +27,46 @@ from .checkpoint import copy_checkpoint, load_gmm_state, load_state
 from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM
+from .training import DivergenceError
 
 
 class TrainingFailed(RuntimeError):
     """The run stopped with an error; ``OUT/checkpoint`` holds its last good checkpoint, if any."""
+
+
+@functools.cache
+def _run_outcome_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RunOutcome:
+        """What the workers tell the driver beyond Ray Train's result: a final divergence.
+
+        A diverged run is an outcome, not a crash: its workers return normally (so neither Ray Train's
+        ``FailureConfig`` nor Tune retries it) and rank 0 records the message here.
+        """
+
+        def __init__(self):
+            self.diverged: str | None = None
+
+        def set_diverged(self, message: str) -> None:
+            self.diverged = message
+
+        def get_diverged(self) -> str | None:
+            return self.diverged
+
+    return RunOutcome
+
+
+def create_outcome():
+    """A :class:`RunOutcome` actor for one trainer run (lives as long as the driver holds the handle)."""
+    return _run_outcome_class().remote()
+
+
+def diverged_message(outcome) -> str | None:
+    import ray
+
+    return ray.get(outcome.get_diverged.remote())
 
 
 @dataclass
@@ -154,6 +191,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    outcome = create_outcome()
     trainer = TorchTrainer(
         train_loop_per_worker=worker_entry,
         train_loop_config={
@@ -162,6 +200,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             "tracking_uri": tracker.tracking_uri if tracker else None,
             "resume_from": str(resume_dir) if resume_dir else None,
             "buffer_shards": shards.handles if shards else None,
+            "outcome": outcome,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -179,6 +218,9 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         result = trainer.fit()
         latest = result.checkpoint
         error = result.error
+        if error is None:
+            diverged = diverged_message(outcome)
+            error = DivergenceError(diverged) if diverged else None
     except Exception as exc:  # Train V2 raises TrainingFailedError; keep what was saved
         error = exc
         latest = latest_checkpoint(out / "ray")

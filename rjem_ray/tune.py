@@ -487,7 +487,9 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .train_driver import create_shards, worker_entry, copy_checkpoint, save_checkpoint_gmm
+    from .train_driver import (copy_checkpoint, create_outcome, create_shards, diverged_message, save_checkpoint_gmm,
+                               worker_entry)
+    from .training import DivergenceError
     from .train_worker import load_train_gmm
 
     run = json.loads((trial_dir / RUN_FILE).read_text()) if (trial_dir / RUN_FILE).is_file() else {}
@@ -498,6 +500,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if ctx.use_gpu:
         resources["GPU"] = 1
+    outcome = create_outcome()  # a divergence ends the workers normally (no retry) and is recorded here
     trainer = TorchTrainer(
         train_loop_per_worker=worker_entry,
         train_loop_config={
@@ -506,6 +509,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             "tracking_uri": run.get("tracking_uri"),
             "resume_from": None,
             "buffer_shards": shards.handles if shards else None,
+            "outcome": outcome,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=ctx.use_gpu, resources_per_worker=resources),
@@ -524,6 +528,9 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             shards.shutdown()
     if result.error is not None:
         raise result.error
+    diverged = diverged_message(outcome)
+    if diverged:
+        raise DivergenceError(diverged)
     ckpt = trial_dir / "checkpoint"
     with result.checkpoint.as_directory() as d:
         copy_checkpoint(d, ckpt)
