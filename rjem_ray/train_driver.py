@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_checkpoint, load_gmm_state, load_state
+from .checkpoint import copy_checkpoint, load_gmm_state, load_state, verify_checkpoint
 from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM
@@ -158,8 +158,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         resume_dir = Path(resume).resolve()
         if (resume_dir / "checkpoint").is_dir():
             resume_dir = resume_dir / "checkpoint"
-        # Fail now, with a clear message, if it is not a checkpoint.
-        resume_buffer = load_state(resume_dir).get("buffer")
+        # Fail now, with a clear message, if it is not a checkpoint or any of its files is damaged.
+        resume_buffer = verify_checkpoint(resume_dir).get("buffer")
 
     # Fail fast on the driver (missing data directory, unknown files) before any worker starts.
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
