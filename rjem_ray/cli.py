@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     out = Path(args.out or f"runs/{cfg.name}")
     check_writable(out, "--out", directory=True)
-    outcome = run_training(cfg, out, resume=args.resume)
+    outcome = run_training(cfg, out, resume=args.resume, fresh=args.fresh)
     print(f"[rjem] done: checkpoint {outcome.checkpoint}, samples {out / 'samples'}, metrics {out / 'metrics.json'}")
     if outcome.run_id:
         print(f"[rjem] MLflow run {outcome.run_id}; browse with `rjem ui`")
@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(t)
     t.add_argument("--out", help="output directory (default runs/NAME)")
     t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint directory")
+    t.add_argument("--fresh", action="store_true",
+                   help="start from step 0 even if --out holds an earlier run (by default rerunning continues it)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")

@@ -141,8 +141,78 @@ def _run_tags(cfg: Config) -> dict[str, str]:
     }
 
 
-def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = None, samples: bool = True) -> TrainOutcome:
-    """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``)."""
+# One Ray Train run per output directory, OUT/ray/train: running the same command again (a resubmitted
+# job, a restarted driver) continues that run from its latest checkpoint through Ray's own restoration.
+RUN_NAME = "train"
+RUN_FILE = "mlflow_run.json"  # OUT's MLflow run, closed as KILLED by a rerun if its driver died
+# What a continued run cannot change: the weights, optimiser state and replay buffer must fit.
+CONTINUE_KEYS = ("model", "data.name", "train.mode", "optim.name", "buffer.size")
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
+    """Ready ``OUT/ray/train`` for this command; returns whether an earlier run there will be continued.
+
+    ``fresh`` moves an earlier run aside (``OUT/ray/train-replaced-TIMESTAMP``, nothing is deleted). Without
+    it, a config that changed what the run's checkpoints hold (``CONTINUE_KEYS``) is refused in one line.
+    """
+    run_dir = out / "ray" / RUN_NAME
+    if not run_dir.is_dir():
+        return False
+    if fresh:
+        aside = run_dir.with_name(f"{RUN_NAME}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, aside)
+        print(f"[rjem] --fresh: the earlier run moved to {aside}; starting from step 0", flush=True)
+        return False
+    previous = out / "config.yaml"
+    if previous.is_file():
+        import yaml
+
+        old, new = yaml.safe_load(previous.read_text()) or {}, cfg.to_dict()
+        for key in CONTINUE_KEYS:
+            if _lookup(old, key) != _lookup(new, key):
+                raise ConfigError(
+                    f"{key}: {out} holds a run with {key} = {_lookup(old, key)!r} and this command asks for "
+                    f"{_lookup(new, key)!r}, which cannot continue it; add --fresh to start over (the earlier run "
+                    f"is kept aside) or give another --out")
+    return True
+
+
+def _close_stale_run(out: Path, tracker) -> None:
+    """Mark OUT's previous MLflow run KILLED if its driver died (it is still RUNNING), and remember ours."""
+    path = out / RUN_FILE
+    if tracker is None:
+        return
+    try:
+        prev = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        prev = {}
+    if prev.get("run_id") and prev.get("tracking_uri") == tracker.tracking_uri and prev["run_id"] != tracker.run_id:
+        from .tracking import Tracker
+
+        old = Tracker(tracker.tracking_uri, prev["run_id"])
+        try:
+            if old.client.get_run(old.run_id).info.status == "RUNNING":
+                old.finish("KILLED")
+            tracker.set_tags({"rjem.continues_run": prev["run_id"]})
+        except Exception:  # the old run is gone (another store, deleted): nothing to close
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}))
+    os.replace(tmp, path)
+
+
+def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = None, samples: bool = True,
+                 fresh: bool = False) -> TrainOutcome:
+    """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``).
+
+    An earlier run in the same ``OUT`` is continued from its latest checkpoint (``fresh`` starts over).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -160,6 +230,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             resume_dir = resume_dir / "checkpoint"
         # Fail now, with a clear message, if it is not a checkpoint or any of its files is damaged.
         resume_buffer = verify_checkpoint(resume_dir).get("buffer")
+    continuing = prepare_run_dir(cfg, out, fresh)
+    run_dir = out / "ray" / RUN_NAME
 
     # Fail fast on the driver (missing data directory, unknown files) before any worker starts.
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
@@ -176,12 +248,23 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
     use_gpu = cluster_has_gpus() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
     shards = None
-    if cfg.uses_energy and cfg.buffer.is_shared(cfg.trainer.num_workers):
+    shared = cfg.uses_energy and cfg.buffer.is_shared(cfg.trainer.num_workers)
+    found = latest_checkpoint(run_dir) if continuing else None
+    if found is not None:
+        # Ray hands its latest checkpoint to the workers (it wins over --resume); a shared buffer's shards
+        # start from that checkpoint's snapshot.
+        print(f"[rjem] continuing the run in {run_dir} from its latest checkpoint ({Path(found.path).name}); "
+              "--fresh starts over", flush=True)
+        if shared:
+            with found.as_directory() as d:
+                resume_buffer = load_state(d).get("buffer")
+    if shared:
         shards = create_shards(cfg, gmm, out, resume_buffer)
     del resume_buffer
 
     dump_config(cfg, out / "config.yaml")
     tracker = tracker_for(cfg, tags=_run_tags(cfg))
+    _close_stale_run(out, tracker)
     if tracker:
         tracker.log_params(cfg.to_dict())
         tracker.log_artifact(out / "config.yaml")
@@ -206,7 +289,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=RUN_NAME,
             storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -223,9 +306,9 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             error = DivergenceError(diverged) if diverged else None
     except Exception as exc:  # Train V2 raises TrainingFailedError; keep what was saved
         error = exc
-        latest = latest_checkpoint(out / "ray")
+        latest = latest_checkpoint(run_dir)
     except BaseException:  # `ray job stop`, SIGTERM, Ctrl-C: keep the last checkpoint, close the run, re-raise
-        interrupted = latest_checkpoint(out / "ray")
+        interrupted = latest_checkpoint(run_dir)
         if interrupted is not None:
             with interrupted.as_directory() as d:
                 copy_checkpoint(d, out / "checkpoint")
@@ -301,10 +384,11 @@ def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:
 
 
 def latest_checkpoint(ray_dir: Path):
+    """The newest complete checkpoint of a Ray Train run directory (or of the runs under ``ray_dir``)."""
     import ray.train
 
-    found = sorted(ray_dir.glob("*/checkpoint-*"))
-    found = [p for p in found if (p / "state.pt").is_file()]
+    found = list(ray_dir.glob("checkpoint-*")) or list(ray_dir.glob("*/checkpoint-*"))
+    found = sorted((p for p in found if (p / "state.pt").is_file()), key=lambda p: (p.name, str(p)))
     return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
 
 

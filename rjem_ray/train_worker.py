@@ -160,7 +160,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     log_metrics = tracker.log_metrics if tracker else None
     if resumed_from:
-        log(f"[rjem] resumed from {resumed_from} at step {learner.step_count}")
+        kept = "" if not cfg.uses_energy else (" with its replay buffer" if buffer_restored else " with a fresh replay buffer")
+        log(f"[rjem] resumed from {resumed_from} at step {learner.step_count}{kept}")
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:
