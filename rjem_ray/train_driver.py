@@ -217,7 +217,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     from ray.train.torch import TorchTrainer
 
     from .checkpoint import load_model
-    from .ray_setup import cluster_has_gpus, ensure_ray
+    from .ray_setup import cluster_has_gpus, ensure_ray, train_logging_config
     from .tracking import tracker_for
 
     out = Path(out_dir).resolve()
@@ -293,6 +293,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=train_logging_config(),
         ),
     )
     t0 = time.time()

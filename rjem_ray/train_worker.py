@@ -105,9 +105,24 @@ def _restore(learner: Learner, directory: str | Path, rank: int, log=lambda msg:
     return "buffer" in state
 
 
+def _quiet_report_logs() -> None:
+    """Ray 2.60 logs every report of every rank at INFO ("Reporting training result N: TrainingReport(...)")
+    under a logger named after its file path rather than ``ray.train.*``, so RunConfig's LoggingConfig
+    misses it; give that logger the same level (INFO again with RJEM_DEBUG)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.INFO if os.environ.get("RJEM_DEBUG") else logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
+
+    _quiet_report_logs()
 
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()

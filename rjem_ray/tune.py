@@ -489,6 +489,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
 
     from .train_driver import (copy_checkpoint, create_outcome, create_shards, diverged_message, save_checkpoint_gmm,
                                worker_entry)
+    from .ray_setup import train_logging_config
     from .training import DivergenceError
     from .train_worker import load_train_gmm
 
@@ -519,6 +520,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_callback_classes()[1](ctx.metric)],
+            logging_config=train_logging_config(),
         ),
     )
     try:
