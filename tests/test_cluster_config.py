@@ -184,6 +184,15 @@ def test_setup_installs_the_mounted_checkout_with_cuda_torch(prepared):
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["rjem"] == "rjem_ray.cli:main"
 
 
+def test_every_node_starts_ray_with_token_authentication(raw, prepared):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [line for line in raw[key] if re.search(r"\bray start\b", line)]
+        assert starts and all(re.search(r"(^|[;\s])(export )?RAY_AUTH_MODE=token[;\s]", line) for line in starts), starts
+    # The token reaches every node from the user's machine; it is not in the repository.
+    assert prepared["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert not list(REPO.glob("**/auth_token"))
+
+
 def test_ray_start_commands_use_existing_flags_and_agree_on_the_head_port(prepared):
     [head] = ray_start_args(prepared, "head_start_ray_commands")
     [worker] = ray_start_args(prepared, "worker_start_ray_commands")
