@@ -13,7 +13,6 @@ DEMO_OUT ?= runs/demo
 STAMP := $(VENV)/.installed
 
 export RAY_USAGE_STATS_ENABLED ?= 0
-export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: venv demo test test-fast clean

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +25,28 @@ def _progress(prefix: str):
     return say
 
 
+def check_writable(path: Path, flag: str, directory: bool) -> None:
+    """Fail before any work when ``path`` (a directory, or a file's directory) cannot be written."""
+    target = path if directory else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+        if not directory and path.is_dir():
+            raise IsADirectoryError(21, "it is a directory")
+    except OSError as exc:
+        raise ValueError(f"{flag} {str(path)!r} cannot be written ({exc.strerror or exc}); "
+                         f"give a {'directory' if directory else 'file'} path in a writable place") from None
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .train_driver import run_training
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or f"runs/{cfg.name}")
-    outcome = run_training(cfg, out, resume=args.resume)
+    check_writable(out, "--out", directory=True)
+    outcome = run_training(cfg, out, resume=args.resume, fresh=args.fresh)
     print(f"[rjem] done: checkpoint {outcome.checkpoint}, samples {out / 'samples'}, metrics {out / 'metrics.json'}")
     if outcome.run_id:
         print(f"[rjem] MLflow run {outcome.run_id}; browse with `rjem ui`")
@@ -45,8 +61,12 @@ def cmd_sample(args) -> int:
     from .data import to_uint8
     from .generate import generate
     from .images import save_grid
+    from .checkpoint import verify_checkpoint
     from .train_driver import gmm_for_checkpoint
 
+    verify_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    check_writable(out, "--out", directory=out.suffix.lower() != ".png")
     model, cfg = load_model(args.checkpoint)
     data = cfg.to_dict()
     if args.config:  # e.g. a sweep's best.yaml: its generate section replaces the checkpoint's
@@ -65,7 +85,6 @@ def cmd_sample(args) -> int:
     say = _progress("sample")
     say(f"{cfg.generate.n} samples, mode {mode}" + (f", class {args.class_}" if args.class_ is not None else ""))
     x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed))
-    out = Path(args.out)
     if out.suffix.lower() == ".png":
         save_grid(x, out)
         say(f"wrote {out}")
@@ -83,9 +102,13 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .checkpoint import verify_checkpoint
     from .evaluate import evaluate_checkpoint
     from .train_driver import merge_json
 
+    verify_checkpoint(args.checkpoint)
+    if args.json:
+        check_writable(Path(args.json), "--json", directory=False)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"))
     text = json.dumps(result, indent=2, sort_keys=True)
@@ -103,11 +126,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .config import load_config
-    from .tracking import resolve_artifact_location, resolve_tracking_uri
+    from .config import ConfigError, load_config
+    from .tracking import is_server_uri, resolve_artifact_location, resolve_tracking_uri
 
     cfg = load_config(args.config, args.set)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    if is_server_uri(uri):
+        raise ConfigError(f"tracking.tracking_uri is the MLflow server {uri}: open it in a browser; "
+                          "`rjem ui` serves a local store (sqlite:///FILE)")
     cmd = [
         sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
         "--default-artifact-root", resolve_artifact_location(cfg.tracking.artifact_location),
@@ -134,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(t)
     t.add_argument("--out", help="output directory (default runs/NAME)")
     t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint directory")
+    t.add_argument("--fresh", action="store_true",
+                   help="start from step 0 even if --out holds an earlier run (by default rerunning continues it)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")

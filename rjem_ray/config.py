@@ -497,10 +497,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# MLflow's own variables. Precedence: --set tracking.KEY > the variable > the config file > the default.
+TRACKING_ENV = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment": "MLFLOW_EXPERIMENT_NAME"}
+
+
+def with_tracking_env(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` whose tracking keys are replaced by MLflow's environment variables where set."""
+    import copy
+    import os
+
+    env = {key: os.environ[var] for key, var in TRACKING_ENV.items() if os.environ.get(var)}
+    if not env:
+        return data
+    data = copy.deepcopy(data)
+    tracking = data.get("tracking")
+    if tracking is None:
+        tracking = data["tracking"] = {}
+    if not isinstance(tracking, dict):
+        raise ConfigError(f"tracking: expected a mapping, got {type(tracking).__name__}")
+    tracking.update(env)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (or the defaults), apply ``overrides`` and validate."""
+    """Read ``path`` (or the defaults), apply MLflow's environment variables, then ``overrides``, and validate."""
     data = read_yaml(path) if path is not None else {}
-    return Config.from_dict(apply_overrides(data, overrides))
+    return Config.from_dict(apply_overrides(with_tracking_env(data), overrides))
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml
+from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml, with_tracking_env
 from .search_space import KINDS, Param, apply_params, base_point, num_trials, param_space, parse_search
 
 SCOPES = ("sample", "train")
@@ -194,7 +194,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     from .checkpoint import config_from_state, load_state
 
     path = Path(path)
-    doc = apply_overrides(read_yaml(path), overrides)
+    # MLflow's variables enter the sweep's own tracking section, which wins over the base or checkpoint config.
+    doc = apply_overrides(with_tracking_env(read_yaml(path)), overrides)
     scope = doc.get("scope")
     if scope not in SCOPES:
         raise ConfigError(f"scope: {scope!r} is not allowed; choose one of {', '.join(SCOPES)}")
@@ -507,7 +508,10 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .train_driver import create_shards, worker_entry, copy_checkpoint, save_checkpoint_gmm
+    from .train_driver import (copy_checkpoint, create_outcome, create_shards, diverged_message, save_checkpoint_gmm,
+                               worker_entry)
+    from .ray_setup import train_logging_config
+    from .training import DivergenceError
     from .train_worker import load_train_gmm
 
     run = json.loads((trial_dir / RUN_FILE).read_text()) if (trial_dir / RUN_FILE).is_file() else {}
@@ -518,6 +522,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if ctx.use_gpu:
         resources["GPU"] = 1
+    outcome = create_outcome()  # a divergence ends the workers normally (no retry) and is recorded here
     trainer = TorchTrainer(
         train_loop_per_worker=worker_entry,
         train_loop_config={
@@ -526,6 +531,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             "tracking_uri": run.get("tracking_uri"),
             "resume_from": None,
             "buffer_shards": shards.handles if shards else None,
+            "outcome": outcome,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=ctx.use_gpu, resources_per_worker=resources),
@@ -535,6 +541,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_callback_classes()[1](ctx.metric)],
+            logging_config=train_logging_config(),
         ),
     )
     try:
@@ -544,6 +551,9 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             shards.shutdown()
     if result.error is not None:
         raise result.error
+    diverged = diverged_message(outcome)
+    if diverged:
+        raise DivergenceError(diverged)
     ckpt = trial_dir / "checkpoint"
     with result.checkpoint.as_directory() as d:
         copy_checkpoint(d, ckpt)
@@ -708,8 +718,9 @@ def _tracking_info(cfg: Config) -> dict | None:
     t = cfg.tracking
     if not t.enabled:
         return None
-    return {"uri": resolve_tracking_uri(t.tracking_uri), "experiment": t.experiment,
-            "artifact_location": resolve_artifact_location(t.artifact_location)}
+    uri = resolve_tracking_uri(t.tracking_uri)
+    return {"uri": uri, "experiment": t.experiment,
+            "artifact_location": resolve_artifact_location(t.artifact_location, tracking_uri=uri)}
 
 
 def _parent_run(sweep: Sweep, out: Path, state: dict, prepared: dict):
