@@ -54,6 +54,34 @@ from .replay_buffer import LocalReplayBuffer, ReplayBuffer
 from .samplers import run_sampler
 
 
+def rng_state(device: torch.device, gen: torch.Generator) -> dict:
+    """The RNG states a step draws from: the CPU generator, the augmentation generator ``gen`` and, on a
+    CUDA device, that device's generator (PGD's random start and SGLD's noise draw there), ``cuda_rng``."""
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device, gen: torch.Generator) -> None:
+    """Restore :func:`rng_state`; ``cuda_rng`` only on a CUDA device (a CPU resume of a GPU run ignores it)."""
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+
+
+def cpu_copy(obj):
+    """A deep copy of nested dicts/lists/tuples whose tensors are all copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 class DivergenceError(RuntimeError):
     """The loss became non-finite or exploded; the optimiser step was not taken."""
 
@@ -184,9 +212,23 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 @dataclass
 class Reducer:
-    """Scalar reductions across DDP ranks; the identity on one process."""
+    """Scalar reductions across DDP ranks; the identity on one process.
+
+    Under nccl the scalars travel on ``device`` (this rank's GPU; None: the current CUDA device), never
+    on whatever ``.cuda()`` would pick.
+    """
 
     world_size: int = 1
+    device: torch.device | None = None
+
+    def _on_backend(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.get_backend() != "nccl":
+            return t
+        device = self.device if self.device is not None and self.device.type == "cuda" else \
+            torch.device("cuda", torch.cuda.current_device())
+        return t.to(device)
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not values:
@@ -194,9 +236,7 @@ class Reducer:
         import torch.distributed as dist
 
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._on_backend(torch.tensor([values[k] for k in keys], dtype=torch.float64))
         dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.cpu().tolist())}
 
@@ -205,9 +245,7 @@ class Reducer:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._on_backend(torch.tensor([value], dtype=torch.float64))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
@@ -251,7 +289,7 @@ class Learner:
             else Augmenter(0, False, cfg.data.noise_std)
         )
         self.gen = torch.Generator().manual_seed(cfg.train.seed * 7 + rank)
-        self.reducer = Reducer(world_size)
+        self.reducer = Reducer(world_size, self.device)
         self.buffer: ReplayBuffer | None = None
         if cfg.uses_energy:
             if buffer is None:
@@ -345,7 +383,7 @@ class Learner:
             "step": self.step_count,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
-            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state()},
+            "rng": rng_state(self.device, self.gen),
             "stream": self.stream.state_dict(),
             "config": self.cfg.to_dict(),
         }
@@ -359,16 +397,19 @@ class Learner:
         self.step_count = int(state["step"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = int(state.get("rollbacks", 0))
-        torch.set_rng_state(state["rng"]["torch"])
-        self.gen.set_state(state["rng"]["gen"])
+        set_rng_state(state["rng"], self.device, self.gen)
         self.stream.load_state_dict(state["stream"])
         if load_buffer and self.buffer is not None and "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
         self._apply_lr()
 
     def snapshot(self) -> dict:
-        """A deep CPU copy of the state, kept in memory for divergence rollback."""
-        return copy.deepcopy(self.state_dict())
+        """A deep copy of the state with every tensor on the CPU, kept in memory for divergence rollback.
+
+        On a GPU the model and optimiser tensors would otherwise stay on the device (a second copy of
+        the weights and optimiser state in GPU memory for the whole run).
+        """
+        return cpu_copy(self.state_dict())
 
     def rollback(self, snapshot: dict, lr_factor: float) -> None:
         """Restore ``snapshot`` and lower the learning rate by ``lr_factor`` (counts one rollback)."""

@@ -226,3 +226,63 @@ def test_batchnorm_eval_switches_only_batchnorm_and_restores_each_flag():
         with batchnorm_eval(model):
             raise RuntimeError("inside")
     assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+def test_checkpoint_round_trip_carries_the_cuda_generator_state(digits, gmm, tmp_path, monkeypatch):
+    # On a CUDA device PGD's random start and SGLD's noise draw from that device's generator: its state
+    # is saved beside the CPU one and restored on load. The CUDA calls are stood in for on this CPU box.
+    from rjem_ray.checkpoint import load_state, save_checkpoint
+
+    cuda_state = {"now": torch.arange(16, dtype=torch.uint8)}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append((s.clone(), device)))
+    learner = make_learner(digits, gmm)
+    learner.device = torch.device("cuda", 0)  # only the RNG bookkeeping reads it here
+    state = learner.state_dict()
+    assert torch.equal(state["rng"]["cuda_rng"], cuda_state["now"])
+    save_checkpoint(tmp_path / "ck", state)
+    loaded = load_state(tmp_path / "ck")
+    cuda_state["now"] = torch.zeros(16, dtype=torch.uint8)  # the generator moves on
+    learner.load_state_dict(loaded)
+    assert len(calls) == 1 and torch.equal(calls[0][0], torch.arange(16, dtype=torch.uint8))
+    assert calls[0][1] == torch.device("cuda", 0)
+    # the rollback snapshot carries it too
+    assert "cuda_rng" in learner.snapshot()["rng"]
+    # a CPU learner neither saves nor restores a CUDA state (a GPU checkpoint resumed on CPU ignores it)
+    learner.device = torch.device("cpu")
+    assert "cuda_rng" not in learner.state_dict()["rng"]
+    learner.load_state_dict(loaded)
+    assert len(calls) == 1
+
+
+def test_rollback_snapshot_is_a_cpu_copy_detached_from_the_live_state(digits, gmm):
+    from rjem_ray.training import cpu_copy
+
+    learner = make_learner(digits, gmm)
+    learner.step()
+    snap = learner.snapshot()
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    found = list(tensors(snap))
+    assert found and all(t.device.type == "cpu" for t in found)
+    w = next(iter(snap["model"].values()))
+    live = next(iter(learner.model.state_dict().values()))
+    assert w.data_ptr() != live.data_ptr()
+    before = w.clone()
+    learner.step()
+    assert torch.equal(w, before)  # later steps do not reach into the snapshot
+    # nested containers keep their types; the copies never alias their sources
+    src = {"a": [torch.ones(2)], "b": (torch.zeros(1),), "n": 3}
+    out = cpu_copy(src)
+    assert out["n"] == 3 and torch.equal(out["a"][0], src["a"][0]) and out["a"][0].data_ptr() != src["a"][0].data_ptr()
+    assert isinstance(out["b"], tuple)
