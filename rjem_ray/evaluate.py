@@ -67,9 +67,14 @@ def evaluate_model(
     e = cfg.eval
     device = next(model.parameters()).device
     model.eval()
+    # Every metric's passes under train.precision's autocast (logits in fp32; speed.py).
+    from .speed import FastNet
+
+    model = FastNet(model, precision=cfg.train.precision, device=device).eval()
     imgs, labels = load_split(cfg.data.name, "test", cfg.data.data_dir)
     x, y = to_model_space(imgs).to(device), labels.to(device)
-    out: dict = {"protocol": {"dataset": cfg.data.name, "split": "test", "num_test": len(y)}}
+    out: dict = {"protocol": {"dataset": cfg.data.name, "split": "test", "num_test": len(y),
+                              "precision": model.precision}}
     g = torch.Generator().manual_seed(seed)
     if "accuracy" in metrics or "ece" in metrics:
         progress("accuracy / calibration")
@@ -182,7 +187,8 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
         gmm = load_train_gmm(cfg, train_imgs, train_labels)
     n = e.fid_samples
     progress(f"generating {n} samples ({cfg.generate.mode} mode) for FID/IS")
-    x_gen, _ = generate(model, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(seed), device=device)
+    x_gen, _ = generate(model.net, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(seed), device=device,
+                        precision=model.precision)
     samples = to_uint8(x_gen)
     extractor = fid_extractor_for(cfg)
     progress(f"FID/KID/IS with the {extractor} extractor")

@@ -133,9 +133,10 @@ def pyld(
     for _ in range(outer_steps):
         x.requires_grad_(True)
         with torch.enable_grad():
-            neg_energy = -energy_of(model.head(model.stem(x)), y).sum()
-            # Through the linear stem, ∂(−E)/∂x is exactly stemᵀ p with p = ∂(−E)/∂h: no separate
-            # backward through the stem with p as its cotangent is needed.
+            # model(x) is head(stem(x)); through the linear stem, ∂(−E)/∂x is exactly stemᵀ p with
+            # p = ∂(−E)/∂h, so one backward gives it (no separate pass with p as the stem's cotangent),
+            # and calling the module itself keeps its speed settings (autocast, compilation; speed.py).
+            neg_energy = -energy_of(model(x), y).float().sum()
             (stem_t_p,) = torch.autograd.grad(neg_energy, x)
         move = step_size * stem_t_p.clamp(-1, 1)
         x = x.detach()

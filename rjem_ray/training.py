@@ -52,6 +52,7 @@ from .gmm import ClassConditionalGMM, as_init_fn
 from .models import build_model
 from .replay_buffer import LocalReplayBuffer, ReplayBuffer
 from .samplers import run_sampler
+from .speed import FastNet
 
 
 def rng_state(device: torch.device, gen: torch.Generator) -> dict:
@@ -275,7 +276,12 @@ class Learner:
         if cfg.trainer.sync_batchnorm and world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
-        joint = JointForward(self.model, cfg.train.sampler_bn_mode)
+        # Every pass (PGD, sampler, loss) goes through one FastNet: the speed settings apply to all of
+        # them, and self.model (fp32 weights) is what the optimiser steps and the checkpoint holds.
+        t = cfg.train
+        self.net = FastNet(self.model, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                           device=self.device)
+        joint = JointForward(self.net, cfg.train.sampler_bn_mode)
         self.joint = wrap(joint) if wrap is not None else joint
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         self.lr_scale = 1.0  # lowered by each divergence rollback
@@ -321,15 +327,15 @@ class Learner:
         s = self.cfg.sampler
         was_training = self.model.training
         batch_stats = self.cfg.train.sampler_bn_mode == "train"
-        self.model.train(batch_stats)
+        self.net.train(batch_stats)
         # Batch statistics (train mode) without updating the running ones: those describe data only,
         # and the loss's view of x_q (JointForward, same mode) then normalises exactly as the sampler did.
         with running_stats_frozen(self.model) if batch_stats else contextlib.nullcontext():
             x_q = run_sampler(
-                self.model, x0, kind=s.kind, steps=s.steps, inner_steps=s.inner_steps,
+                self.net, x0, kind=s.kind, steps=s.steps, inner_steps=s.inner_steps,
                 step_size=s.step_size, noise_std=s.noise_std, generator=None, outer_step_size=s.outer_step_size,
             )
-        self.model.train(was_training)
+        self.net.train(was_training)
         self.buffer.write_back(lease.slots, x_q.detach().cpu().numpy())
         return x_q
 
@@ -340,21 +346,21 @@ class Learner:
         x, y = next(self.stream)
         x, y = x.to(self.device), y.to(self.device)
         x = self.augment(x, generator=self.gen)
-        self.model.train()
+        self.net.train()
         x_cls = x
         eps = 0.0
         if cfg.robust:
             eps = attack_eps(self.step_count, cfg)
             batch_stats = cfg.attack.bn_mode == "train"
-            self.model.train(batch_stats)
+            self.net.train(batch_stats)
             step_size = cfg.attack.step_size * eps / cfg.attack.eps if cfg.attack.eps else 0.0
             # train: attack the function the loss will train (batch statistics), running statistics frozen
             with running_stats_frozen(self.model) if batch_stats else contextlib.nullcontext():
                 x_cls = pgd(
-                    self.model, x.clamp(-1, 1), y, eps=eps, steps=cfg.attack.steps, step_size=step_size,
+                    self.net, x.clamp(-1, 1), y, eps=eps, steps=cfg.attack.steps, step_size=step_size,
                     norm=cfg.attack.norm, random_start=cfg.attack.random_start,
                 )
-            self.model.train()
+            self.net.train()
         x_neg = self._sample_negatives() if cfg.uses_energy else None
         x_pos = x if (cfg.uses_energy and cfg.robust) else None
         logits_cls, logits_pos, logits_neg = self.joint(x_cls, x_pos, x_neg)

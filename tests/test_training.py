@@ -286,3 +286,49 @@ def test_rollback_snapshot_is_a_cpu_copy_detached_from_the_live_state(digits, gm
     out = cpu_copy(src)
     assert out["n"] == 3 and torch.equal(out["a"][0], src["a"][0]) and out["a"][0].data_ptr() != src["a"][0].data_ptr()
     assert isinstance(out["b"], tuple)
+
+
+def test_bf16_autocast_changes_a_step_by_little_and_keeps_the_iterates_fp32(digits, gmm):
+    # Same seed, one step: the loss moves by bf16 round-off only, and every tensor the sampler and the
+    # attack iterate on (their inputs, seen by a pre-hook on the network) stays float32.
+    losses = {}
+    seen: dict[str, set] = {}
+    for precision in ("fp32", "bf16"):
+        learner = make_learner(digits, gmm, f"train.precision={precision}")
+        seen[precision] = set()
+        hook = learner.model.register_forward_pre_hook(lambda m, args, p=precision: seen[p].add(args[0].dtype))
+        losses[precision] = learner.step()["loss"]
+        hook.remove()
+        assert all(p.dtype == torch.float32 for p in learner.model.parameters())
+        assert all(t.dtype == torch.float32 for s in learner.optimizer.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+        assert learner.buffer.state_dict()["buffer"].dtype == torch.float32
+    assert losses["bf16"] != losses["fp32"]  # autocast really ran in bf16
+    assert abs(losses["bf16"] - losses["fp32"]) < 1e-2 * abs(losses["fp32"])
+    assert seen["bf16"] == {torch.float32} and seen["fp32"] == {torch.float32}
+
+
+def test_bf16_sampler_iterates_stay_fp32():
+    from rjem_ray.samplers import pyld, sgld
+    from rjem_ray.energy import energy_fn
+    from rjem_ray.speed import FastNet
+
+    torch.manual_seed(0)
+    net = FastNet(WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").eval(), precision="bf16")
+    x = torch.rand(4, 1, 12, 12) * 2 - 1
+    dtypes = []
+    hook = net.net.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+    assert net(x).dtype == torch.float32
+    out_s = sgld(energy_fn(net), x, steps=3, step_size=1.0, noise_std=0.01)
+    out_p = pyld(net, x, outer_steps=3, inner_steps=2, step_size=0.2)
+    hook.remove()
+    assert out_s.dtype == out_p.dtype == torch.float32
+    assert dtypes == [torch.float32] * 7
+    assert not torch.equal(out_p, x) and not torch.equal(out_s, x)
+
+
+def test_precision_must_be_an_allowed_value():
+    from rjem_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.precision: 'fp16' is not allowed; choose one of auto, fp32, bf16"):
+        load_config("tune_configs/smoke.yaml", ["train.precision=fp16"])
