@@ -146,6 +146,9 @@ class TrainConfig:
     # NHWC memory layout / torch.compile of the network used by every pass: auto (on for CUDA) | true | false
     channels_last: Literal["auto", "true", "false"] | bool = "auto"
     compile: Literal["auto", "true", "false"] | bool = "auto"
+    # PGD and sampler steps share one forward/backward of the concatenated batch; applies only with
+    # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; training.py)
+    fuse_passes: bool = True
     log_every: int = 20
     checkpoint_every: int = 200
     eval_every: int = 0  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)

@@ -44,14 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import pgd
+from .attacks import pgd, pgd_objective, pgd_start
 from .config import Config
 from .data import Augmenter, BatchStream, dataset_info
 from .energy import marginal_energy
 from .gmm import ClassConditionalGMM, as_init_fn
 from .models import build_model
 from .replay_buffer import LocalReplayBuffer, ReplayBuffer
-from .samplers import run_sampler
+from .samplers import pyld_update, run_sampler, sgld_update
 from .speed import FastNet
 
 
@@ -183,6 +183,70 @@ def jem_loss(
             loss = loss + energy_l2 * (e_pos.pow(2) + e_neg.pow(2)).mean()
         parts.update(e_pos=e_pos.mean().item(), e_neg=e_neg.mean().item())
     return loss, parts
+
+
+def attack_and_sample_fused(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_q: torch.Tensor,
+    *,
+    eps: float,
+    attack_steps: int,
+    attack_step_size: float,
+    norm: str,
+    random_start: bool,
+    sampler_kind: str,
+    sampler_steps: int,
+    inner_steps: int,
+    sampler_step_size: float,
+    noise_std: float,
+    outer_step_size: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD on ``x`` and the sampler on ``x_q`` (marginal energy), sharing one forward/backward per step.
+
+    Valid only when the network treats samples independently, i.e. with BatchNorm in **eval** mode for
+    both the attack and the sampler (``attack.bn_mode = eval`` and ``train.sampler_bn_mode = eval``; the
+    caller puts ``net`` in eval mode). Then for ``z = cat(x_adv, x_q)``
+
+        ``∇_z [±Σ CE(f(x_adv), y) + s·Σ E(x_q)] = (∇_{x_adv} ±Σ CE, s·∇_{x_q} Σ E)``
+
+    (``s = +1`` for SGLD, which descends ``∇E``; ``s = −1`` for PYLD, which ascends ``∂(−E)/∂x``), so one
+    pass of the concatenated batch yields exactly the two gradients the separate loops would take, up
+    to fp32 round-off of the larger batch. Step ``i`` fuses PGD step ``i`` with sampler (outer) step ``i``
+    while both schedules last; the longer one then runs alone. The random draws happen in the order the
+    separate loops make them (PGD's random start, then SGLD's noise per step), so a seeded run is the same
+    run. With BatchNorm in train mode each batch is normalised by its own statistics and the two passes
+    cannot share a batch: :class:`Learner` then runs the loops separately. Units as in ``attacks.pgd``
+    and ``samplers.run_sampler``. Returns detached ``(x_adv, x_q)``.
+    """
+    attack, x0, x_adv, n_attack = pgd_start(x, eps=eps, steps=attack_steps, step_size=attack_step_size,
+                                            norm=norm, random_start=random_start)
+    sign = 1.0 if sampler_kind == "sgld" else -1.0
+    x_q = x_q.detach().clone()
+    n = len(x_adv)
+    for i in range(max(n_attack, sampler_steps)):
+        do_attack, do_sample = i < n_attack, i < sampler_steps
+        inputs = ([x_adv.detach().requires_grad_(True)] if do_attack else []) + \
+                 ([x_q.detach().requires_grad_(True)] if do_sample else [])
+        with torch.enable_grad():
+            logits = net(torch.cat(inputs) if len(inputs) == 2 else inputs[0])
+            obj = 0.0
+            if do_attack:
+                obj = obj + pgd_objective(logits[:n] if do_sample else logits, y)
+            if do_sample:
+                obj = obj + sign * marginal_energy((logits[n:] if do_attack else logits).float()).sum()
+            grads = torch.autograd.grad(obj, inputs)
+        if do_attack:
+            x_adv = attack.update(inputs[0], grads[0], x0)
+        if do_sample:
+            g = grads[-1]
+            if sampler_kind == "sgld":
+                x_q = sgld_update(inputs[-1], g, step_size=sampler_step_size, noise_std=noise_std)
+            else:
+                x_q = pyld_update(inputs[-1], g, step_size=sampler_step_size, inner_steps=inner_steps,
+                                  outer_step_size=outer_step_size)
+    return x_adv.detach(), x_q.detach()
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
@@ -321,6 +385,29 @@ class Learner:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def fused(self) -> bool:
+        """Whether PGD and the sampler share their passes (``attack_and_sample_fused``): robust-jem with
+        ``train.fuse_passes`` and BatchNorm in eval mode for both (``attack.bn_mode`` and
+        ``train.sampler_bn_mode``)."""
+        c = self.cfg
+        return (c.train.fuse_passes and c.robust and c.uses_energy and c.attack.bn_mode == "eval"
+                and c.train.sampler_bn_mode == "eval")
+
+    def _attack_and_sample_fused(self, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float):
+        a, s = self.cfg.attack, self.cfg.sampler
+        lease = self.buffer.lease(self.batch_per_worker)
+        self.net.train(False)
+        x_adv, x_q = attack_and_sample_fused(
+            self.net, x.clamp(-1, 1), y, torch.from_numpy(lease.x).to(self.device), eps=eps,
+            attack_steps=a.steps, attack_step_size=step_size, norm=a.norm, random_start=a.random_start,
+            sampler_kind=s.kind, sampler_steps=s.steps, inner_steps=s.inner_steps, sampler_step_size=s.step_size,
+            noise_std=s.noise_std, outer_step_size=s.outer_step_size,
+        )
+        self.net.train()
+        self.buffer.write_back(lease.slots, x_q.detach().cpu().numpy())
+        return x_adv, x_q
+
     def _sample_negatives(self) -> torch.Tensor:
         lease = self.buffer.lease(self.batch_per_worker)
         x0 = torch.from_numpy(lease.x).to(self.device)
@@ -349,11 +436,15 @@ class Learner:
         self.net.train()
         x_cls = x
         eps = 0.0
+        x_neg = None
         if cfg.robust:
             eps = attack_eps(self.step_count, cfg)
+            step_size = cfg.attack.step_size * eps / cfg.attack.eps if cfg.attack.eps else 0.0
+        if self.fused:
+            x_cls, x_neg = self._attack_and_sample_fused(x, y, eps, step_size)
+        elif cfg.robust:
             batch_stats = cfg.attack.bn_mode == "train"
             self.net.train(batch_stats)
-            step_size = cfg.attack.step_size * eps / cfg.attack.eps if cfg.attack.eps else 0.0
             # train: attack the function the loss will train (batch statistics), running statistics frozen
             with running_stats_frozen(self.model) if batch_stats else contextlib.nullcontext():
                 x_cls = pgd(
@@ -361,7 +452,8 @@ class Learner:
                     norm=cfg.attack.norm, random_start=cfg.attack.random_start,
                 )
             self.net.train()
-        x_neg = self._sample_negatives() if cfg.uses_energy else None
+        if cfg.uses_energy and x_neg is None:
+            x_neg = self._sample_negatives()
         x_pos = x if (cfg.uses_energy and cfg.robust) else None
         logits_cls, logits_pos, logits_neg = self.joint(x_cls, x_pos, x_neg)
         loss, parts = jem_loss(logits_cls, y, logits_pos, logits_neg, cfg.train.energy_weight, cfg.train.energy_l2)

@@ -201,7 +201,8 @@ def test_sampler_runs_in_the_configured_batchnorm_mode_with_its_outer_step(digit
         return x.clone()
 
     monkeypatch.setattr(training, "run_sampler", fake_sampler)
-    learner = make_learner(digits, gmm, f"train.sampler_bn_mode={bn_mode}", "sampler.outer_step_size=0.5")
+    learner = make_learner(digits, gmm, f"train.sampler_bn_mode={bn_mode}", "sampler.outer_step_size=0.5",
+                           "train.fuse_passes=false")  # the separate sampler loop (fusion: the test below)
     learner.step()
     assert seen["outer_step_size"] == 0.5
     assert seen["modes"] == {bn_mode == "train"}
@@ -332,3 +333,62 @@ def test_precision_must_be_an_allowed_value():
 
     with pytest.raises(ConfigError, match=r"train.precision: 'fp16' is not allowed; choose one of auto, fp32, bf16"):
         load_config("tune_configs/smoke.yaml", ["train.precision=fp16"])
+
+
+@pytest.mark.parametrize("kind, attack_steps, sampler_steps", [("pyld", 5, 3), ("sgld", 2, 6), ("pyld", 4, 4)])
+def test_fused_attack_and_sampler_equal_the_separate_loops(kind, attack_steps, sampler_steps):
+    from rjem_ray.attacks import pgd
+    from rjem_ray.samplers import run_sampler
+    from rjem_ray.training import attack_and_sample_fused
+
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2)
+    with torch.no_grad():  # running statistics far from the identity, so eval-mode BatchNorm matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        model.fc.weight.mul_(50.0)  # gradients well away from zero, so sign() sees no round-off ties
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 1, 28, 28, generator=g) * 2 - 1
+    y = torch.arange(6) % 10
+    x_q0 = torch.rand(6, 1, 28, 28, generator=g) * 2 - 1
+    kw = dict(eps=0.3, attack_steps=attack_steps, attack_step_size=0.1, norm="linf", random_start=True,
+              sampler_kind=kind, sampler_steps=sampler_steps, inner_steps=2, sampler_step_size=0.5,
+              noise_std=0.01 if kind == "sgld" else 0.0, outer_step_size=0.0)
+
+    torch.manual_seed(7)
+    x_adv_sep = pgd(model, x, y, eps=0.3, steps=attack_steps, step_size=0.1, norm="linf", random_start=True)
+    x_q_sep = run_sampler(model, x_q0, kind=kind, steps=sampler_steps, inner_steps=2, step_size=0.5,
+                          noise_std=kw["noise_std"])
+    torch.manual_seed(7)
+    x_adv_fused, x_q_fused = attack_and_sample_fused(model, x, y, x_q0, **kw)
+
+    assert not torch.equal(x_adv_sep, x) and not torch.equal(x_q_sep, x_q0)
+    assert torch.allclose(x_adv_fused, x_adv_sep, atol=1e-5, rtol=0)
+    assert torch.allclose(x_q_fused, x_q_sep, atol=1e-5, rtol=0)
+    # and the fused pass is one network evaluation per step of the longer schedule
+    calls = []
+    hook = model.stem.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+    attack_and_sample_fused(model, x, y, x_q0, **kw)
+    hook.remove()
+    both = min(attack_steps, sampler_steps)
+    assert calls == [12] * both + [6] * (max(attack_steps, sampler_steps) - both)
+
+
+def test_learner_fuses_only_with_eval_mode_batchnorm_and_the_step_is_unchanged(digits, gmm):
+    modes = ["attack.bn_mode=eval", "train.sampler_bn_mode=eval", "attack.eps_warmup_steps=0"]
+    assert not make_learner(digits, gmm, "train.sampler_bn_mode=eval", "attack.bn_mode=train").fused
+    assert not make_learner(digits, gmm, "attack.bn_mode=eval").fused  # sampler in train mode (the default)
+    runs = {}
+    for fuse in (True, False):
+        # each learner steps right after it is built: building one reseeds the global RNG both draw from
+        learner = make_learner(digits, gmm, *modes, f"train.fuse_passes={str(fuse).lower()}")
+        assert learner.fused is fuse
+        runs[fuse] = ([learner.step()["loss"] for _ in range(2)], learner)
+    (lf, fused), (ls, separate) = runs[True], runs[False]
+    assert lf == pytest.approx(ls, rel=1e-5, abs=1e-6)
+    assert torch.allclose(fused.buffer.state_dict()["buffer"], separate.buffer.state_dict()["buffer"], atol=1e-5)
+    for a, b in zip(fused.model.parameters(), separate.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
