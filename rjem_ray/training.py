@@ -170,19 +170,23 @@ def jem_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``CE(f(x_cls), y) + w_px (mean E(x_pos) − mean E(x_q)) + λ (E(x_pos)² + E(x_q)²).mean()``.
 
-    Returns the loss and its parts as Python floats (``ce``, ``acc``, ``e_pos``, ``e_neg``).
+    Returns the loss and its parts as Python floats (``loss``, ``ce``, ``acc``, ``e_pos``, ``e_neg``),
+    read from the device in one transfer (one host synchronisation per step, not one per figure).
     """
+    logits_cls = logits_cls.float()
     ce = F.cross_entropy(logits_cls, y)
-    parts = {"ce": ce.item(), "acc": (logits_cls.argmax(1) == y).float().mean().item()}
+    names, figures = ["ce", "acc"], [ce.detach(), (logits_cls.argmax(1) == y).float().mean()]
     loss = ce
     if logits_neg is not None:
-        e_pos = marginal_energy(logits_pos if logits_pos is not None else logits_cls)
-        e_neg = marginal_energy(logits_neg)
+        e_pos = marginal_energy((logits_pos if logits_pos is not None else logits_cls).float())
+        e_neg = marginal_energy(logits_neg.float())
         loss = loss + energy_weight * (e_pos.mean() - e_neg.mean())
         if energy_l2 > 0:
             loss = loss + energy_l2 * (e_pos.pow(2) + e_neg.pow(2)).mean()
-        parts.update(e_pos=e_pos.mean().item(), e_neg=e_neg.mean().item())
-    return loss, parts
+        names += ["e_pos", "e_neg"]
+        figures += [e_pos.detach().mean(), e_neg.detach().mean()]
+    values = torch.stack([loss.detach(), *figures]).tolist()
+    return loss, dict(zip(["loss", *names], values))
 
 
 def attack_and_sample_fused(
@@ -457,7 +461,7 @@ class Learner:
         x_pos = x if (cfg.uses_energy and cfg.robust) else None
         logits_cls, logits_pos, logits_neg = self.joint(x_cls, x_pos, x_neg)
         loss, parts = jem_loss(logits_cls, y, logits_pos, logits_neg, cfg.train.energy_weight, cfg.train.energy_l2)
-        value = loss.item()
+        value = parts.pop("loss")
         worst = self.reducer.max(abs(value) if math.isfinite(value) else math.inf)
         if not math.isfinite(worst) or worst > cfg.train.divergence_threshold:
             self.optimizer.zero_grad(set_to_none=True)

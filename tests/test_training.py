@@ -392,3 +392,35 @@ def test_learner_fuses_only_with_eval_mode_batchnorm_and_the_step_is_unchanged(d
     assert torch.allclose(fused.buffer.state_dict()["buffer"], separate.buffer.state_dict()["buffer"], atol=1e-5)
     for a, b in zip(fused.model.parameters(), separate.model.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("loop", ["pgd-linf", "pgd-l2", "sgld", "pyld", "fused"])
+def test_inner_loops_never_read_a_tensor_back_to_the_host(loop, monkeypatch):
+    # A host read (.item(), .tolist(), bool/float/int of a tensor, .numpy()) inside PGD or a Langevin loop
+    # stalls a GPU once per step and breaks graph capture; every such read raises here.
+    from rjem_ray.attacks import pgd
+    from rjem_ray.samplers import pyld, sgld
+    from rjem_ray.energy import energy_fn
+    from rjem_ray.training import attack_and_sample_fused
+
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2).eval()
+    x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4)
+
+    def refuse(*args, **kw):
+        raise AssertionError("host synchronisation inside an inner loop")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    if loop.startswith("pgd"):
+        out = pgd(model, x, y, eps=0.3, steps=3, step_size=0.1, norm=loop[4:])
+    elif loop == "sgld":
+        out = sgld(energy_fn(model), x, steps=3, step_size=1.0, noise_std=0.01)
+    elif loop == "pyld":
+        out = pyld(model, x, outer_steps=3, inner_steps=2, step_size=0.2, outer_step_size=0.5)
+    else:
+        out, _ = attack_and_sample_fused(
+            model, x, y, x.flip(0), eps=0.3, attack_steps=3, attack_step_size=0.1, norm="linf", random_start=True,
+            sampler_kind="sgld", sampler_steps=4, inner_steps=1, sampler_step_size=1.0, noise_std=0.01)
+    monkeypatch.undo()
+    assert out.shape == x.shape and not torch.equal(out, x)
