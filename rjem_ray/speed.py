@@ -82,6 +82,12 @@ class FastNet(nn.Module):
             model.to(memory_format=torch.channels_last)  # in place: the optimiser keeps the same parameters
         # Not a registered submodule: the compiled wrapper shares the model's parameters, and modules()
         # (which the BatchNorm views walk) must list each layer once.
+        if self.compiled:
+            # One model meets several BatchNorm modes, input-gradient and parameter-gradient passes and
+            # batch sizes (generation, the fused batch): more graph variants than dynamo's default limit
+            # of 8 per code object, beyond which it would silently run eager.
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(getattr(dynamo, "recompile_limit", 8), 64)
         object.__setattr__(self, "_fn", torch.compile(model) if self.compiled else model)
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:

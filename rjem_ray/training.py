@@ -113,14 +113,21 @@ def batchnorm_eval(model: nn.Module):
     neither used from the batch nor updated.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.training for m in bns]
+    saved = [(m.training, m.running_mean, m.running_var) for m in bns]
     for m in bns:
         m.eval()
+        # The pass normalises with copies: a backward through it (the loss's view of x_q) may need the
+        # statistics it used (a compiled graph saves them), while the next train-mode passes update the
+        # originals in place before that backward runs.
+        if m.running_mean is not None:
+            m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
     try:
         yield
     finally:
-        for m, mode in zip(bns, saved):
+        for m, (mode, mean, var) in zip(bns, saved):
             m.train(mode)
+            if mean is not None:
+                m.running_mean, m.running_var = mean, var
 
 
 class JointForward(nn.Module):

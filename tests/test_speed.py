@@ -85,3 +85,26 @@ def test_compiled_pass_equals_the_eager_pass():
     assert torch.allclose(got[0], ref[0], atol=1e-4)
     assert torch.allclose(got[1], ref[1], atol=1e-4)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got[2], ref[2]))
+
+
+@pytest.mark.slow  # compiles every graph variant a step uses (~2 min here)
+def test_a_compiled_step_with_eval_mode_batchnorm_equals_the_eager_step():
+    # The loss's eval-mode view of x_q runs before the train-mode passes update the running statistics
+    # in place; a compiled graph saves what it normalised with for its backward (training.batchnorm_eval).
+    from rjem_ray.data import load_split, to_model_space
+    from rjem_ray.gmm import fit_class_gmm
+    from rjem_ray.training import Learner
+
+    x, y = load_split("mnist5k", "train")
+    x, y = x[::8], y[::8]
+    gmm = fit_class_gmm(to_model_space(x), y, 10)
+    losses = {}
+    for c in ("false", "true"):
+        cfg = load_config("tune_configs/smoke.yaml", ["buffer.size=64", "train.batch_size=8", f"train.compile={c}",
+                                                       "attack.bn_mode=eval", "train.sampler_bn_mode=eval"])
+        learner = Learner(cfg, x, y, gmm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+            losses[c] = [learner.step()["loss"] for _ in range(2)]
+        assert learner.net.compiled is (c == "true") and learner.fused
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4, abs=1e-5)
