@@ -62,12 +62,14 @@ def cmd_sample(args) -> int:
     from .generate import generate
     from .images import save_grid
     from .checkpoint import verify_checkpoint
+    from .devices import resolve_device
     from .train_driver import gmm_for_checkpoint
 
     verify_checkpoint(args.checkpoint)
     out = Path(args.out)
     check_writable(out, "--out", directory=out.suffix.lower() != ".png")
-    model, cfg = load_model(args.checkpoint)
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, map_location=device)
     data = cfg.to_dict()
     if args.config:  # e.g. a sweep's best.yaml: its generate section replaces the checkpoint's
         from .config import load_config
@@ -84,7 +86,8 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--class {args.class_} is out of range; allowed 0..{gmm.num_classes - 1}")
     say = _progress("sample")
     say(f"{cfg.generate.n} samples, mode {mode}" + (f", class {args.class_}" if args.class_ is not None else ""))
-    x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed))
+    x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed),
+                    device=device)
     if out.suffix.lower() == ".png":
         save_grid(x, out)
         say(f"wrote {out}")
@@ -110,7 +113,7 @@ def cmd_eval(args) -> int:
     if args.json:
         check_writable(Path(args.json), "--json", directory=False)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"))
+    result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"), device=args.device)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.json:
         path = Path(args.json)
@@ -155,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set attack.eps=0.3 (repeatable)")
 
+    def add_device(sp):
+        sp.add_argument("--device", default="auto",
+                        help="auto (default: the GPU this process was given, else cpu), cpu, cuda or cuda:N")
+
     t = sub.add_parser("train", help="train on Ray Train (local Ray, or the cluster at RAY_ADDRESS)")
     t.add_argument("config", help="experiment YAML, e.g. tune_configs/demo.yaml")
     add_set(t)
@@ -174,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_", type=int, help="generate only this class (default: cycle all)")
     s.add_argument("--out", default="samples.png", help="FILE.png for a grid, or a directory for single images")
     s.add_argument("--seed", type=int, default=0)
+    add_device(s)
     add_set(s)
     s.set_defaults(func=cmd_sample)
 
@@ -183,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,fid,is,ood (default "
                                      "eval.metrics; robust = PGD, autoattack = the robust accuracy)")
     e.add_argument("--json", help="merge the results into this JSON file")
+    add_device(e)
     add_set(e)
     e.set_defaults(func=cmd_eval)
 

@@ -140,6 +140,15 @@ class TrainConfig:
     # the loss raises the energy the sampler lowered; running statistics never updated by x_q):
     # train (default) = the negative batch's own statistics; eval = running statistics. See training.py.
     sampler_bn_mode: str = "train"
+    # autocast of the network's passes (rjem_ray/speed.py): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16;
+    # weights, optimiser state, images and Langevin iterates stay fp32 in every case
+    precision: str = "auto"
+    # NHWC memory layout / torch.compile of the network used by every pass: auto (on for CUDA) | true | false
+    channels_last: Literal["auto", "true", "false"] | bool = "auto"
+    compile: Literal["auto", "true", "false"] | bool = "auto"
+    # PGD and sampler steps share one forward/backward of the concatenated batch; applies only with
+    # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; training.py)
+    fuse_passes: bool = True
     log_every: int = 20
     checkpoint_every: int = 200
     eval_every: int = 0  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)
@@ -387,6 +396,12 @@ def validate(cfg: Config) -> None:
     _at_least("train.max_rollbacks", cfg.train.max_rollbacks, 0)
     _between("train.rollback_lr_factor", cfg.train.rollback_lr_factor, 0.0, 1.0)
     _choice("train.sampler_bn_mode", cfg.train.sampler_bn_mode, ("train", "eval"))
+    _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
+    for key in ("channels_last", "compile"):
+        value = getattr(cfg.train, key)
+        if isinstance(value, bool):
+            setattr(cfg.train, key, value := "true" if value else "false")
+        _choice(f"train.{key}", value, ("auto", "true", "false"))
     _at_least("train.log_every", cfg.train.log_every, 1)
     _at_least("train.checkpoint_every", cfg.train.checkpoint_every, 1)
     _at_least("train.eval_every", cfg.train.eval_every, 0)

@@ -89,19 +89,42 @@ def merge_json(path: Path, update: dict) -> dict:
 
 
 def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int = 8, seed: int = 0) -> dict[str, Path]:
-    """One PNG grid per generation mode: a row per class, ``n_per_class`` samples each."""
+    """One PNG grid per generation mode: a row per class, ``n_per_class`` samples each, on the model's device."""
     from .generate import generate
     from .images import save_grid
 
+    device = next(model.parameters()).device
     k = gmm.num_classes
     rows = min(k, 10)
     classes = torch.arange(rows).repeat_interleave(n_per_class)
     paths = {}
     for mode in ("energy", "pgd", "combined"):
         g = torch.Generator().manual_seed(seed)
-        x, _ = generate(model, gmm, cfg.generate, mode=mode, n=len(classes), classes=classes, generator=g)
+        x, _ = generate(model, gmm, cfg.generate, mode=mode, n=len(classes), classes=classes, generator=g,
+                        device=device)
         paths[mode] = save_grid(x, out_dir / f"{mode}.png", nrow=n_per_class)
     return paths
+
+
+def grids_from_checkpoint(ckpt_dir: str | Path, gmm: ClassConditionalGMM, cfg: Config, out_dir: str | Path) -> dict:
+    """:func:`write_sample_grids` of a checkpoint, on the device this process was given (``devices.py``)."""
+    from .checkpoint import load_model
+    from .devices import default_device
+
+    model, _ = load_model(ckpt_dir, map_location=default_device())
+    return write_sample_grids(model, gmm, cfg, Path(out_dir))
+
+
+def _grids_on_training_device(ckpt_dir: Path, gmm: ClassConditionalGMM, cfg: Config, out_dir: Path,
+                              use_gpu: bool) -> dict:
+    """The end-of-run grids where training ran: a one-GPU Ray task when the workers had GPUs (the driver
+    may sit on a GPU-less head), in this process otherwise."""
+    if not use_gpu:
+        return grids_from_checkpoint(ckpt_dir, gmm, cfg, out_dir)
+    import ray
+
+    task = ray.remote(grids_from_checkpoint).options(num_cpus=1, num_gpus=1)
+    return ray.get(task.remote(str(ckpt_dir), gmm, cfg, str(out_dir)))
 
 
 def _submission_id() -> str:
@@ -207,7 +230,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .checkpoint import load_model
     from .ray_setup import cluster_has_gpus, ensure_ray, train_logging_config
     from .tracking import tracker_for
 
@@ -330,9 +352,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     if result.metrics:
         metrics["train"].update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     if samples:
-        model, _ = load_model(ckpt_dir)
         gmm = gmm or gmm_for_checkpoint(cfg, ckpt_dir)
-        paths = write_sample_grids(model, gmm, cfg, out / "samples")
+        paths = _grids_on_training_device(ckpt_dir, gmm, cfg, out / "samples", use_gpu)
         if tracker:
             for p in paths.values():
                 tracker.log_artifact(p, "samples")

@@ -44,8 +44,8 @@ class _BufferFencedReducer(Reducer):
     so every rank's write-backs of that step are in the snapshot.
     """
 
-    def __init__(self, world_size: int, buffer):
-        super().__init__(world_size)
+    def __init__(self, world_size: int, buffer, device: torch.device | None = None):
+        super().__init__(world_size, device)
         self.buffer = buffer
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
         wrap=ray.train.torch.prepare_model if world > 1 else None,
     )
     if buffer is not None:
-        learner.reducer = _BufferFencedReducer(world, buffer)
+        learner.reducer = _BufferFencedReducer(world, buffer, learner.device)
     log = _stdout_line if rank == 0 else (lambda msg: None)
 
     checkpoint = ray.train.get_checkpoint()

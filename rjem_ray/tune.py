@@ -55,6 +55,7 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml, with_tracking_env
+from .devices import default_device
 from .search_space import KINDS, Param, apply_params, base_point, num_trials, param_space, parse_search
 
 SCOPES = ("sample", "train")
@@ -390,7 +391,7 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
         from .checkpoint import load_model
         from .evaluate import evaluate_model
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()  # the GPU Ray assigned this trial, else CPU
         model, _ = load_model(checkpoint, map_location=device)
         res = evaluate_model(model, cfg, ["accuracy", "robust", "autoattack"])
         out["checkpoint_metrics"] = {k: res[k] for k in ("accuracy", "robust_accuracy", "pgd_robust_accuracy")}
@@ -485,7 +486,7 @@ def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     from .train_driver import gmm_for_checkpoint
 
     torch.set_num_threads(max(1, int(ctx.trial_cpus)))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()  # the GPU Ray assigned this trial, else CPU
     model, _ = load_model(ctx.checkpoint, map_location=device)
     gmm = gmm_for_checkpoint(cfg, ctx.checkpoint)
     n = cfg.eval.fid_samples
@@ -700,7 +701,7 @@ def sample_grid(checkpoint: str | Path, cfg: Config, path: Path, seed: int = 0) 
     from .images import save_grid
     from .train_driver import gmm_for_checkpoint
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()  # the GPU Ray assigned this trial, else CPU
     model, _ = load_model(checkpoint, map_location=device)
     gmm = gmm_for_checkpoint(cfg, checkpoint)
     k = min(gmm.num_classes, 10)

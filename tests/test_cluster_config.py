@@ -147,6 +147,21 @@ def test_cpu_head_and_gpu_workers_that_fit_the_cifar10_config(prepared):
     assert sum(t["max_workers"] for t in workers.values()) <= prepared["max_workers"]
 
 
+def test_a_cifar10_train_sweep_trial_fits_on_one_gpu_node_of_every_type(prepared):
+    # A train-scope trial holds its own process (tune.trial_cpus) plus its Ray Train workers; on the 8-vCPU
+    # g5 nodes 1 + 8 CPUs would tie up two nodes per trial.
+    from rjem_ray.tune import load_sweep
+
+    sweep = load_sweep(REPO / "tune_configs" / "tune-cifar10-train.yaml")
+    cfg, st = sweep.cfg, sweep.settings
+    assert cfg.trainer.use_gpu and cfg.trainer.num_workers == 1
+    need = st.trial_cpus + cfg.trainer.cpus_per_worker
+    for name, t in prepared["available_node_types"].items():
+        if t["resources"].get("GPU", 0) >= 1:
+            per_gpu = t["resources"]["CPU"] / t["resources"]["GPU"]
+            assert need <= per_gpu, (name, need, per_gpu)
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 
