@@ -22,7 +22,8 @@ FORBIDDEN = ("ray", "mlflow")
 # Layer 1 of docs/ARCHITECTURE.md: pure functions of tensors and a model, the Ray-free training step and evaluation,
 # the prior and checkpoint files.
 ALGORITHMS = ("attacks", "samplers", "energy", "training", "metrics", "gmm", "prior", "generate", "masking",
-              "autoattack", "fidelity", "evaluate", "replay_buffer", "models", "data", "checkpoint")
+              "autoattack", "fidelity", "evaluate", "replay_buffer", "models", "data", "checkpoint", "speed",
+              "devices")
 TRACKING = ("tracking",)  # the one module that talks to MLflow
 BASE = ("_torchvision_compat", "config", "images")
 PACKAGE_API = ("__init__",)  # layer 1 too; runs first whenever a submodule is imported
