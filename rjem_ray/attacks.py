@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttackStep", "LinfStep", "L2Step", "STEPS", "pgd"]
+__all__ = ["AttackStep", "LinfStep", "L2Step", "STEPS", "pgd", "pgd_start", "pgd_objective"]
 
 _NORM_FLOOR = 1e-12  # keeps zero gradients and zero perturbations from dividing by zero
 
@@ -61,6 +61,10 @@ class AttackStep:
     def project(self, x: Tensor, x0: Tensor) -> Tensor:
         """Nearest point of the ε-ball around ``x0``, then clamped to [-1, 1]."""
         raise NotImplementedError
+
+    def update(self, x: Tensor, grad: Tensor, x0: Tensor) -> Tensor:
+        """One PGD iteration from ``x`` given ``grad = ∇_x L``: ``project(step(x, grad), x0)``, detached."""
+        return self.project(self.step(x.detach(), grad), x0)
 
 
 class LinfStep(AttackStep):
@@ -147,26 +151,42 @@ def pgd(
     statistics on every attack step). Returns a detached tensor of ``x``'s shape, dtype and device;
     ``eps == 0`` or ``steps == 0`` returns ``x.detach().clone()``.
     """
+    attack, x0, x_adv, steps = pgd_start(x, eps=eps, steps=steps, step_size=step_size, norm=norm,
+                                         random_start=random_start, generator=generator)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        # enable_grad: evaluation code often calls the attack from inside torch.no_grad().
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(pgd_objective(model(x_adv), y, targeted), x_adv)
+        x_adv = attack.update(x_adv, grad, x0)
+    return x_adv.detach()
+
+
+def pgd_start(
+    x: Tensor, *, eps: float, steps: int, step_size: float, norm: str = "linf", random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[AttackStep, Tensor, Tensor, int]:
+    """Validate the arguments of :func:`pgd` and return ``(step object, x0, first iterate, steps to run)``.
+
+    The pieces of the PGD loop, for callers that share its network passes with other work
+    (``training.attack_and_sample_fused``): ``steps`` is 0 when there is no budget (``eps`` or ``steps``
+    zero), the first iterate is the random start (or ``x0``), and each iteration is
+    ``x ← attack.update(x, ∇_x pgd_objective(f(x), y), x0)``.
+    """
     if norm not in STEPS:
         raise ValueError(f"norm must be one of {sorted(STEPS)}, got {norm!r}")
     _check_nonneg("eps", eps)
     _check_nonneg("step_size", step_size)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-
     x0 = x.detach()
-    if eps == 0 or steps == 0:
-        return x0.clone()
-
     attack = STEPS[norm](eps, step_size)
-    x_adv = attack.random_start(x0, generator) if random_start else x0.clone()
-    sign = -1.0 if targeted else 1.0
-    for _ in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)
-        # enable_grad: evaluation code often calls the attack from inside torch.no_grad().
-        with torch.enable_grad():
-            # Summed, not averaged, so each sample's step does not depend on the batch size.
-            loss = sign * F.cross_entropy(model(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = attack.project(attack.step(x_adv.detach(), grad), x0)
-    return x_adv.detach()
+    if eps == 0 or steps == 0:
+        return attack, x0, x0.clone(), 0
+    return attack, x0, attack.random_start(x0, generator) if random_start else x0.clone(), int(steps)
+
+
+def pgd_objective(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+    """``±Σ_i CE(f(x_i), y_i)``: ascended by PGD (``−`` when targeted). Summed, not averaged, so each
+    sample's step does not depend on the batch size; computed in fp32 whatever the logits' dtype."""
+    return (-1.0 if targeted else 1.0) * F.cross_entropy(logits.float(), y, reduction="sum")

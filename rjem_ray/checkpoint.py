@@ -70,14 +70,19 @@ def _state_path(path: str | Path) -> Path:
     return p
 
 
-def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint's state dict (``weights_only=True``) and check it is one of ours."""
-    p = _state_path(path)
+def _torch_load(p: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``; a corrupt, truncated or foreign file is a :class:`CheckpointError`."""
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
+        return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         first = (str(exc).strip().splitlines() or [""])[0]  # torch's messages run over many lines
         raise CheckpointError(f"{str(p)!r} is not a readable rjem checkpoint: {type(exc).__name__}: {first}") from None
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint's state dict (``weights_only=True``) and check it is one of ours."""
+    p = _state_path(path)
+    state = _torch_load(p, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(p)!r} is not an rjem checkpoint (format tag {FORMAT!r} missing)")
     return state
@@ -89,7 +94,42 @@ def load_gmm_state(path: str | Path) -> dict | None:
     gmm_path = (p if p.is_dir() else p.parent) / GMM_FILE
     if not gmm_path.is_file():
         return None
-    return torch.load(gmm_path, map_location="cpu", weights_only=True)
+    state = _torch_load(gmm_path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(gmm_path)!r} is not a Gaussian-mixture state (expected a dict, got "
+                              f"{type(state).__name__})")
+    return state
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read every file of a checkpoint before any work starts; returns its state.
+
+    ``state.pt`` must be an rjem checkpoint whose weights fit its config, ``gmm.pt`` (when present) a
+    Gaussian-mixture state, every ``rank-K.pt`` a dict. The first damaged file is a :class:`CheckpointError`
+    naming it, so a truncated or overwritten file fails in one line instead of deep inside the work.
+    """
+    from .gmm import ClassConditionalGMM
+
+    state = load_state(path)
+    directory = _state_path(path).parent
+    try:
+        _model_for(state)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{str(directory / STATE_FILE)!r} holds weights that do not fit its config: "
+                              f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from None
+    gmm = load_gmm_state(directory)
+    if gmm is not None:
+        try:
+            ClassConditionalGMM.from_state_dict(gmm)
+        except Exception as exc:
+            raise CheckpointError(f"{str(directory / GMM_FILE)!r} is not a Gaussian-mixture state: "
+                                  f"{type(exc).__name__}: {exc}") from None
+    for f in sorted(directory.glob("rank-*.pt")):
+        if not isinstance(_torch_load(f), dict):
+            raise CheckpointError(f"{str(f)!r} is not an rjem rank file (expected a dict)")
+    return state
 
 
 def config_from_state(state: dict[str, Any]) -> Config:
@@ -101,14 +141,19 @@ def config_from_state(state: dict[str, Any]) -> Config:
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """``(model, config)`` from a checkpoint: the classifier in eval mode, logits for NCHW in [-1, 1]."""
+    state = load_state(path, map_location)
+    model, cfg = _model_for(state)
+    model.to(map_location).eval()
+    return model, cfg
+
+
+def _model_for(state: dict[str, Any]):
     from .data import dataset_info
     from .models import build_model
 
-    state = load_state(path, map_location)
     cfg = config_from_state(state)
     model = build_model(cfg.model, dataset_info(cfg.data.name))
     model.load_state_dict(state["model"])
-    model.to(map_location).eval()
     return model, cfg
 
 

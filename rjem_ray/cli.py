@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +25,28 @@ def _progress(prefix: str):
     return say
 
 
+def check_writable(path: Path, flag: str, directory: bool) -> None:
+    """Fail before any work when ``path`` (a directory, or a file's directory) cannot be written."""
+    target = path if directory else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+        if not directory and path.is_dir():
+            raise IsADirectoryError(21, "it is a directory")
+    except OSError as exc:
+        raise ValueError(f"{flag} {str(path)!r} cannot be written ({exc.strerror or exc}); "
+                         f"give a {'directory' if directory else 'file'} path in a writable place") from None
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .train_driver import run_training
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or f"runs/{cfg.name}")
-    outcome = run_training(cfg, out, resume=args.resume)
+    check_writable(out, "--out", directory=True)
+    outcome = run_training(cfg, out, resume=args.resume, fresh=args.fresh)
     print(f"[rjem] done: checkpoint {outcome.checkpoint}, samples {out / 'samples'}, metrics {out / 'metrics.json'}")
     if outcome.run_id:
         print(f"[rjem] MLflow run {outcome.run_id}; browse with `rjem ui`")
@@ -45,9 +61,15 @@ def cmd_sample(args) -> int:
     from .data import to_uint8
     from .generate import generate
     from .images import save_grid
+    from .checkpoint import verify_checkpoint
+    from .devices import resolve_device
     from .train_driver import gmm_for_checkpoint
 
-    model, cfg = load_model(args.checkpoint)
+    verify_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    check_writable(out, "--out", directory=out.suffix.lower() != ".png")
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, map_location=device)
     data = cfg.to_dict()
     if args.config:  # e.g. a sweep's best.yaml: its generate section replaces the checkpoint's
         from .config import load_config
@@ -64,8 +86,8 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--class {args.class_} is out of range; allowed 0..{gmm.num_classes - 1}")
     say = _progress("sample")
     say(f"{cfg.generate.n} samples, mode {mode}" + (f", class {args.class_}" if args.class_ is not None else ""))
-    x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed))
-    out = Path(args.out)
+    x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed),
+                    device=device)
     if out.suffix.lower() == ".png":
         save_grid(x, out)
         say(f"wrote {out}")
@@ -83,11 +105,15 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .checkpoint import verify_checkpoint
     from .evaluate import evaluate_checkpoint
     from .train_driver import merge_json
 
+    verify_checkpoint(args.checkpoint)
+    if args.json:
+        check_writable(Path(args.json), "--json", directory=False)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"))
+    result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"), device=args.device)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.json:
         path = Path(args.json)
@@ -103,11 +129,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .config import load_config
-    from .tracking import resolve_artifact_location, resolve_tracking_uri
+    from .config import ConfigError, load_config
+    from .tracking import is_server_uri, resolve_artifact_location, resolve_tracking_uri
 
     cfg = load_config(args.config, args.set)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    if is_server_uri(uri):
+        raise ConfigError(f"tracking.tracking_uri is the MLflow server {uri}: open it in a browser; "
+                          "`rjem ui` serves a local store (sqlite:///FILE)")
     cmd = [
         sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
         "--default-artifact-root", resolve_artifact_location(cfg.tracking.artifact_location),
@@ -119,18 +148,27 @@ def cmd_ui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="rjem", description="Robust Joint Energy-Based Models on Ray")
+    p.add_argument("--version", action="version", version=f"rjem {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_set(sp):
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set attack.eps=0.3 (repeatable)")
 
+    def add_device(sp):
+        sp.add_argument("--device", default="auto",
+                        help="auto (default: the GPU this process was given, else cpu), cpu, cuda or cuda:N")
+
     t = sub.add_parser("train", help="train on Ray Train (local Ray, or the cluster at RAY_ADDRESS)")
     t.add_argument("config", help="experiment YAML, e.g. tune_configs/demo.yaml")
     add_set(t)
     t.add_argument("--out", help="output directory (default runs/NAME)")
     t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint directory")
+    t.add_argument("--fresh", action="store_true",
+                   help="start from step 0 even if --out holds an earlier run (by default rerunning continues it)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
@@ -143,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_", type=int, help="generate only this class (default: cycle all)")
     s.add_argument("--out", default="samples.png", help="FILE.png for a grid, or a directory for single images")
     s.add_argument("--seed", type=int, default=0)
+    add_device(s)
     add_set(s)
     s.set_defaults(func=cmd_sample)
 
@@ -152,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,fid,is,ood (default "
                                      "eval.metrics; robust = PGD, autoattack = the robust accuracy)")
     e.add_argument("--json", help="merge the results into this JSON file")
+    add_device(e)
     add_set(e)
     e.set_defaults(func=cmd_eval)
 

@@ -140,6 +140,15 @@ class TrainConfig:
     # the loss raises the energy the sampler lowered; running statistics never updated by x_q):
     # train (default) = the negative batch's own statistics; eval = running statistics. See training.py.
     sampler_bn_mode: str = "train"
+    # autocast of the network's passes (rjem_ray/speed.py): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16;
+    # weights, optimiser state, images and Langevin iterates stay fp32 in every case
+    precision: str = "auto"
+    # NHWC memory layout / torch.compile of the network used by every pass: auto (on for CUDA) | true | false
+    channels_last: Literal["auto", "true", "false"] | bool = "auto"
+    compile: Literal["auto", "true", "false"] | bool = "auto"
+    # PGD and sampler steps share one forward/backward of the concatenated batch; applies only with
+    # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; training.py)
+    fuse_passes: bool = True
     log_every: int = 20
     checkpoint_every: int = 200
     eval_every: int = 0  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)
@@ -387,6 +396,12 @@ def validate(cfg: Config) -> None:
     _at_least("train.max_rollbacks", cfg.train.max_rollbacks, 0)
     _between("train.rollback_lr_factor", cfg.train.rollback_lr_factor, 0.0, 1.0)
     _choice("train.sampler_bn_mode", cfg.train.sampler_bn_mode, ("train", "eval"))
+    _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
+    for key in ("channels_last", "compile"):
+        value = getattr(cfg.train, key)
+        if isinstance(value, bool):
+            setattr(cfg.train, key, value := "true" if value else "false")
+        _choice(f"train.{key}", value, ("auto", "true", "false"))
     _at_least("train.log_every", cfg.train.log_every, 1)
     _at_least("train.checkpoint_every", cfg.train.checkpoint_every, 1)
     _at_least("train.eval_every", cfg.train.eval_every, 0)
@@ -497,10 +512,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# MLflow's own variables. Precedence: --set tracking.KEY > the variable > the config file > the default.
+TRACKING_ENV = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment": "MLFLOW_EXPERIMENT_NAME"}
+
+
+def with_tracking_env(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` whose tracking keys are replaced by MLflow's environment variables where set."""
+    import copy
+    import os
+
+    env = {key: os.environ[var] for key, var in TRACKING_ENV.items() if os.environ.get(var)}
+    if not env:
+        return data
+    data = copy.deepcopy(data)
+    tracking = data.get("tracking")
+    if tracking is None:
+        tracking = data["tracking"] = {}
+    if not isinstance(tracking, dict):
+        raise ConfigError(f"tracking: expected a mapping, got {type(tracking).__name__}")
+    tracking.update(env)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (or the defaults), apply ``overrides`` and validate."""
+    """Read ``path`` (or the defaults), apply MLflow's environment variables, then ``overrides``, and validate."""
     data = read_yaml(path) if path is not None else {}
-    return Config.from_dict(apply_overrides(data, overrides))
+    return Config.from_dict(apply_overrides(with_tracking_env(data), overrides))
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

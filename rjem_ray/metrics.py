@@ -8,7 +8,7 @@ both use batch statistics and update its running averages).
 * accuracy            ``mean[argmax_k f(x)[k] == y]``
 * robust accuracy     ``mean[correct on x and on PGD_r(x) for every restart r]`` (ε in [-1, 1] units)
 * ECE                 ``sum_b |B_b|/N · |acc(B_b) − conf(B_b)|`` over equal-width confidence bins (lo, hi]
-* OOD AUROC           ``P(s_in > s_out) + ½ P(s_in = s_out)`` (Mann–Whitney U / (n_in · n_out))
+* OOD AUROC           ``P(s_in > s_out) + ½ P(s_in = s_out)`` (scikit-learn's ``roc_auc_score``)
 * energy score        ``−E(x) = logsumexp_k f(x)[k]`` (higher = more in-distribution)
 """
 
@@ -153,10 +153,13 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 20) 
 def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     """AUROC for "in-distribution scores are larger": ``P(s_in > s_out) + ½ P(s_in = s_out)``.
 
-    Computed as the Mann–Whitney statistic ``U / (n_in · n_out)`` with ``U = R_in − n_in(n_in+1)/2``,
-    ``R_in`` the sum of the in-distribution ranks among all scores (tied scores share their average
-    rank, which counts each tied pair as ½). 1.0 = perfect separation, 0.5 = chance, 0.0 = reversed.
+    scikit-learn's ``roc_auc_score`` with the in-distribution scores as the positive class (label 1):
+    the area under the ROC curve equals the Mann–Whitney ``U / (n_in · n_out)``, and a tied pair adds ½
+    (the curve's step across tied scores is a diagonal). 1.0 = perfect separation, 0.5 = chance,
+    0.0 = reversed.
     """
+    from sklearn.metrics import roc_auc_score  # lazy: importing scikit-learn takes 1-2 s; only OOD needs it
+
     s_in = torch.as_tensor(scores_in).detach().reshape(-1).to("cpu", torch.float64).numpy()
     s_out = torch.as_tensor(scores_out).detach().reshape(-1).to("cpu", torch.float64).numpy()
     n_in, n_out = s_in.size, s_out.size
@@ -165,12 +168,8 @@ def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     both = np.concatenate([s_in, s_out])
     if np.isnan(both).any():
         raise ValueError("ood_auroc got NaN scores")
-    _, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1  # 1-based rank of the first element of each tie group
-    avg_rank = first_rank + (counts - 1) / 2.0
-    rank_sum_in = avg_rank[inverse[:n_in]].sum()
-    u = rank_sum_in - n_in * (n_in + 1) / 2.0
-    return float(u / (n_in * n_out))
+    is_in = np.concatenate([np.ones(n_in, dtype=np.int64), np.zeros(n_out, dtype=np.int64)])
+    return float(roc_auc_score(is_in, both))
 
 
 def energy_scores(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:

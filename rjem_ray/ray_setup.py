@@ -18,7 +18,7 @@ def ensure_ray(min_cpus: float = 1, object_store_mb: int | None = None) -> None:
 
     With ``RAY_ADDRESS`` set (a cluster, or ``ray job submit``), join it. Otherwise start a local
     instance bound to 127.0.0.1 with at least ``min_cpus`` logical CPUs (Tune needs one more than the
-    trainer's workers), no dashboard and a bounded object store.
+    trainer's workers), its dashboard on 127.0.0.1 and a bounded object store.
     """
     import ray
 
@@ -30,15 +30,40 @@ def ensure_ray(min_cpus: float = 1, object_store_mb: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     num_cpus = max(os.cpu_count() or 1, int(-(-min_cpus // 1)))
+    dashboard_port = free_port()
     store = (object_store_mb or 512) * 2**20
     ray.init(
         address="local",  # a new instance: never attach to another user's `ray start` cluster
         num_cpus=num_cpus,
-        include_dashboard=False,
+        # Ray Train's PlacementGroupCleaner asks the State API, every poll, whether the controller lives.
+        # The State API is served by the dashboard (without one: "State API may be temporarily unavailable"
+        # at every poll, 226 lines in `make demo`) and is found through RAY_API_SERVER_ADDRESS, else by
+        # scanning the machine for Ray instances, which fails where there are several. So: our own
+        # dashboard on loopback, and its address in every process of this job.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}},
         object_store_memory=store,
         log_to_driver=True,
         _node_ip_address="127.0.0.1",
     )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_logging_config():
+    """Ray Train's own log level: WARNING (its per-report INFO lines drown the progress), INFO with RJEM_DEBUG."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if os.environ.get("RJEM_DEBUG") else "WARNING")
 
 
 def cluster_has_gpus() -> bool:

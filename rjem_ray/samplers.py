@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .energy import energy_fn as _energy_fn
 from .energy import energy_of
 
-__all__ = ["SAMPLERS", "sgld", "pyld", "run_sampler"]
+__all__ = ["SAMPLERS", "sgld", "pyld", "run_sampler", "sgld_update", "pyld_update"]
 
 SAMPLERS = ("sgld", "pyld")
 
@@ -80,13 +80,18 @@ def sgld(
         x.requires_grad_(True)
         # enable_grad: generation code often calls the sampler from inside torch.no_grad().
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(energy_fn(x).sum(), x)
-        x = x.detach() - step_size * grad
-        if noise_std > 0:
-            x = x + noise_std * _randn(x, generator)
-        if clamp:
-            x = x.clamp(-1, 1)
+            (grad,) = torch.autograd.grad(energy_fn(x).float().sum(), x)
+        x = sgld_update(x, grad, step_size=step_size, noise_std=noise_std, clamp=clamp, generator=generator)
     return x.detach()
+
+
+def sgld_update(x: Tensor, grad: Tensor, *, step_size: float, noise_std: float, clamp: bool = True,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One SGLD step given ``grad = ∇_x Σ E(x)``: ``x − step_size · grad + noise_std · N(0, I)`` (clamped)."""
+    x = x.detach() - step_size * grad
+    if noise_std > 0:
+        x = x + noise_std * _randn(x, generator)
+    return x.clamp(-1, 1) if clamp else x
 
 
 def pyld(
@@ -133,17 +138,26 @@ def pyld(
     for _ in range(outer_steps):
         x.requires_grad_(True)
         with torch.enable_grad():
-            neg_energy = -energy_of(model.head(model.stem(x)), y).sum()
-            # Through the linear stem, ∂(−E)/∂x is exactly stemᵀ p with p = ∂(−E)/∂h: no separate
-            # backward through the stem with p as its cotangent is needed.
+            # model(x) is head(stem(x)); through the linear stem, ∂(−E)/∂x is exactly stemᵀ p with
+            # p = ∂(−E)/∂h, so one backward gives it (no separate pass with p as the stem's cotangent),
+            # and calling the module itself keeps its speed settings (autocast, compilation; speed.py).
+            neg_energy = -energy_of(model(x), y).float().sum()
             (stem_t_p,) = torch.autograd.grad(neg_energy, x)
-        move = step_size * stem_t_p.clamp(-1, 1)
-        x = x.detach()
-        if outer_step_size > 0:
-            x = (x + outer_step_size * stem_t_p).clamp(-1, 1)
-        for _ in range(inner_steps):
-            x = (x + move).clamp(-1, 1)
+        x = pyld_update(x, stem_t_p, step_size=step_size, inner_steps=inner_steps, outer_step_size=outer_step_size)
     return x.detach()
+
+
+def pyld_update(x: Tensor, grad: Tensor, *, step_size: float, inner_steps: int, outer_step_size: float = 0.0) -> Tensor:
+    """One PYLD outer step given ``grad = ∂(−Σ E)/∂x = stemᵀ p``: the optional plain step
+    ``x ← clamp(x + outer_step_size · grad, −1, 1)``, then ``inner_steps`` times
+    ``x ← clamp(x + step_size · clamp(grad, −1, 1), −1, 1)``. No network evaluation."""
+    move = step_size * grad.clamp(-1, 1)
+    x = x.detach()
+    if outer_step_size > 0:
+        x = (x + outer_step_size * grad).clamp(-1, 1)
+    for _ in range(inner_steps):
+        x = (x + move).clamp(-1, 1)
+    return x
 
 
 def run_sampler(

@@ -64,6 +64,13 @@ class Param:
     def log_scale(self) -> bool:
         return self.kind == "loguniform"
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take: a listed value, or inside ``[low, high]``."""
+        if self.kind in ("grid", "choice"):
+            return value in self.values
+        low, high = self.values
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
 
 # ----------------------------------------------------------------------------------------------- config keys
 
@@ -94,6 +101,13 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def get_dotted(data: dict[str, Any], key: str) -> Any:
+    node = data
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +183,22 @@ def parse_search(
 def param_space(params: list[Param]) -> dict[str, Any]:
     """Tune's ``param_space``: flat, keyed by the dotted config keys."""
     return {p.key: p.domain() for p in params}
+
+
+def base_point(params: list[Param], base: dict[str, Any]) -> dict[str, Any]:
+    """The base config's own value of each searched key, flat like :func:`param_space`: the baseline trial.
+
+    Each value must lie in its parameter's domain (a model-based search fits its model to it); one that
+    does not raises :class:`ConfigError` naming the key, the value and the domain.
+    """
+    point = {}
+    for p in params:
+        value = get_dotted(base, p.key)
+        if not p.contains(value):
+            raise ConfigError(f"search.{p.key}: the base config's value {value!r} is outside {p.describe()}; the "
+                              "baseline trial runs the base config, so widen the search or set the key to a value inside it")
+        point[p.key] = value
+    return point
 
 
 def num_trials(params: list[Param], num_samples: int) -> int:

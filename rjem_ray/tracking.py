@@ -17,17 +17,68 @@ from typing import Any, Iterable
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def resolve_tracking_uri(uri: str, base: str | Path | None = None) -> str:
-    """Make a relative ``sqlite:///path`` absolute (against ``base`` or the working directory)."""
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "lustre", "glusterfs", "ceph")
+
+
+def filesystem_of(path: str | Path, mounts: str | Path = "/proc/mounts") -> tuple[str, str]:
+    """``(type, mount point)`` of the mount holding ``path`` (its nearest existing parent), or ("", "")."""
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    best = ("", "")
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return best
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (str(p) == point or str(p).startswith(point.rstrip("/") + "/")) and len(point) >= len(best[1]):
+            best = (fields[2], point)
+    return best
+
+
+def resolve_tracking_uri(uri: str, base: str | Path | None = None, mounts: str | Path = "/proc/mounts") -> str:
+    """Make a relative ``sqlite:///path`` absolute (against ``base`` or the working directory).
+
+    A sqlite file on a network file system is refused: several writers over NFS lock up or lose records
+    (SQLite's own documentation warns against it). A cluster logs to one ``mlflow server`` over HTTP.
+    """
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(base or os.getcwd()) / uri[len(prefix):]
+    if not uri.startswith(prefix):
+        return uri
+    path = Path(uri[len(prefix):]) if uri.startswith(prefix + "/") else Path(base or os.getcwd()) / uri[len(prefix):]
+    fstype, point = filesystem_of(path, mounts)
+    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("nfs"):
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"tracking.tracking_uri: {uri} is a sqlite file on {fstype} ({point}); sqlite over a network file "
+            "system loses records with several writers. Log to an MLflow server instead (MLFLOW_TRACKING_URI="
+            "http://HOST:5000, see docs/CLUSTER.md) or use a sqlite file on local disk")
+    if not uri.startswith(prefix + "/"):
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path.resolve())
     return uri
 
 
-def resolve_artifact_location(location: str, base: str | Path | None = None) -> str:
+def is_server_uri(uri: str) -> bool:
+    """Whether ``uri`` names an MLflow tracking server (which then owns the store and the artifacts)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def resolve_artifact_location(location: str | None, base: str | Path | None = None,
+                              tracking_uri: str | None = None) -> str | None:
+    """Absolute artifact location of a new experiment; None lets an MLflow server choose.
+
+    With a tracking server, a relative (or empty) location would name a directory on this machine only:
+    the server's own ``--artifacts-destination`` is used instead (artifacts are uploaded through it).
+    """
+    if not location or (tracking_uri and is_server_uri(tracking_uri) and "://" not in location
+                        and not Path(location).is_absolute()):
+        return None
     if "://" in location:
         return location
     path = Path(location)
@@ -71,7 +122,7 @@ class Tracker:
         cls,
         tracking_uri: str,
         experiment: str,
-        artifact_location: str,
+        artifact_location: str | None,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         parent_run_id: str | None = None,
@@ -136,10 +187,11 @@ def tracker_for(cfg, tags: dict[str, str] | None = None, parent_run_id: str | No
     t = cfg.tracking
     if not t.enabled:
         return None
+    uri = resolve_tracking_uri(t.tracking_uri)
     return Tracker.create(
-        resolve_tracking_uri(t.tracking_uri),
+        uri,
         t.experiment,
-        resolve_artifact_location(t.artifact_location),
+        resolve_artifact_location(t.artifact_location, tracking_uri=uri),
         run_name=t.run_name or cfg.name,
         tags=tags,
         parent_run_id=parent_run_id,

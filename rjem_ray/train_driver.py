@@ -14,6 +14,7 @@ its last snapshot in ``OUT/buffer/shard-<j>.pt`` (on its own node) to come back 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -22,14 +23,51 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_checkpoint, load_gmm_state, load_state
+from .checkpoint import copy_checkpoint, load_state, verify_checkpoint
 from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM
+from .prior import gmm_for_checkpoint, load_train_gmm  # prior.py is their home; cli.py, tune.py import them here
+from .training import DivergenceError
 
 
 class TrainingFailed(RuntimeError):
     """The run stopped with an error; ``OUT/checkpoint`` holds its last good checkpoint, if any."""
+
+
+@functools.cache
+def _run_outcome_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RunOutcome:
+        """What the workers tell the driver beyond Ray Train's result: a final divergence.
+
+        A diverged run is an outcome, not a crash: its workers return normally (so neither Ray Train's
+        ``FailureConfig`` nor Tune retries it) and rank 0 records the message here.
+        """
+
+        def __init__(self):
+            self.diverged: str | None = None
+
+        def set_diverged(self, message: str) -> None:
+            self.diverged = message
+
+        def get_diverged(self) -> str | None:
+            return self.diverged
+
+    return RunOutcome
+
+
+def create_outcome():
+    """A :class:`RunOutcome` actor for one trainer run (lives as long as the driver holds the handle)."""
+    return _run_outcome_class().remote()
+
+
+def diverged_message(outcome) -> str | None:
+    import ray
+
+    return ray.get(outcome.get_diverged.remote())
 
 
 @dataclass
@@ -50,30 +88,43 @@ def merge_json(path: Path, update: dict) -> dict:
     return data
 
 
-def gmm_for_checkpoint(cfg: Config, checkpoint_dir: str | Path) -> ClassConditionalGMM:
-    """The Gaussian mixture stored beside a checkpoint, or the cached/fitted one of its dataset."""
-    state = load_gmm_state(checkpoint_dir)
-    if state is not None:
-        return ClassConditionalGMM.from_state_dict(state)
-    from .train_worker import load_train_gmm
-
-    return load_train_gmm(cfg)
-
-
 def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int = 8, seed: int = 0) -> dict[str, Path]:
-    """One PNG grid per generation mode: a row per class, ``n_per_class`` samples each."""
+    """One PNG grid per generation mode: a row per class, ``n_per_class`` samples each, on the model's device."""
     from .generate import generate
     from .images import save_grid
 
+    device = next(model.parameters()).device
     k = gmm.num_classes
     rows = min(k, 10)
     classes = torch.arange(rows).repeat_interleave(n_per_class)
     paths = {}
     for mode in ("energy", "pgd", "combined"):
         g = torch.Generator().manual_seed(seed)
-        x, _ = generate(model, gmm, cfg.generate, mode=mode, n=len(classes), classes=classes, generator=g)
+        x, _ = generate(model, gmm, cfg.generate, mode=mode, n=len(classes), classes=classes, generator=g,
+                        device=device)
         paths[mode] = save_grid(x, out_dir / f"{mode}.png", nrow=n_per_class)
     return paths
+
+
+def grids_from_checkpoint(ckpt_dir: str | Path, gmm: ClassConditionalGMM, cfg: Config, out_dir: str | Path) -> dict:
+    """:func:`write_sample_grids` of a checkpoint, on the device this process was given (``devices.py``)."""
+    from .checkpoint import load_model
+    from .devices import default_device
+
+    model, _ = load_model(ckpt_dir, map_location=default_device())
+    return write_sample_grids(model, gmm, cfg, Path(out_dir))
+
+
+def _grids_on_training_device(ckpt_dir: Path, gmm: ClassConditionalGMM, cfg: Config, out_dir: Path,
+                              use_gpu: bool) -> dict:
+    """The end-of-run grids where training ran: a one-GPU Ray task when the workers had GPUs (the driver
+    may sit on a GPU-less head), in this process otherwise."""
+    if not use_gpu:
+        return grids_from_checkpoint(ckpt_dir, gmm, cfg, out_dir)
+    import ray
+
+    task = ray.remote(grids_from_checkpoint).options(num_cpus=1, num_gpus=1)
+    return ray.get(task.remote(str(ckpt_dir), gmm, cfg, str(out_dir)))
 
 
 def _submission_id() -> str:
@@ -104,13 +155,82 @@ def _run_tags(cfg: Config) -> dict[str, str]:
     }
 
 
-def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = None, samples: bool = True) -> TrainOutcome:
-    """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``)."""
+# One Ray Train run per output directory, OUT/ray/train: running the same command again (a resubmitted
+# job, a restarted driver) continues that run from its latest checkpoint through Ray's own restoration.
+RUN_NAME = "train"
+RUN_FILE = "mlflow_run.json"  # OUT's MLflow run, closed as KILLED by a rerun if its driver died
+# What a continued run cannot change: the weights, optimiser state and replay buffer must fit.
+CONTINUE_KEYS = ("model", "data.name", "train.mode", "optim.name", "buffer.size")
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
+    """Ready ``OUT/ray/train`` for this command; returns whether an earlier run there will be continued.
+
+    ``fresh`` moves an earlier run aside (``OUT/ray/train-replaced-TIMESTAMP``, nothing is deleted). Without
+    it, a config that changed what the run's checkpoints hold (``CONTINUE_KEYS``) is refused in one line.
+    """
+    run_dir = out / "ray" / RUN_NAME
+    if not run_dir.is_dir():
+        return False
+    if fresh:
+        aside = run_dir.with_name(f"{RUN_NAME}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, aside)
+        print(f"[rjem] --fresh: the earlier run moved to {aside}; starting from step 0", flush=True)
+        return False
+    previous = out / "config.yaml"
+    if previous.is_file():
+        import yaml
+
+        old, new = yaml.safe_load(previous.read_text()) or {}, cfg.to_dict()
+        for key in CONTINUE_KEYS:
+            if _lookup(old, key) != _lookup(new, key):
+                raise ConfigError(
+                    f"{key}: {out} holds a run with {key} = {_lookup(old, key)!r} and this command asks for "
+                    f"{_lookup(new, key)!r}, which cannot continue it; add --fresh to start over (the earlier run "
+                    f"is kept aside) or give another --out")
+    return True
+
+
+def _close_stale_run(out: Path, tracker) -> None:
+    """Mark OUT's previous MLflow run KILLED if its driver died (it is still RUNNING), and remember ours."""
+    path = out / RUN_FILE
+    if tracker is None:
+        return
+    try:
+        prev = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        prev = {}
+    if prev.get("run_id") and prev.get("tracking_uri") == tracker.tracking_uri and prev["run_id"] != tracker.run_id:
+        from .tracking import Tracker
+
+        old = Tracker(tracker.tracking_uri, prev["run_id"])
+        try:
+            if old.client.get_run(old.run_id).info.status == "RUNNING":
+                old.finish("KILLED")
+            tracker.set_tags({"rjem.continues_run": prev["run_id"]})
+        except Exception:  # the old run is gone (another store, deleted): nothing to close
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}))
+    os.replace(tmp, path)
+
+
+def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = None, samples: bool = True,
+                 fresh: bool = False) -> TrainOutcome:
+    """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``).
+
+    An earlier run in the same ``OUT`` is continued from its latest checkpoint (``fresh`` starts over).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .checkpoint import load_model
-    from .ray_setup import cluster_has_gpus, ensure_ray
+    from .ray_setup import cluster_has_gpus, ensure_ray, train_logging_config
     from .tracking import tracker_for
 
     out = Path(out_dir).resolve()
@@ -121,15 +241,15 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         resume_dir = Path(resume).resolve()
         if (resume_dir / "checkpoint").is_dir():
             resume_dir = resume_dir / "checkpoint"
-        # Fail now, with a clear message, if it is not a checkpoint.
-        resume_buffer = load_state(resume_dir).get("buffer")
+        # Fail now, with a clear message, if it is not a checkpoint or any of its files is damaged.
+        resume_buffer = verify_checkpoint(resume_dir).get("buffer")
+    continuing = prepare_run_dir(cfg, out, fresh)
+    run_dir = out / "ray" / RUN_NAME
 
     # Fail fast on the driver (missing data directory, unknown files) before any worker starts.
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
     gmm = None
     if cfg.uses_energy:
-        from .train_worker import load_train_gmm
-
         gmm = load_train_gmm(cfg, images, labels)  # cached: workers read the file instead of refitting
     del images, labels
     cfg.cache_dir = str(Path(cfg.cache_dir).resolve())  # workers run in another working directory
@@ -139,12 +259,23 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
     use_gpu = cluster_has_gpus() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
     shards = None
-    if cfg.uses_energy and cfg.buffer.is_shared(cfg.trainer.num_workers):
+    shared = cfg.uses_energy and cfg.buffer.is_shared(cfg.trainer.num_workers)
+    found = latest_checkpoint(run_dir) if continuing else None
+    if found is not None:
+        # Ray hands its latest checkpoint to the workers (it wins over --resume); a shared buffer's shards
+        # start from that checkpoint's snapshot.
+        print(f"[rjem] continuing the run in {run_dir} from its latest checkpoint ({Path(found.path).name}); "
+              "--fresh starts over", flush=True)
+        if shared:
+            with found.as_directory() as d:
+                resume_buffer = load_state(d).get("buffer")
+    if shared:
         shards = create_shards(cfg, gmm, out, resume_buffer)
     del resume_buffer
 
     dump_config(cfg, out / "config.yaml")
     tracker = tracker_for(cfg, tags=_run_tags(cfg))
+    _close_stale_run(out, tracker)
     if tracker:
         tracker.log_params(cfg.to_dict())
         tracker.log_artifact(out / "config.yaml")
@@ -154,6 +285,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    outcome = create_outcome()
     trainer = TorchTrainer(
         train_loop_per_worker=worker_entry,
         train_loop_config={
@@ -162,15 +294,17 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             "tracking_uri": tracker.tracking_uri if tracker else None,
             "resume_from": str(resume_dir) if resume_dir else None,
             "buffer_shards": shards.handles if shards else None,
+            "outcome": outcome,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=RUN_NAME,
             storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=train_logging_config(),
         ),
     )
     t0 = time.time()
@@ -179,11 +313,14 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         result = trainer.fit()
         latest = result.checkpoint
         error = result.error
+        if error is None:
+            diverged = diverged_message(outcome)
+            error = DivergenceError(diverged) if diverged else None
     except Exception as exc:  # Train V2 raises TrainingFailedError; keep what was saved
         error = exc
-        latest = latest_checkpoint(out / "ray")
+        latest = latest_checkpoint(run_dir)
     except BaseException:  # `ray job stop`, SIGTERM, Ctrl-C: keep the last checkpoint, close the run, re-raise
-        interrupted = latest_checkpoint(out / "ray")
+        interrupted = latest_checkpoint(run_dir)
         if interrupted is not None:
             with interrupted.as_directory() as d:
                 copy_checkpoint(d, out / "checkpoint")
@@ -215,9 +352,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     if result.metrics:
         metrics["train"].update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
     if samples:
-        model, _ = load_model(ckpt_dir)
         gmm = gmm or gmm_for_checkpoint(cfg, ckpt_dir)
-        paths = write_sample_grids(model, gmm, cfg, out / "samples")
+        paths = _grids_on_training_device(ckpt_dir, gmm, cfg, out / "samples", use_gpu)
         if tracker:
             for p in paths.values():
                 tracker.log_artifact(p, "samples")
@@ -259,10 +395,11 @@ def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:
 
 
 def latest_checkpoint(ray_dir: Path):
+    """The newest complete checkpoint of a Ray Train run directory (or of the runs under ``ray_dir``)."""
     import ray.train
 
-    found = sorted(ray_dir.glob("*/checkpoint-*"))
-    found = [p for p in found if (p / "state.pt").is_file()]
+    found = list(ray_dir.glob("checkpoint-*")) or list(ray_dir.glob("*/checkpoint-*"))
+    found = sorted((p for p in found if (p / "state.pt").is_file()), key=lambda p: (p.name, str(p)))
     return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
 
 

@@ -7,7 +7,9 @@ Each worker loads the training split, keeps its own shard (``data.shard_indices`
 steps (and at the end) they report a checkpoint: rank 0 writes ``state.pt`` (model, optimiser, step,
 its RNG/stream/buffer), every other rank ``rank-K.pt`` (its RNG/stream/buffer); Ray merges the files
 into one checkpoint directory. A divergence rolls back to the last good state in memory with a lower
-learning rate, at most ``train.max_rollbacks`` times, then stops with a clear error.
+learning rate, at most ``train.max_rollbacks`` times; one more ends every worker normally, and rank 0
+records the message in the driver's :class:`~rjem_ray.train_driver.RunOutcome` actor (a divergence is a
+result, not a crash: no ``FailureConfig`` retry).
 
 With a shared replay buffer (``config["buffer_shards"]``: the shard actors the driver created, see
 ``buffer_actor.py``) every rank leases from the same shards; rank 0's ``state.pt`` holds the snapshot of
@@ -28,27 +30,11 @@ import torch
 from .checkpoint import atomic_torch_save, load_state, save_checkpoint
 from .config import Config
 from .data import load_split, shard_indices
-from .gmm import load_or_fit_gmm
-from .training import Learner, Reducer, is_eval_step, run_loop
+from .prior import load_train_gmm  # prior.py is its home; tune.py imports it from here too
+from .training import DivergenceError, Learner, Reducer, is_eval_step, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
 RANK_KEYS = ("rng", "stream", "buffer")
-
-
-def gmm_cache_file(cfg: Config) -> Path:
-    return Path(cfg.cache_dir) / "gmm" / f"{cfg.data.name}-max{cfg.buffer.gmm_max_mb}mb.pt"
-
-
-def load_train_gmm(cfg: Config, images_u8: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-    """The Gaussian mixture of the full training split, fitted once per dataset and cached."""
-    from .data import dataset_info, to_model_space
-
-    if images_u8 is None:
-        images_u8, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
-    return load_or_fit_gmm(
-        gmm_cache_file(cfg), to_model_space(images_u8), labels, dataset_info(cfg.data.name).num_classes,
-        max_bytes=cfg.buffer.gmm_max_mb * 2**20,
-    )
 
 
 class _BufferFencedReducer(Reducer):
@@ -58,8 +44,8 @@ class _BufferFencedReducer(Reducer):
     so every rank's write-backs of that step are in the snapshot.
     """
 
-    def __init__(self, world_size: int, buffer):
-        super().__init__(world_size)
+    def __init__(self, world_size: int, buffer, device: torch.device | None = None):
+        super().__init__(world_size, device)
         self.buffer = buffer
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -103,9 +89,24 @@ def _restore(learner: Learner, directory: str | Path, rank: int, log=lambda msg:
     return "buffer" in state
 
 
+def _quiet_report_logs() -> None:
+    """Ray 2.60 logs every report of every rank at INFO ("Reporting training result N: TrainingReport(...)")
+    under a logger named after its file path rather than ``ray.train.*``, so RunConfig's LoggingConfig
+    misses it; give that logger the same level (INFO again with RJEM_DEBUG)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.INFO if os.environ.get("RJEM_DEBUG") else logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
+
+    _quiet_report_logs()
 
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -127,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
         wrap=ray.train.torch.prepare_model if world > 1 else None,
     )
     if buffer is not None:
-        learner.reducer = _BufferFencedReducer(world, buffer)
+        learner.reducer = _BufferFencedReducer(world, buffer, learner.device)
     log = _stdout_line if rank == 0 else (lambda msg: None)
 
     checkpoint = ray.train.get_checkpoint()
@@ -158,7 +159,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     log_metrics = tracker.log_metrics if tracker else None
     if resumed_from:
-        log(f"[rjem] resumed from {resumed_from} at step {learner.step_count}")
+        kept = "" if not cfg.uses_energy else (" with its replay buffer" if buffer_restored else " with a fresh replay buffer")
+        log(f"[rjem] resumed from {resumed_from} at step {learner.step_count}{kept}")
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:
@@ -184,6 +186,18 @@ def train_loop_per_worker(config: dict) -> None:
         lrn.model.train()
         return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
 
-    run_loop(learner, report, log=log, log_metrics=log_metrics, evaluate=evaluate)
+    try:
+        run_loop(learner, report, log=log, log_metrics=log_metrics, evaluate=evaluate)
+    except DivergenceError as exc:
+        # Final: every rank took the same decision (the ranks' largest loss). Raising would make Ray
+        # Train's FailureConfig retry it from the last checkpoint with a fresh rollback budget, so the
+        # workers end normally and rank 0 tells the driver, which fails the run once.
+        outcome = config.get("outcome")
+        if outcome is None:
+            raise
+        if rank == 0:
+            import ray
+
+            ray.get(outcome.set_diverged.remote(str(exc)))
     if buffer is not None:
         buffer.close()  # give back the prefetched lease

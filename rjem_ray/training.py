@@ -44,14 +44,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import pgd
+from .attacks import pgd, pgd_objective, pgd_start
 from .config import Config
 from .data import Augmenter, BatchStream, dataset_info
 from .energy import marginal_energy
 from .gmm import ClassConditionalGMM, as_init_fn
 from .models import build_model
 from .replay_buffer import LocalReplayBuffer, ReplayBuffer
-from .samplers import run_sampler
+from .samplers import pyld_update, run_sampler, sgld_update
+from .speed import FastNet
+
+
+def rng_state(device: torch.device, gen: torch.Generator) -> dict:
+    """The RNG states a step draws from: the CPU generator, the augmentation generator ``gen`` and, on a
+    CUDA device, that device's generator (PGD's random start and SGLD's noise draw there), ``cuda_rng``."""
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device, gen: torch.Generator) -> None:
+    """Restore :func:`rng_state`; ``cuda_rng`` only on a CUDA device (a CPU resume of a GPU run ignores it)."""
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+
+
+def cpu_copy(obj):
+    """A deep copy of nested dicts/lists/tuples whose tensors are all copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 class DivergenceError(RuntimeError):
@@ -84,14 +113,21 @@ def batchnorm_eval(model: nn.Module):
     neither used from the batch nor updated.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.training for m in bns]
+    saved = [(m.training, m.running_mean, m.running_var) for m in bns]
     for m in bns:
         m.eval()
+        # The pass normalises with copies: a backward through it (the loss's view of x_q) may need the
+        # statistics it used (a compiled graph saves them), while the next train-mode passes update the
+        # originals in place before that backward runs.
+        if m.running_mean is not None:
+            m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
     try:
         yield
     finally:
-        for m, mode in zip(bns, saved):
+        for m, (mode, mean, var) in zip(bns, saved):
             m.train(mode)
+            if mean is not None:
+                m.running_mean, m.running_var = mean, var
 
 
 class JointForward(nn.Module):
@@ -141,19 +177,87 @@ def jem_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``CE(f(x_cls), y) + w_px (mean E(x_pos) − mean E(x_q)) + λ (E(x_pos)² + E(x_q)²).mean()``.
 
-    Returns the loss and its parts as Python floats (``ce``, ``acc``, ``e_pos``, ``e_neg``).
+    Returns the loss and its parts as Python floats (``loss``, ``ce``, ``acc``, ``e_pos``, ``e_neg``),
+    read from the device in one transfer (one host synchronisation per step, not one per figure).
     """
+    logits_cls = logits_cls.float()
     ce = F.cross_entropy(logits_cls, y)
-    parts = {"ce": ce.item(), "acc": (logits_cls.argmax(1) == y).float().mean().item()}
+    names, figures = ["ce", "acc"], [ce.detach(), (logits_cls.argmax(1) == y).float().mean()]
     loss = ce
     if logits_neg is not None:
-        e_pos = marginal_energy(logits_pos if logits_pos is not None else logits_cls)
-        e_neg = marginal_energy(logits_neg)
+        e_pos = marginal_energy((logits_pos if logits_pos is not None else logits_cls).float())
+        e_neg = marginal_energy(logits_neg.float())
         loss = loss + energy_weight * (e_pos.mean() - e_neg.mean())
         if energy_l2 > 0:
             loss = loss + energy_l2 * (e_pos.pow(2) + e_neg.pow(2)).mean()
-        parts.update(e_pos=e_pos.mean().item(), e_neg=e_neg.mean().item())
-    return loss, parts
+        names += ["e_pos", "e_neg"]
+        figures += [e_pos.detach().mean(), e_neg.detach().mean()]
+    values = torch.stack([loss.detach(), *figures]).tolist()
+    return loss, dict(zip(["loss", *names], values))
+
+
+def attack_and_sample_fused(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_q: torch.Tensor,
+    *,
+    eps: float,
+    attack_steps: int,
+    attack_step_size: float,
+    norm: str,
+    random_start: bool,
+    sampler_kind: str,
+    sampler_steps: int,
+    inner_steps: int,
+    sampler_step_size: float,
+    noise_std: float,
+    outer_step_size: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD on ``x`` and the sampler on ``x_q`` (marginal energy), sharing one forward/backward per step.
+
+    Valid only when the network treats samples independently, i.e. with BatchNorm in **eval** mode for
+    both the attack and the sampler (``attack.bn_mode = eval`` and ``train.sampler_bn_mode = eval``; the
+    caller puts ``net`` in eval mode). Then for ``z = cat(x_adv, x_q)``
+
+        ``∇_z [±Σ CE(f(x_adv), y) + s·Σ E(x_q)] = (∇_{x_adv} ±Σ CE, s·∇_{x_q} Σ E)``
+
+    (``s = +1`` for SGLD, which descends ``∇E``; ``s = −1`` for PYLD, which ascends ``∂(−E)/∂x``), so one
+    pass of the concatenated batch yields exactly the two gradients the separate loops would take, up
+    to fp32 round-off of the larger batch. Step ``i`` fuses PGD step ``i`` with sampler (outer) step ``i``
+    while both schedules last; the longer one then runs alone. The random draws happen in the order the
+    separate loops make them (PGD's random start, then SGLD's noise per step), so a seeded run is the same
+    run. With BatchNorm in train mode each batch is normalised by its own statistics and the two passes
+    cannot share a batch: :class:`Learner` then runs the loops separately. Units as in ``attacks.pgd``
+    and ``samplers.run_sampler``. Returns detached ``(x_adv, x_q)``.
+    """
+    attack, x0, x_adv, n_attack = pgd_start(x, eps=eps, steps=attack_steps, step_size=attack_step_size,
+                                            norm=norm, random_start=random_start)
+    sign = 1.0 if sampler_kind == "sgld" else -1.0
+    x_q = x_q.detach().clone()
+    n = len(x_adv)
+    for i in range(max(n_attack, sampler_steps)):
+        do_attack, do_sample = i < n_attack, i < sampler_steps
+        inputs = ([x_adv.detach().requires_grad_(True)] if do_attack else []) + \
+                 ([x_q.detach().requires_grad_(True)] if do_sample else [])
+        with torch.enable_grad():
+            logits = net(torch.cat(inputs) if len(inputs) == 2 else inputs[0])
+            obj = 0.0
+            if do_attack:
+                obj = obj + pgd_objective(logits[:n] if do_sample else logits, y)
+            if do_sample:
+                obj = obj + sign * marginal_energy((logits[n:] if do_attack else logits).float()).sum()
+            grads = torch.autograd.grad(obj, inputs)
+        if do_attack:
+            x_adv = attack.update(inputs[0], grads[0], x0)
+        if do_sample:
+            g = grads[-1]
+            if sampler_kind == "sgld":
+                x_q = sgld_update(inputs[-1], g, step_size=sampler_step_size, noise_std=noise_std)
+            else:
+                x_q = pyld_update(inputs[-1], g, step_size=sampler_step_size, inner_steps=inner_steps,
+                                  outer_step_size=outer_step_size)
+    return x_adv.detach(), x_q.detach()
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:
@@ -184,9 +288,23 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 @dataclass
 class Reducer:
-    """Scalar reductions across DDP ranks; the identity on one process."""
+    """Scalar reductions across DDP ranks; the identity on one process.
+
+    Under nccl the scalars travel on ``device`` (this rank's GPU; None: the current CUDA device), never
+    on whatever ``.cuda()`` would pick.
+    """
 
     world_size: int = 1
+    device: torch.device | None = None
+
+    def _on_backend(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.get_backend() != "nccl":
+            return t
+        device = self.device if self.device is not None and self.device.type == "cuda" else \
+            torch.device("cuda", torch.cuda.current_device())
+        return t.to(device)
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not values:
@@ -194,9 +312,7 @@ class Reducer:
         import torch.distributed as dist
 
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._on_backend(torch.tensor([values[k] for k in keys], dtype=torch.float64))
         dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.cpu().tolist())}
 
@@ -205,9 +321,7 @@ class Reducer:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._on_backend(torch.tensor([value], dtype=torch.float64))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
@@ -237,7 +351,12 @@ class Learner:
         if cfg.trainer.sync_batchnorm and world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
-        joint = JointForward(self.model, cfg.train.sampler_bn_mode)
+        # Every pass (PGD, sampler, loss) goes through one FastNet: the speed settings apply to all of
+        # them, and self.model (fp32 weights) is what the optimiser steps and the checkpoint holds.
+        t = cfg.train
+        self.net = FastNet(self.model, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                           device=self.device)
+        joint = JointForward(self.net, cfg.train.sampler_bn_mode)
         self.joint = wrap(joint) if wrap is not None else joint
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         self.lr_scale = 1.0  # lowered by each divergence rollback
@@ -251,7 +370,7 @@ class Learner:
             else Augmenter(0, False, cfg.data.noise_std)
         )
         self.gen = torch.Generator().manual_seed(cfg.train.seed * 7 + rank)
-        self.reducer = Reducer(world_size)
+        self.reducer = Reducer(world_size, self.device)
         self.buffer: ReplayBuffer | None = None
         if cfg.uses_energy:
             if buffer is None:
@@ -277,21 +396,44 @@ class Learner:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def fused(self) -> bool:
+        """Whether PGD and the sampler share their passes (``attack_and_sample_fused``): robust-jem with
+        ``train.fuse_passes`` and BatchNorm in eval mode for both (``attack.bn_mode`` and
+        ``train.sampler_bn_mode``)."""
+        c = self.cfg
+        return (c.train.fuse_passes and c.robust and c.uses_energy and c.attack.bn_mode == "eval"
+                and c.train.sampler_bn_mode == "eval")
+
+    def _attack_and_sample_fused(self, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float):
+        a, s = self.cfg.attack, self.cfg.sampler
+        lease = self.buffer.lease(self.batch_per_worker)
+        self.net.train(False)
+        x_adv, x_q = attack_and_sample_fused(
+            self.net, x.clamp(-1, 1), y, torch.from_numpy(lease.x).to(self.device), eps=eps,
+            attack_steps=a.steps, attack_step_size=step_size, norm=a.norm, random_start=a.random_start,
+            sampler_kind=s.kind, sampler_steps=s.steps, inner_steps=s.inner_steps, sampler_step_size=s.step_size,
+            noise_std=s.noise_std, outer_step_size=s.outer_step_size,
+        )
+        self.net.train()
+        self.buffer.write_back(lease.slots, x_q.detach().cpu().numpy())
+        return x_adv, x_q
+
     def _sample_negatives(self) -> torch.Tensor:
         lease = self.buffer.lease(self.batch_per_worker)
         x0 = torch.from_numpy(lease.x).to(self.device)
         s = self.cfg.sampler
         was_training = self.model.training
         batch_stats = self.cfg.train.sampler_bn_mode == "train"
-        self.model.train(batch_stats)
+        self.net.train(batch_stats)
         # Batch statistics (train mode) without updating the running ones: those describe data only,
         # and the loss's view of x_q (JointForward, same mode) then normalises exactly as the sampler did.
         with running_stats_frozen(self.model) if batch_stats else contextlib.nullcontext():
             x_q = run_sampler(
-                self.model, x0, kind=s.kind, steps=s.steps, inner_steps=s.inner_steps,
+                self.net, x0, kind=s.kind, steps=s.steps, inner_steps=s.inner_steps,
                 step_size=s.step_size, noise_std=s.noise_std, generator=None, outer_step_size=s.outer_step_size,
             )
-        self.model.train(was_training)
+        self.net.train(was_training)
         self.buffer.write_back(lease.slots, x_q.detach().cpu().numpy())
         return x_q
 
@@ -302,26 +444,31 @@ class Learner:
         x, y = next(self.stream)
         x, y = x.to(self.device), y.to(self.device)
         x = self.augment(x, generator=self.gen)
-        self.model.train()
+        self.net.train()
         x_cls = x
         eps = 0.0
+        x_neg = None
         if cfg.robust:
             eps = attack_eps(self.step_count, cfg)
-            batch_stats = cfg.attack.bn_mode == "train"
-            self.model.train(batch_stats)
             step_size = cfg.attack.step_size * eps / cfg.attack.eps if cfg.attack.eps else 0.0
+        if self.fused:
+            x_cls, x_neg = self._attack_and_sample_fused(x, y, eps, step_size)
+        elif cfg.robust:
+            batch_stats = cfg.attack.bn_mode == "train"
+            self.net.train(batch_stats)
             # train: attack the function the loss will train (batch statistics), running statistics frozen
             with running_stats_frozen(self.model) if batch_stats else contextlib.nullcontext():
                 x_cls = pgd(
-                    self.model, x.clamp(-1, 1), y, eps=eps, steps=cfg.attack.steps, step_size=step_size,
+                    self.net, x.clamp(-1, 1), y, eps=eps, steps=cfg.attack.steps, step_size=step_size,
                     norm=cfg.attack.norm, random_start=cfg.attack.random_start,
                 )
-            self.model.train()
-        x_neg = self._sample_negatives() if cfg.uses_energy else None
+            self.net.train()
+        if cfg.uses_energy and x_neg is None:
+            x_neg = self._sample_negatives()
         x_pos = x if (cfg.uses_energy and cfg.robust) else None
         logits_cls, logits_pos, logits_neg = self.joint(x_cls, x_pos, x_neg)
         loss, parts = jem_loss(logits_cls, y, logits_pos, logits_neg, cfg.train.energy_weight, cfg.train.energy_l2)
-        value = loss.item()
+        value = parts.pop("loss")
         worst = self.reducer.max(abs(value) if math.isfinite(value) else math.inf)
         if not math.isfinite(worst) or worst > cfg.train.divergence_threshold:
             self.optimizer.zero_grad(set_to_none=True)
@@ -345,7 +492,7 @@ class Learner:
             "step": self.step_count,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
-            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state()},
+            "rng": rng_state(self.device, self.gen),
             "stream": self.stream.state_dict(),
             "config": self.cfg.to_dict(),
         }
@@ -359,16 +506,19 @@ class Learner:
         self.step_count = int(state["step"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = int(state.get("rollbacks", 0))
-        torch.set_rng_state(state["rng"]["torch"])
-        self.gen.set_state(state["rng"]["gen"])
+        set_rng_state(state["rng"], self.device, self.gen)
         self.stream.load_state_dict(state["stream"])
         if load_buffer and self.buffer is not None and "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
         self._apply_lr()
 
     def snapshot(self) -> dict:
-        """A deep CPU copy of the state, kept in memory for divergence rollback."""
-        return copy.deepcopy(self.state_dict())
+        """A deep copy of the state with every tensor on the CPU, kept in memory for divergence rollback.
+
+        On a GPU the model and optimiser tensors would otherwise stay on the device (a second copy of
+        the weights and optimiser state in GPU memory for the whole run).
+        """
+        return cpu_copy(self.state_dict())
 
     def rollback(self, snapshot: dict, lr_factor: float) -> None:
         """Restore ``snapshot`` and lower the learning rate by ``lr_factor`` (counts one rollback)."""

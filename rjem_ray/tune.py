@@ -6,7 +6,7 @@ A sweep file (``tune_configs/tune-*.yaml``) is an experiment config with five ex
     base: demo.yaml           # scope train: the experiment config the sweep extends (relative to this file)
     checkpoint: runs/demo     # scope sample: the fixed checkpoint (a checkpoint dir or a `rjem train` OUT)
     search: {KEY: {choice|grid|uniform|loguniform|randint: [...]}}   # see rjem_ray/search_space.py
-    tune: {metric: fid, mode: min, num_samples: 8, max_concurrent: 2, ...}            # see TuneSettings
+    tune: {metric: fid, mode: min, num_samples: 8, max_concurrent: 2, search: random, ...}   # see TuneSettings
     # every other key (name, eval, generate, tracking, ...) overrides the base experiment config
 
 Two scopes:
@@ -54,11 +54,13 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml
-from .search_space import KINDS, Param, apply_params, num_trials, param_space, parse_search
+from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml, with_tracking_env
+from .devices import default_device
+from .search_space import KINDS, Param, apply_params, base_point, num_trials, param_space, parse_search
 
 SCOPES = ("sample", "train")
 SCHEDULERS = ("fifo", "asha")
+SEARCHERS = ("random", "optuna")
 SWEEP_KEYS = ("scope", "base", "checkpoint", "search", "tune")
 # Objective name → default mode, and the train.eval_metrics entry that produces it.
 # robust_accuracy is AutoAttack's (eval metric autoattack); pgd_robust_accuracy is PGD's (eval metric robust),
@@ -86,7 +88,10 @@ class TuneSettings:
     # ood_auroc (train)
     metric: str = "fid"
     mode: str | None = None  # min | max; None: min for fid and ece, max for the others
-    num_samples: int = 1  # trials drawn per grid point
+    num_samples: int = 1  # trials drawn per grid point (search optuna: trials in all, the baseline included)
+    # random: Tune's random draws and grids | optuna: Optuna's TPE (extra rjem-ray[optuna]; no grids), whose
+    # first trial is the base config's own values of the searched keys
+    search: str = "random"
     max_concurrent: int = 2  # trials running at once
     scheduler: str | None = None  # fifo | asha; None: asha for scope train, fifo for scope sample
     grace_period: int | None = None  # ASHA: optimiser steps before a trial may be stopped (None: train.eval_every)
@@ -190,7 +195,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     from .checkpoint import config_from_state, load_state
 
     path = Path(path)
-    doc = apply_overrides(read_yaml(path), overrides)
+    # MLflow's variables enter the sweep's own tracking section, which wins over the base or checkpoint config.
+    doc = apply_overrides(with_tracking_env(read_yaml(path)), overrides)
     scope = doc.get("scope")
     if scope not in SCOPES:
         raise ConfigError(f"scope: {scope!r} is not allowed; choose one of {', '.join(SCOPES)}")
@@ -233,6 +239,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise ConfigError(f"tune.mode: {settings.mode!r} is not allowed; choose one of min, max")
     if settings.scheduler is not None and settings.scheduler not in SCHEDULERS:
         raise ConfigError(f"tune.scheduler: {settings.scheduler!r} is not allowed; choose one of {', '.join(SCHEDULERS)}")
+    if settings.search not in SEARCHERS:
+        raise ConfigError(f"tune.search: {settings.search!r} is not allowed; choose one of {', '.join(SEARCHERS)}")
     for key in ("num_samples", "max_concurrent", "reduction_factor"):
         if getattr(settings, key) < 1 + (key == "reduction_factor"):
             raise ConfigError(f"tune.{key}: {getattr(settings, key)} is out of range; it must be >= "
@@ -261,11 +269,26 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             if not 1 <= grace <= t.steps:
                 raise ConfigError(f"tune.grace_period: {grace} must be in 1..train.steps ({t.steps})")
         params = parse_search(search, cfg.to_dict(), forbidden=forbidden)
+    if settings.search == "optuna":
+        _check_optuna(params, cfg)
 
     doc = {**doc, "search": search, "tune": {**(doc.get("tune") or {})}}
     if checkpoint is not None:
         doc["checkpoint"] = str(checkpoint)
     return Sweep(name, scope, cfg, params, settings, checkpoint, doc)
+
+
+def _check_optuna(params: list[Param], cfg: Config) -> None:
+    grids = [p.key for p in params if p.kind == "grid"]
+    if grids:
+        raise ConfigError(f"search.{grids[0]}: tune.search optuna draws every value from its model, so it takes no "
+                          "grid; use choice (with tune.num_samples trials in all) or tune.search random")
+    base_point(params, cfg.to_dict())  # raises when the baseline trial would leave the search space
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("tune.search: optuna needs the package optuna: pip install 'rjem-ray[optuna]' "
+                          "(or choose tune.search random)") from None
 
 
 # ----------------------------------------------------------------------------------------------- FID setup
@@ -368,7 +391,7 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
         from .checkpoint import load_model
         from .evaluate import evaluate_model
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()  # the GPU Ray assigned this trial, else CPU
         model, _ = load_model(checkpoint, map_location=device)
         res = evaluate_model(model, cfg, ["accuracy", "robust", "autoattack"])
         out["checkpoint_metrics"] = {k: res[k] for k in ("accuracy", "robust_accuracy", "pgd_robust_accuracy")}
@@ -463,7 +486,7 @@ def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     from .train_driver import gmm_for_checkpoint
 
     torch.set_num_threads(max(1, int(ctx.trial_cpus)))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()  # the GPU Ray assigned this trial, else CPU
     model, _ = load_model(ctx.checkpoint, map_location=device)
     gmm = gmm_for_checkpoint(cfg, ctx.checkpoint)
     n = cfg.eval.fid_samples
@@ -486,7 +509,10 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .train_driver import create_shards, worker_entry, copy_checkpoint, save_checkpoint_gmm
+    from .train_driver import (copy_checkpoint, create_outcome, create_shards, diverged_message, save_checkpoint_gmm,
+                               worker_entry)
+    from .ray_setup import train_logging_config
+    from .training import DivergenceError
     from .train_worker import load_train_gmm
 
     run = json.loads((trial_dir / RUN_FILE).read_text()) if (trial_dir / RUN_FILE).is_file() else {}
@@ -497,6 +523,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if ctx.use_gpu:
         resources["GPU"] = 1
+    outcome = create_outcome()  # a divergence ends the workers normally (no retry) and is recorded here
     trainer = TorchTrainer(
         train_loop_per_worker=worker_entry,
         train_loop_config={
@@ -505,6 +532,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             "tracking_uri": run.get("tracking_uri"),
             "resume_from": None,
             "buffer_shards": shards.handles if shards else None,
+            "outcome": outcome,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.trainer.num_workers, use_gpu=ctx.use_gpu, resources_per_worker=resources),
@@ -514,6 +542,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_callback_classes()[1](ctx.metric)],
+            logging_config=train_logging_config(),
         ),
     )
     try:
@@ -523,6 +552,9 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             shards.shutdown()
     if result.error is not None:
         raise result.error
+    diverged = diverged_message(outcome)
+    if diverged:
+        raise DivergenceError(diverged)
     ckpt = trial_dir / "checkpoint"
     with result.checkpoint.as_directory() as d:
         copy_checkpoint(d, ckpt)
@@ -669,7 +701,7 @@ def sample_grid(checkpoint: str | Path, cfg: Config, path: Path, seed: int = 0) 
     from .images import save_grid
     from .train_driver import gmm_for_checkpoint
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()  # the GPU Ray assigned this trial, else CPU
     model, _ = load_model(checkpoint, map_location=device)
     gmm = gmm_for_checkpoint(cfg, checkpoint)
     k = min(gmm.num_classes, 10)
@@ -687,8 +719,9 @@ def _tracking_info(cfg: Config) -> dict | None:
     t = cfg.tracking
     if not t.enabled:
         return None
-    return {"uri": resolve_tracking_uri(t.tracking_uri), "experiment": t.experiment,
-            "artifact_location": resolve_artifact_location(t.artifact_location)}
+    uri = resolve_tracking_uri(t.tracking_uri)
+    return {"uri": uri, "experiment": t.experiment,
+            "artifact_location": resolve_artifact_location(t.artifact_location, tracking_uri=uri)}
 
 
 def _parent_run(sweep: Sweep, out: Path, state: dict, prepared: dict):
@@ -809,7 +842,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
             param_space=param_space(sweep.params),
             tune_config=tune.TuneConfig(
                 metric=sweep.metric, mode=sweep.mode, num_samples=st.num_samples,
-                scheduler=_scheduler(sweep), search_alg=_search_alg(st.seed, st.max_concurrent),
+                scheduler=_scheduler(sweep), search_alg=_search_alg(sweep),
                 trial_dirname_creator=trial_dirname,
                 reuse_actors=sweep.scope == "sample",
             ),
@@ -831,11 +864,19 @@ def _comparable(doc: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _search_alg(seed: int, max_concurrent: int):
+def _search_alg(sweep: Sweep):
+    st = sweep.settings
+    if st.search == "optuna":  # TPE, seeded; the base config's values first, as the baseline trial
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        baseline = base_point(sweep.params, sweep.cfg.to_dict())
+        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[baseline], seed=st.seed),
+                                  max_concurrent=st.max_concurrent)
     # Tune ignores TuneConfig.max_concurrent_trials when a BasicVariantGenerator is passed: set it here.
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=st.seed, max_concurrent=st.max_concurrent)
 
 
 def _scheduler(sweep: Sweep):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports Ray or MLflow.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Before anything imports Ray or MLflow. Ray's token authentication stays on (its default), as for users.
+# MLflow's own variables would redirect the tests' stores: each test names its store itself.
+for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    os.environ.pop(_var, None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

@@ -4,6 +4,9 @@ Each writer returns ``(train_x, train_y, test_x, test_y)``: the images it wrote 
 ``[N, 3, 32, 32]`` (NCHW, as ``rjem_ray.data.load_split`` must return them) and the labels as
 ``int64 [N]`` in ``[0, num_classes)``. Pixels are random but the three channels differ by construction
 (channel c of every image lies in ``[85 c, 85 c + 84]``), so a channel-order mistake is visible.
+
+The CIFAR batches are pickles with ``str`` keys, as the real Python 2 files read under
+``pickle.load(f, encoding="latin1")``, which is how ``torchvision.datasets.CIFAR10`` opens them.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ def _dump(path: str, obj: dict) -> None:
         pickle.dump(obj, f, protocol=2)  # the real files are Python 2 cPickle, protocol 2
 
 
-def _cifar_batch(x: np.ndarray, label_items: dict, batch_label: bytes) -> dict:
+def _cifar_batch(x: np.ndarray, label_items: dict, batch_label: str) -> dict:
     n = x.shape[0]
-    d = {b"batch_label": batch_label}
+    d = {"batch_label": batch_label}
     d.update(label_items)
-    d[b"data"] = x.reshape(n, 3072)  # row-major CHW: 1024 R, then 1024 G, then 1024 B
-    d[b"filenames"] = [f"fake_{i:05d}.png".encode() for i in range(n)]
+    d["data"] = x.reshape(n, 3072)  # row-major CHW: 1024 R, then 1024 G, then 1024 B
+    d["filenames"] = [f"fake_{i:05d}.png" for i in range(n)]
     return d
 
 
@@ -53,16 +56,16 @@ def write_cifar10(root, n_train_per_batch: int = 6, n_test: int = 10, seed: int 
         x, y = _images(rng, n_train_per_batch), _labels(rng, n_train_per_batch, 10)
         _dump(
             os.path.join(d, f"data_batch_{i}"),
-            _cifar_batch(x, {b"labels": [int(v) for v in y]}, f"training batch {i} of 5".encode()),
+            _cifar_batch(x, {"labels": [int(v) for v in y]}, f"training batch {i} of 5"),
         )
         xs.append(x)
         ys.append(y)
     tx, ty = _images(rng, n_test), _labels(rng, n_test, 10)
-    _dump(os.path.join(d, "test_batch"), _cifar_batch(tx, {b"labels": [int(v) for v in ty]}, b"testing batch 1 of 1"))
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    _dump(os.path.join(d, "test_batch"), _cifar_batch(tx, {"labels": [int(v) for v in ty]}, "testing batch 1 of 1"))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _dump(
         os.path.join(d, "batches.meta"),
-        {b"num_cases_per_batch": n_train_per_batch, b"label_names": names, b"num_vis": 3072},
+        {"num_cases_per_batch": n_train_per_batch, "label_names": names, "num_vis": 3072},
     )
     return (
         torch.from_numpy(np.concatenate(xs)),
@@ -84,14 +87,14 @@ def write_cifar100(root, n_train: int = 30, n_test: int = 10, seed: int = 0):
     out = []
     for split, n in (("train", n_train), ("test", n_test)):
         x, y = _images(rng, n), _labels(rng, n, 100)
-        labels = {b"fine_labels": [int(v) for v in y], b"coarse_labels": [int(v) // 5 for v in y]}
-        _dump(os.path.join(d, split), _cifar_batch(x, labels, split.encode()))
+        labels = {"fine_labels": [int(v) for v in y], "coarse_labels": [int(v) // 5 for v in y]}
+        _dump(os.path.join(d, split), _cifar_batch(x, labels, split))
         out += [torch.from_numpy(x), torch.from_numpy(y)]
     _dump(
         os.path.join(d, "meta"),
         {
-            b"fine_label_names": [f"fine_{i}".encode() for i in range(100)],
-            b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)],
+            "fine_label_names": [f"fine_{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse_{i}" for i in range(20)],
         },
     )
     return tuple(out)

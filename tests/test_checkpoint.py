@@ -75,3 +75,78 @@ def test_copy_checkpoint_copies_every_file(tmp_path):
     copy_checkpoint(tmp_path / "a", tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["rank-1.pt", "state.pt"]
     assert load_state(tmp_path / "b")["step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+
+
+@pytest.fixture(scope="module")
+def full_checkpoint(tmp_path_factory):
+    """A checkpoint directory as `rjem train` leaves it with two workers: state.pt, gmm.pt and rank-1.pt."""
+    from rjem_ray.gmm import fit_class_gmm
+
+    d = tmp_path_factory.mktemp("full") / "checkpoint"
+    _, state = _state()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 28, 28, generator=gen) * 2 - 1, torch.arange(40) % 10
+    save_checkpoint(d, state, gmm_state=fit_class_gmm(x, y, 10, rank=2).state_dict())
+    atomic_torch_save({"rng": {"torch": torch.get_rng_state()}, "stream": {"epoch": 0, "pos": 0}}, d / "rank-1.pt")
+    return d
+
+
+def _damage(src, dst, name: str, how: str):
+    copy_checkpoint(src, dst)
+    f = dst / name
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if how == "truncated" else
+                  bytes(torch.randint(0, 256, (len(data),), generator=torch.Generator().manual_seed(1)).tolist()))
+    return f
+
+
+def _argv(command: str, ckpt, tmp_path, cache_dir) -> list[str]:
+    if command == "sample":
+        return ["sample", str(ckpt), "--mode", "pgd", "--n", "2", "--out", str(tmp_path / "s.png")]
+    if command == "eval":
+        return ["eval", str(ckpt), "--metrics", "accuracy", "--json", str(tmp_path / "m.json")]
+    return ["train", "tune_configs/smoke.yaml", "--out", str(tmp_path / "run"), "--resume", str(ckpt),
+            "--set", "tracking.enabled=false", "--set", f"cache_dir={cache_dir}"]
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "train"])
+@pytest.mark.parametrize("how", ["truncated", "random"])
+@pytest.mark.parametrize("name", ["state.pt", "gmm.pt", "rank-1.pt"])
+def test_a_damaged_file_is_one_line_and_exit_2(full_checkpoint, tmp_path, cache_dir, capsys, command, how, name):
+    from rjem_ray.cli import main
+
+    bad = _damage(full_checkpoint, tmp_path / "ck", name, how)
+    assert main(_argv(command, tmp_path / "ck", tmp_path, cache_dir)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rjem {command}: error: ") and str(bad) in err[0], err
+    assert "Traceback" not in err[0]
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "m.json").exists()  # nothing half-written
+
+
+def test_the_intact_checkpoint_passes_the_same_commands(full_checkpoint, tmp_path, cache_dir):
+    """The damage above is what fails: the same directory, intact, samples and evaluates."""
+    from rjem_ray.checkpoint import verify_checkpoint
+    from rjem_ray.cli import main
+
+    assert verify_checkpoint(full_checkpoint)["step"] == 3
+    assert main(_argv("sample", full_checkpoint, tmp_path, cache_dir)) == 0 and (tmp_path / "s.png").is_file()
+    assert main(_argv("eval", full_checkpoint, tmp_path, cache_dir)) == 0 and (tmp_path / "m.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "train"])
+def test_an_unwritable_output_fails_before_any_work(full_checkpoint, tmp_path, cache_dir, capsys, monkeypatch, command):
+    from rjem_ray import cli
+
+    (tmp_path / "file").write_text("a file, not a directory")
+    argv = _argv(command, full_checkpoint, tmp_path / "file" / "sub", cache_dir)
+    if command == "train":
+        argv = [a for a in argv if a not in ("--resume", str(full_checkpoint))]
+    for heavy in ("rjem_ray.generate.generate", "rjem_ray.evaluate.evaluate_checkpoint",
+                  "rjem_ray.train_driver.run_training", "rjem_ray.checkpoint.load_model"):
+        monkeypatch.setattr(heavy, lambda *a, **k: pytest.fail(f"work started before the output was checked"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be written" in err[0] and str(tmp_path / "file") in err[0], err

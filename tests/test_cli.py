@@ -130,6 +130,28 @@ def test_divergence_exits_1_with_one_clear_line(tmp_path, ray_session, cache_dir
     assert "stopped after 0 rollback(s)" in err and "no checkpoint was saved" in err
 
 
+@pytest.mark.slow
+def test_divergence_is_final_even_with_retries_left(tmp_path, ray_session, cache_dir, tracking_overrides, capsys):
+    """trainer.max_failures=2 retries crashed workers; a divergence past its rollbacks is not retried."""
+    from mlflow.tracking import MlflowClient
+
+    argv = ["train", "tune_configs/smoke.yaml", "--out", str(tmp_path / "run"), "--set", "train.divergence_threshold=1e-9",
+            "--set", "train.max_rollbacks=1", "--set", "trainer.max_failures=2", "--set", f"cache_dir={cache_dir}",
+            "--set", "tracking.experiment=diverge"]
+    for s in tracking_overrides:
+        argv += ["--set", s]
+    assert main(argv) == 1
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "mlflow" not in ln]  # its store creation
+    assert len(err) == 1 and err[0].startswith("rjem train: training failed: loss diverged at step 0"), err
+    assert "stopped after 1 rollback(s)" in err[0]
+    client = MlflowClient(tracking_uri=tracking_overrides[0].split("=", 1)[1])
+    [run] = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
+    assert run.info.status == "FAILED" and "loss diverged" in run.data.tags["rjem.error"]
+    # One attempt: its single rollback was logged once; every retry would have logged its own.
+    assert len(client.get_metric_history(run.info.run_id, "train/rollback")) == 1
+    assert "resumed_at_step" not in run.data.tags
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [

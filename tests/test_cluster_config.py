@@ -147,6 +147,21 @@ def test_cpu_head_and_gpu_workers_that_fit_the_cifar10_config(prepared):
     assert sum(t["max_workers"] for t in workers.values()) <= prepared["max_workers"]
 
 
+def test_a_cifar10_train_sweep_trial_fits_on_one_gpu_node_of_every_type(prepared):
+    # A train-scope trial holds its own process (tune.trial_cpus) plus its Ray Train workers; on the 8-vCPU
+    # g5 nodes 1 + 8 CPUs would tie up two nodes per trial.
+    from rjem_ray.tune import load_sweep
+
+    sweep = load_sweep(REPO / "tune_configs" / "tune-cifar10-train.yaml")
+    cfg, st = sweep.cfg, sweep.settings
+    assert cfg.trainer.use_gpu and cfg.trainer.num_workers == 1
+    need = st.trial_cpus + cfg.trainer.cpus_per_worker
+    for name, t in prepared["available_node_types"].items():
+        if t["resources"].get("GPU", 0) >= 1:
+            per_gpu = t["resources"]["CPU"] / t["resources"]["GPU"]
+            assert need <= per_gpu, (name, need, per_gpu)
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 
@@ -184,6 +199,15 @@ def test_setup_installs_the_mounted_checkout_with_cuda_torch(prepared):
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["rjem"] == "rjem_ray.cli:main"
 
 
+def test_every_node_starts_ray_with_token_authentication(raw, prepared):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [line for line in raw[key] if re.search(r"\bray start\b", line)]
+        assert starts and all(re.search(r"(^|[;\s])(export )?RAY_AUTH_MODE=token[;\s]", line) for line in starts), starts
+    # The token reaches every node from the user's machine; it is not in the repository.
+    assert prepared["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert not list(REPO.glob("**/auth_token"))
+
+
 def test_ray_start_commands_use_existing_flags_and_agree_on_the_head_port(prepared):
     [head] = ray_start_args(prepared, "head_start_ray_commands")
     [worker] = ray_start_args(prepared, "worker_start_ray_commands")
@@ -195,25 +219,36 @@ def test_ray_start_commands_use_existing_flags_and_agree_on_the_head_port(prepar
     assert worker["object_manager_port"] == head["object_manager_port"]
 
 
-def test_head_starts_an_mlflow_server_on_loopback_with_a_shared_store(prepared):
+def test_head_runs_the_only_mlflow_writer_with_a_local_store(prepared):
     import mlflow.cli
 
     servers = [argv for argv in commands_of(prepared, "head_start_ray_commands")
                if program(argv) == "mlflow" and argv[1:2] == ["server"]]
     assert len(servers) == 1
     opts = mlflow.cli.server.make_context("server", servers[0][2:]).params
-    assert opts["host"] == "127.0.0.1"
-    # The store and the artifacts live on the EFS mount that every node's setup mounts, so rank 0 on a
-    # GPU node can write the same store directly.
+    # The head's private address (a $(...) substitution), never every interface or loopback only: the GPU
+    # nodes log to it over HTTP.
+    assert opts["host"] == "SUBSTITUTED", opts["host"]
     mounts = [argv for argv in commands_of(prepared, "setup_commands") if program(argv) == "mount"]
     assert mounts and all(re.match(r"fs-[0-9a-f]+\.efs\.[a-z0-9-]+\.amazonaws\.com:/", m[-2]) for m in mounts)
     shared = mounts[0][-1]
     backend = opts["backend_store_uri"]
-    assert backend.startswith(f"sqlite:///{shared}/") or backend.startswith("postgresql://"), backend
-    for key in ("default_artifact_root", "artifacts_destination"):
-        assert opts[key].startswith(f"{shared}/") or opts[key].startswith("s3://"), (key, opts[key])
+    # The store is opened by this server alone: sqlite on the head's own disk (not on the NFS mount) or PostgreSQL.
+    assert backend.startswith("postgresql://") or (
+        backend.startswith("sqlite:////") and not backend[len("sqlite:///"):].startswith(shared)), backend
+    # Artifacts are served by it (proxied uploads) from shared storage.
+    dest = opts["artifacts_destination"]
+    assert dest.startswith(f"{shared}/") or dest.startswith("s3://"), dest
+    assert opts["serve_artifacts"] is not False and not opts.get("default_artifact_root")
     # Not killed by the Ray start commands' `ray stop`, replaced on a restart through its pid file.
     assert any(argv[:1] == ["kill"] for argv in commands_of(prepared, "head_start_ray_commands"))
+
+
+def test_no_sqlite_store_on_shared_storage_anywhere():
+    """No config, command or walkthrough line points a sqlite store at the NFS mount."""
+    texts = [CLUSTER.read_text(), DOC.read_text()] + [p.read_text() for p in (REPO / "tune_configs").glob("*.yaml")]
+    for text in texts:
+        assert not re.search(r"sqlite:////mnt/", text), re.search(r".*sqlite:////mnt/.*", text).group(0)
 
 
 # ---------------------------------------------------------------------------------------------- the walkthrough
@@ -259,5 +294,5 @@ def test_cluster_walkthrough_commands_parse_with_the_real_parsers():
             if args.command == "train":
                 # The config exists in the repo and every --set names a real key with a valid value.
                 load_config(REPO / args.config, args.set)
-    assert {"ray up", "ray down", "ray job submit", "ray job logs", "ray attach", "ray dashboard",
+    assert {"ray up", "ray down", "ray job submit", "ray job logs", "ray exec", "ray dashboard",
             "rjem train"} <= seen, seen

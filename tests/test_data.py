@@ -69,15 +69,35 @@ def test_cifar10_train_is_batches_in_order(tmp_path):
     tx, ty, _, _ = write_cifar10(tmp_path, n_train_per_batch=3, n_test=2, seed=2)
     import pickle
 
-    first = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"), encoding="bytes")
-    last = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_5", "rb"), encoding="bytes")
+    first = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"), encoding="latin1")
+    last = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_5", "rb"), encoding="latin1")
     x, y = load_split("cifar10", "train", data_dir=tmp_path)
-    assert np.array_equal(x[:3].reshape(3, -1).numpy(), first[b"data"])
-    assert np.array_equal(x[-3:].reshape(3, -1).numpy(), last[b"data"])
-    assert y[-3:].tolist() == last[b"labels"]
+    assert np.array_equal(x[:3].reshape(3, -1).numpy(), first["data"])
+    assert np.array_equal(x[-3:].reshape(3, -1).numpy(), last["data"])
+    assert y[-3:].tolist() == last["labels"]
     # A pixel check independent of reshape: byte 1024 of a row is channel 1 (G), pixel (0, 0).
-    assert int(x[0, 1, 0, 0]) == int(first[b"data"][0, 1024])
-    assert int(x[0, 0, 0, 1]) == int(first[b"data"][0, 1])
+    assert int(x[0, 1, 0, 0]) == int(first["data"][0, 1024])
+    assert int(x[0, 0, 0, 1]) == int(first["data"][0, 1])
+
+
+def test_standard_files_are_read_by_torchvision_classes(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
+    write_cifar100(tmp_path, n_train=4, n_test=3)
+    write_svhn(tmp_path, n_train=4, n_test=3)
+    opened = []
+    for cls in (tvd.CIFAR10, tvd.SVHN):  # CIFAR100 inherits CIFAR10.__init__
+        def recording_init(self, *args, _init=cls.__init__, **kwargs):
+            opened.append((type(self).__mro__[1].__name__, kwargs.get("train", kwargs.get("split"))))
+            _init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", recording_init)
+    for name in ("cifar10", "cifar100", "svhn"):
+        for split in ("train", "test"):
+            load_split(name, split, data_dir=tmp_path)
+    assert opened == [("CIFAR10", True), ("CIFAR10", False), ("CIFAR100", True), ("CIFAR100", False),
+                      ("SVHN", "train"), ("SVHN", "test")]
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
@@ -152,6 +172,36 @@ def test_missing_files_name_the_path(tmp_path, name, expected):
     assert str(d) in msg and expected in msg and "data.download: true" in msg
 
 
+@pytest.mark.parametrize(
+    "name,writer,meta",
+    [("cifar10", write_cifar10, "cifar-10-batches-py/batches.meta"), ("cifar100", write_cifar100, "cifar-100-python/meta")],
+)
+def test_missing_cifar_meta_file_is_named(tmp_path, name, writer, meta):
+    writer(tmp_path)
+    (tmp_path / meta).unlink()
+    with pytest.raises(DataError, match=meta.split("/")[1]) as e:
+        load_split(name, "test", data_dir=tmp_path)
+    assert "data.download: true" in str(e.value)
+
+
+def test_failed_download_is_a_data_error_saying_what_to_do(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.cifar as tv_cifar
+    import torchvision.datasets.svhn as tv_svhn
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_svhn, "download_url", offline)
+    for name, expected in (("cifar10", "data_batch_1"), ("cifar100", "cifar-100-python"), ("svhn", "train_32x32.mat")):
+        with pytest.raises(DataError) as e:
+            load_split(name, "train", data_dir=tmp_path / name, download=True)
+        msg = str(e.value)
+        assert "no network" in msg and expected in msg and "download: false" in msg and str(tmp_path) in msg
+
+
 def test_partially_missing_cifar10_names_the_missing_batch(tmp_path):
     write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
@@ -164,6 +214,24 @@ def test_corrupt_file_is_a_data_error(tmp_path):
     write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="test_batch"):
+        load_split("cifar10", "test", data_dir=tmp_path)
+    write_svhn(tmp_path, n_train=2, n_test=2)
+    (tmp_path / "test_32x32.mat").write_bytes(b"not a mat file")
+    with pytest.raises(DataError, match="test_32x32.mat"):
+        load_split("svhn", "test", data_dir=tmp_path)
+
+
+def test_wrong_content_is_a_data_error(tmp_path):
+    import pickle
+
+    write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8)}, f, protocol=2)  # no labels
+    with pytest.raises(DataError, match="test_batch.*labels"):
+        load_split("cifar10", "test", data_dir=tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, f, protocol=2)
+    with pytest.raises(DataError, match=r"labels span \[0, 10\]"):
         load_split("cifar10", "test", data_dir=tmp_path)
 
 

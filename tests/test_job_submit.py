@@ -115,7 +115,7 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rjjob", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
-        RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+        RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
         RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", MLFLOW_DISABLE_TELEMETRY="true",
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `rjem` for the job's entrypoint
     )
@@ -132,7 +132,11 @@ def ray_head():
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield f"http://127.0.0.1:{dashboard_port}", env
+        # Clients of an authenticated cluster say so (a client's default mode is "disabled"); the token is
+        # the user's own ~/.ray/auth_token, as Ray generated it.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAY_AUTH_MODE", "token")
+            yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
         survivors = _stop_instance(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -143,6 +147,11 @@ def test_job_submit_runs_rjem_train_to_succeeded_and_tracks_it_in_mlflow(ray_hea
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address, env = ray_head
+    # The head is authenticated: without the token the job server refuses the same submission.
+    anonymous = {**env, "RAY_AUTH_MODE": "disabled"}
+    refused = subprocess.run([RAY, "job", "list", "--address", address], env=anonymous, capture_output=True,
+                             text=True, timeout=180)
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower(), refused.stderr[-2000:]
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     submission_id = f"rjem-test-{uuid.uuid4().hex[:8]}"
     sets = [

@@ -198,6 +198,15 @@ def test_auroc_separated_reversed_identical():
     assert metrics.ood_auroc(torch.ones(5), torch.ones(3)) == 0.5
 
 
+def test_auroc_hand_computed_with_a_tie():
+    # pairs (in, out): (.9,.5)=1 (.9,.1)=1 (.5,.5)=½ (.5,.1)=1 (.5,.5)=½ (.5,.1)=1 -> 5 / 6
+    s_in, s_out = torch.tensor([0.9, 0.5, 0.5]), torch.tensor([0.5, 0.1])
+    assert metrics.ood_auroc(s_in, s_out) == pytest.approx(5 / 6, abs=1e-12)
+    assert metrics.ood_auroc(s_out, s_in) == pytest.approx(1 / 6, abs=1e-12)
+    # the last in-score moved below both out-scores: (.9,·)=1+1 (.5,.5)=½ (.5,.1)=1 (.0,·)=0+0 -> 3.5 / 6
+    assert metrics.ood_auroc(torch.tensor([0.9, 0.5, 0.0]), s_out) == pytest.approx(3.5 / 6, abs=1e-12)
+
+
 def test_auroc_matches_brute_force_pair_count_with_ties():
     g = torch.Generator().manual_seed(0)
     s_in = torch.randint(0, 6, (37,), generator=g).float()  # few distinct values: many ties

@@ -201,7 +201,8 @@ def test_sampler_runs_in_the_configured_batchnorm_mode_with_its_outer_step(digit
         return x.clone()
 
     monkeypatch.setattr(training, "run_sampler", fake_sampler)
-    learner = make_learner(digits, gmm, f"train.sampler_bn_mode={bn_mode}", "sampler.outer_step_size=0.5")
+    learner = make_learner(digits, gmm, f"train.sampler_bn_mode={bn_mode}", "sampler.outer_step_size=0.5",
+                           "train.fuse_passes=false")  # the separate sampler loop (fusion: the test below)
     learner.step()
     assert seen["outer_step_size"] == 0.5
     assert seen["modes"] == {bn_mode == "train"}
@@ -226,3 +227,200 @@ def test_batchnorm_eval_switches_only_batchnorm_and_restores_each_flag():
         with batchnorm_eval(model):
             raise RuntimeError("inside")
     assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+def test_checkpoint_round_trip_carries_the_cuda_generator_state(digits, gmm, tmp_path, monkeypatch):
+    # On a CUDA device PGD's random start and SGLD's noise draw from that device's generator: its state
+    # is saved beside the CPU one and restored on load. The CUDA calls are stood in for on this CPU box.
+    from rjem_ray.checkpoint import load_state, save_checkpoint
+
+    cuda_state = {"now": torch.arange(16, dtype=torch.uint8)}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append((s.clone(), device)))
+    learner = make_learner(digits, gmm)
+    learner.device = torch.device("cuda", 0)  # only the RNG bookkeeping reads it here
+    state = learner.state_dict()
+    assert torch.equal(state["rng"]["cuda_rng"], cuda_state["now"])
+    save_checkpoint(tmp_path / "ck", state)
+    loaded = load_state(tmp_path / "ck")
+    cuda_state["now"] = torch.zeros(16, dtype=torch.uint8)  # the generator moves on
+    learner.load_state_dict(loaded)
+    assert len(calls) == 1 and torch.equal(calls[0][0], torch.arange(16, dtype=torch.uint8))
+    assert calls[0][1] == torch.device("cuda", 0)
+    # the rollback snapshot carries it too
+    assert "cuda_rng" in learner.snapshot()["rng"]
+    # a CPU learner neither saves nor restores a CUDA state (a GPU checkpoint resumed on CPU ignores it)
+    learner.device = torch.device("cpu")
+    assert "cuda_rng" not in learner.state_dict()["rng"]
+    learner.load_state_dict(loaded)
+    assert len(calls) == 1
+
+
+def test_rollback_snapshot_is_a_cpu_copy_detached_from_the_live_state(digits, gmm):
+    from rjem_ray.training import cpu_copy
+
+    learner = make_learner(digits, gmm)
+    learner.step()
+    snap = learner.snapshot()
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    found = list(tensors(snap))
+    assert found and all(t.device.type == "cpu" for t in found)
+    w = next(iter(snap["model"].values()))
+    live = next(iter(learner.model.state_dict().values()))
+    assert w.data_ptr() != live.data_ptr()
+    before = w.clone()
+    learner.step()
+    assert torch.equal(w, before)  # later steps do not reach into the snapshot
+    # nested containers keep their types; the copies never alias their sources
+    src = {"a": [torch.ones(2)], "b": (torch.zeros(1),), "n": 3}
+    out = cpu_copy(src)
+    assert out["n"] == 3 and torch.equal(out["a"][0], src["a"][0]) and out["a"][0].data_ptr() != src["a"][0].data_ptr()
+    assert isinstance(out["b"], tuple)
+
+
+def test_bf16_autocast_changes_a_step_by_little_and_keeps_the_iterates_fp32(digits, gmm):
+    # Same seed, one step: the loss moves by bf16 round-off only, and every tensor the sampler and the
+    # attack iterate on (their inputs, seen by a pre-hook on the network) stays float32.
+    losses = {}
+    seen: dict[str, set] = {}
+    for precision in ("fp32", "bf16"):
+        learner = make_learner(digits, gmm, f"train.precision={precision}")
+        seen[precision] = set()
+        hook = learner.model.register_forward_pre_hook(lambda m, args, p=precision: seen[p].add(args[0].dtype))
+        losses[precision] = learner.step()["loss"]
+        hook.remove()
+        assert all(p.dtype == torch.float32 for p in learner.model.parameters())
+        assert all(t.dtype == torch.float32 for s in learner.optimizer.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point())
+        assert learner.buffer.state_dict()["buffer"].dtype == torch.float32
+    assert losses["bf16"] != losses["fp32"]  # autocast really ran in bf16
+    assert abs(losses["bf16"] - losses["fp32"]) < 1e-2 * abs(losses["fp32"])
+    assert seen["bf16"] == {torch.float32} and seen["fp32"] == {torch.float32}
+
+
+def test_bf16_sampler_iterates_stay_fp32():
+    from rjem_ray.samplers import pyld, sgld
+    from rjem_ray.energy import energy_fn
+    from rjem_ray.speed import FastNet
+
+    torch.manual_seed(0)
+    net = FastNet(WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").eval(), precision="bf16")
+    x = torch.rand(4, 1, 12, 12) * 2 - 1
+    dtypes = []
+    hook = net.net.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+    assert net(x).dtype == torch.float32
+    out_s = sgld(energy_fn(net), x, steps=3, step_size=1.0, noise_std=0.01)
+    out_p = pyld(net, x, outer_steps=3, inner_steps=2, step_size=0.2)
+    hook.remove()
+    assert out_s.dtype == out_p.dtype == torch.float32
+    assert dtypes == [torch.float32] * 7
+    assert not torch.equal(out_p, x) and not torch.equal(out_s, x)
+
+
+def test_precision_must_be_an_allowed_value():
+    from rjem_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.precision: 'fp16' is not allowed; choose one of auto, fp32, bf16"):
+        load_config("tune_configs/smoke.yaml", ["train.precision=fp16"])
+
+
+@pytest.mark.parametrize("kind, attack_steps, sampler_steps", [("pyld", 5, 3), ("sgld", 2, 6), ("pyld", 4, 4)])
+def test_fused_attack_and_sampler_equal_the_separate_loops(kind, attack_steps, sampler_steps):
+    from rjem_ray.attacks import pgd
+    from rjem_ray.samplers import run_sampler
+    from rjem_ray.training import attack_and_sample_fused
+
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2)
+    with torch.no_grad():  # running statistics far from the identity, so eval-mode BatchNorm matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        model.fc.weight.mul_(50.0)  # gradients well away from zero, so sign() sees no round-off ties
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 1, 28, 28, generator=g) * 2 - 1
+    y = torch.arange(6) % 10
+    x_q0 = torch.rand(6, 1, 28, 28, generator=g) * 2 - 1
+    kw = dict(eps=0.3, attack_steps=attack_steps, attack_step_size=0.1, norm="linf", random_start=True,
+              sampler_kind=kind, sampler_steps=sampler_steps, inner_steps=2, sampler_step_size=0.5,
+              noise_std=0.01 if kind == "sgld" else 0.0, outer_step_size=0.0)
+
+    torch.manual_seed(7)
+    x_adv_sep = pgd(model, x, y, eps=0.3, steps=attack_steps, step_size=0.1, norm="linf", random_start=True)
+    x_q_sep = run_sampler(model, x_q0, kind=kind, steps=sampler_steps, inner_steps=2, step_size=0.5,
+                          noise_std=kw["noise_std"])
+    torch.manual_seed(7)
+    x_adv_fused, x_q_fused = attack_and_sample_fused(model, x, y, x_q0, **kw)
+
+    assert not torch.equal(x_adv_sep, x) and not torch.equal(x_q_sep, x_q0)
+    assert torch.allclose(x_adv_fused, x_adv_sep, atol=1e-5, rtol=0)
+    assert torch.allclose(x_q_fused, x_q_sep, atol=1e-5, rtol=0)
+    # and the fused pass is one network evaluation per step of the longer schedule
+    calls = []
+    hook = model.stem.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+    attack_and_sample_fused(model, x, y, x_q0, **kw)
+    hook.remove()
+    both = min(attack_steps, sampler_steps)
+    assert calls == [12] * both + [6] * (max(attack_steps, sampler_steps) - both)
+
+
+def test_learner_fuses_only_with_eval_mode_batchnorm_and_the_step_is_unchanged(digits, gmm):
+    modes = ["attack.bn_mode=eval", "train.sampler_bn_mode=eval", "attack.eps_warmup_steps=0"]
+    assert not make_learner(digits, gmm, "train.sampler_bn_mode=eval", "attack.bn_mode=train").fused
+    assert not make_learner(digits, gmm, "attack.bn_mode=eval").fused  # sampler in train mode (the default)
+    runs = {}
+    for fuse in (True, False):
+        # each learner steps right after it is built: building one reseeds the global RNG both draw from
+        learner = make_learner(digits, gmm, *modes, f"train.fuse_passes={str(fuse).lower()}")
+        assert learner.fused is fuse
+        runs[fuse] = ([learner.step()["loss"] for _ in range(2)], learner)
+    (lf, fused), (ls, separate) = runs[True], runs[False]
+    assert lf == pytest.approx(ls, rel=1e-5, abs=1e-6)
+    assert torch.allclose(fused.buffer.state_dict()["buffer"], separate.buffer.state_dict()["buffer"], atol=1e-5)
+    for a, b in zip(fused.model.parameters(), separate.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("loop", ["pgd-linf", "pgd-l2", "sgld", "pyld", "fused"])
+def test_inner_loops_never_read_a_tensor_back_to_the_host(loop, monkeypatch):
+    # A host read (.item(), .tolist(), bool/float/int of a tensor, .numpy()) inside PGD or a Langevin loop
+    # stalls a GPU once per step and breaks graph capture; every such read raises here.
+    from rjem_ray.attacks import pgd
+    from rjem_ray.samplers import pyld, sgld
+    from rjem_ray.energy import energy_fn
+    from rjem_ray.training import attack_and_sample_fused
+
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2).eval()
+    x, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.arange(4)
+
+    def refuse(*args, **kw):
+        raise AssertionError("host synchronisation inside an inner loop")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    if loop.startswith("pgd"):
+        out = pgd(model, x, y, eps=0.3, steps=3, step_size=0.1, norm=loop[4:])
+    elif loop == "sgld":
+        out = sgld(energy_fn(model), x, steps=3, step_size=1.0, noise_std=0.01)
+    elif loop == "pyld":
+        out = pyld(model, x, outer_steps=3, inner_steps=2, step_size=0.2, outer_step_size=0.5)
+    else:
+        out, _ = attack_and_sample_fused(
+            model, x, y, x.flip(0), eps=0.3, attack_steps=3, attack_step_size=0.1, norm="linf", random_start=True,
+            sampler_kind="sgld", sampler_steps=4, inner_steps=1, sampler_step_size=1.0, noise_std=0.01)
+    monkeypatch.undo()
+    assert out.shape == x.shape and not torch.equal(out, x)

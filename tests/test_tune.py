@@ -260,6 +260,115 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(checkpoint,
     assert len(client.get_metric_history(children[done_first[0]["trial_id"]].info.run_id, "fid")) == 1
 
 
+# ----------------------------------------------------------------------------------------------- optuna
+
+
+def _optuna_spec(checkpoint, **tune) -> dict:
+    return {
+        "scope": "sample", "checkpoint": str(checkpoint), "name": "optuna-test",
+        "eval": {"fid_samples": 50, "fid_extractor": "reference-classifier"},
+        "generate": {"mode": "combined", "contrast": 0.7, "pgd_steps": 3, "pgd_step_size": 0.1,
+                     "sampler": {"kind": "pyld", "steps": 2, "inner_steps": 2, "step_size": 0.2}},
+        "search": {"generate.mode": {"choice": ["energy", "combined"]},
+                   "generate.contrast": {"uniform": [0.5, 0.9]},
+                   "generate.sampler.step_size": {"loguniform": [0.05, 0.5]},
+                   "generate.sampler.steps": {"randint": [1, 4]}},
+        "tune": {"search": "optuna", "num_samples": 4, "max_concurrent": 2, "seed": 0, **tune},
+    }
+
+
+BASELINE = {"generate.mode": "combined", "generate.contrast": 0.7, "generate.sampler.step_size": 0.2,
+            "generate.sampler.steps": 2}
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_the_base_config_first_and_feeds_tpe_every_result(checkpoint, tmp_path, cache_dir,
+                                                                             monkeypatch):
+    from ray.tune.search.optuna import OptunaSearch
+
+    # The searcher lives in this (driver) process: record what Optuna suggests, in order, and what it is told.
+    suggested, told = [], []
+    real_suggest, real_complete = OptunaSearch.suggest, OptunaSearch.on_trial_complete
+
+    def suggest(self, trial_id):
+        config = real_suggest(self, trial_id)
+        if isinstance(config, dict):
+            suggested.append((trial_id, config))
+        return config
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        told.append((trial_id, None if result is None else result.get("fid")))
+        return real_complete(self, trial_id, result, error)
+
+    monkeypatch.setattr(OptunaSearch, "suggest", suggest)
+    monkeypatch.setattr(OptunaSearch, "on_trial_complete", on_trial_complete)
+    path = tmp_path / "optuna.yaml"
+    path.write_text(yaml.safe_dump(_optuna_spec(checkpoint)))
+    sweep = load_sweep(path, [f"cache_dir={cache_dir}", "tracking.enabled=false"])
+    assert sweep.num_trials() == 4
+    outcome = run_sweep(sweep, tmp_path / "sweep")
+
+    rows = outcome.rows
+    assert len(rows) == 4 and [r["status"] for r in rows] == ["finished"] * 4
+    assert all(math.isfinite(r["fid"]) for r in rows)
+    assert len(suggested) == 4 and suggested[0][1] == BASELINE  # Optuna's first suggestion: the base config
+    by_id = {r["trial_id"]: r for r in rows}
+    first, rest = by_id[suggested[0][0]], [by_id[t] for t, _ in suggested[1:]]
+    assert {k: first[k] for k in BASELINE} == pytest.approx(BASELINE)  # and that trial ran with it
+    for r in rest:  # drawn by TPE inside the domains (continuous draws never repeat the baseline)
+        assert r["generate.mode"] in ("energy", "combined") and 0.5 <= r["generate.contrast"] <= 0.9
+        assert 0.05 <= r["generate.sampler.step_size"] <= 0.5 and r["generate.sampler.steps"] in (1, 2, 3, 4)
+        assert r["generate.contrast"] != BASELINE["generate.contrast"]
+    assert sorted(t for t, _ in told) == sorted(r["trial_id"] for r in rows)
+    assert sorted(f for _, f in told) == pytest.approx(sorted(r["fid"] for r in rows))
+    assert load_config(outcome.best_config).generate.mode == rows[0]["generate.mode"]
+
+
+def test_optuna_search_algorithm_gets_the_baseline_and_the_seed(fake_checkpoint, tmp_path):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from rjem_ray.tune import _search_alg
+
+    path = tmp_path / "optuna.yaml"
+    path.write_text(yaml.safe_dump(_optuna_spec(fake_checkpoint, seed=5, max_concurrent=3)))
+    alg = _search_alg(load_sweep(path))
+    assert isinstance(alg, ConcurrencyLimiter) and alg.max_concurrent == 3
+    assert isinstance(alg.searcher, OptunaSearch)
+    assert alg.searcher._points_to_evaluate == [BASELINE] and alg.searcher._seed == 5
+    spec = _optuna_spec(fake_checkpoint)
+    spec["tune"]["search"] = "random"
+    path.write_text(yaml.safe_dump(spec))
+    assert not isinstance(_search_alg(load_sweep(path)), ConcurrencyLimiter)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["tune.search=bayes"], "tune.search: 'bayes' is not allowed; choose one of random, optuna"),
+    (["search.generate.sampler.steps.randint=[3, 4]"],
+     "search.generate.sampler.steps: the base config's value 2 is outside randint(3, 4)"),
+    (["generate.mode=pgd"], "search.generate.mode: the base config's value 'pgd' is outside choice(energy, combined)"),
+])
+def test_bad_optuna_sweeps_fail_before_ray_starts(fake_checkpoint, tmp_path, sets, message):
+    path = tmp_path / "optuna.yaml"
+    path.write_text(yaml.safe_dump(_optuna_spec(fake_checkpoint)))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path, sets)
+    assert message in str(err.value)
+
+
+def test_optuna_takes_no_grid_and_says_how_to_install_it(fake_checkpoint, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="search.generate.mode: tune.search optuna .* takes no grid"):
+        load_sweep(CONFIGS / "tune-smoke-sample.yaml", [f"checkpoint={fake_checkpoint}", "tune.search=optuna"])
+    import sys
+
+    path = tmp_path / "optuna.yaml"
+    path.write_text(yaml.safe_dump(_optuna_spec(fake_checkpoint)))
+    load_sweep(path)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an install without the extra sees
+    with pytest.raises(ConfigError, match=r"pip install 'rjem-ray\[optuna\]'"):
+        load_sweep(path)
+
+
 # ----------------------------------------------------------------------------------------------- validation
 
 

@@ -1,0 +1,169 @@
+"""MLflow conventions: MLflow's environment variables, no sqlite over NFS, many writers through one server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rjem_ray.config import ConfigError, load_config
+from rjem_ray.tracking import Tracker, resolve_artifact_location, resolve_tracking_uri
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "tune_configs" / "smoke.yaml"
+
+
+@pytest.fixture
+def no_mlflow_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return monkeypatch
+
+
+def test_mlflow_env_wins_over_the_config_file_and_the_default(no_mlflow_env):
+    assert load_config().tracking.tracking_uri == "sqlite:///mlflow.db"
+    assert load_config(SMOKE).tracking.experiment == "rjem-smoke"
+    no_mlflow_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    no_mlflow_env.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    for cfg in (load_config(), load_config(SMOKE)):  # the default, and a file that names its own store
+        assert cfg.tracking.tracking_uri == "http://127.0.0.1:5999"
+        assert cfg.tracking.experiment == "from-env"
+
+
+def test_set_wins_over_mlflow_env(no_mlflow_env):
+    no_mlflow_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    no_mlflow_env.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    cfg = load_config(SMOKE, ["tracking.tracking_uri=sqlite:///other.db", "tracking.experiment=from-set"])
+    assert (cfg.tracking.tracking_uri, cfg.tracking.experiment) == ("sqlite:///other.db", "from-set")
+
+
+def test_a_sweep_follows_the_same_precedence(no_mlflow_env, tmp_path):
+    from rjem_ray.tune import load_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(textwrap.dedent(f"""\
+        scope: train
+        base: {SMOKE}
+        train: {{eval_every: 3}}
+        tune: {{num_samples: 1}}
+        search: {{optim.lr: {{loguniform: [0.0001, 0.01]}}}}
+        """))
+    assert load_sweep(sweep).cfg.tracking.tracking_uri == "sqlite:///mlflow.db"  # the base file's store
+    no_mlflow_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert load_sweep(sweep).cfg.tracking.tracking_uri == "http://127.0.0.1:5999"
+    assert load_sweep(sweep, ["tracking.tracking_uri=sqlite:///x.db"]).cfg.tracking.tracking_uri == "sqlite:///x.db"
+
+
+def test_sqlite_on_a_network_file_system_is_refused(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nfs-1.efs.aws:/ {tmp_path}/efs nfs4 rw 0 0\n")
+    (tmp_path / "efs").mkdir()
+    with pytest.raises(ConfigError, match=r"tracking.tracking_uri: .* sqlite file on nfs4 .*MLflow server"):
+        resolve_tracking_uri(f"sqlite:///{tmp_path}/efs/mlflow/mlflow.db", mounts=mounts)
+    with pytest.raises(ConfigError, match="nfs4"):  # relative to a working directory on the mount
+        resolve_tracking_uri("sqlite:///mlflow.db", base=tmp_path / "efs", mounts=mounts)
+    local = resolve_tracking_uri(f"sqlite:///{tmp_path}/local/mlflow.db", mounts=mounts)
+    assert local == f"sqlite:///{tmp_path}/local/mlflow.db"
+    assert resolve_tracking_uri("http://head:5000", mounts=mounts) == "http://head:5000"
+
+
+def test_a_server_chooses_the_artifact_location_unless_it_is_absolute(tmp_path):
+    assert resolve_artifact_location("mlartifacts", tracking_uri="http://head:5000") is None
+    assert resolve_artifact_location("s3://b/a", tracking_uri="http://head:5000") == "s3://b/a"
+    assert resolve_artifact_location("mlartifacts", base=tmp_path) == (tmp_path / "mlartifacts").resolve().as_uri()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` on 127.0.0.1 with a sqlite store on local disk and proxied artifacts."""
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "mlflow server did not answer /health"
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield uri, store
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from rjem_ray.tracking import Tracker
+
+uri, run_id, index, steps, go, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]), Path(sys.argv[6])
+tracker = Tracker(uri, run_id)
+while not go.exists():  # every writer starts logging at the same moment
+    time.sleep(0.05)
+for step in range(steps):
+    tracker.log_metrics({f"writer{index}/value": index * 1000 + step, "shared/step": step}, step=step)
+tracker.set_tags({f"writer{index}": "done"})
+out.write_text(f"artifact of writer {index}")
+tracker.log_artifact(out, "writers")
+"""
+
+
+@pytest.mark.slow
+def test_many_processes_log_through_one_server(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, store = mlflow_server
+    tracker = Tracker.create(uri, "many-writers", resolve_artifact_location("mlartifacts", tracking_uri=uri),
+                             run_name="shared")
+    n_writers, steps = 5, 30
+    go = tmp_path / "go"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, str(script), uri, tracker.run_id, str(i), str(steps), str(go),
+                               str(tmp_path / f"writer{i}.txt")], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(n_writers)]
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    tracker.finish()
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    for i in range(n_writers):
+        history = client.get_metric_history(tracker.run_id, f"writer{i}/value")
+        assert sorted((m.step, m.value) for m in history) == [(s, i * 1000 + s) for s in range(steps)]
+        assert run.data.tags[f"writer{i}"] == "done"
+    assert len(client.get_metric_history(tracker.run_id, "shared/step")) == n_writers * steps
+    names = sorted(f.path for f in client.list_artifacts(tracker.run_id, "writers"))
+    assert names == [f"writers/writer{i}.txt" for i in range(n_writers)]
+    # Uploaded through the server into its --artifacts-destination, not written by the clients elsewhere.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert len(list((store / "artifacts").rglob("writer*.txt"))) == n_writers
