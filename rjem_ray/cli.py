@@ -63,7 +63,7 @@ def cmd_sample(args) -> int:
     from .images import save_grid
     from .checkpoint import verify_checkpoint
     from .devices import resolve_device
-    from .train_driver import gmm_for_checkpoint
+    from .prior import gmm_for_checkpoint
 
     verify_checkpoint(args.checkpoint)
     out = Path(args.out)

@@ -103,9 +103,17 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def get_dotted(data: dict[str, Any], key: str) -> Any:
+_REQUIRED = object()
+
+
+def get_dotted(data: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """``data["a"]["b"]`` for ``key = "a.b"``; a missing key raises ``KeyError`` unless ``default`` is given."""
     node = data
     for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _REQUIRED:
+                raise KeyError(key)
+            return default
         node = node[part]
     return node
 

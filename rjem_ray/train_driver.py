@@ -27,7 +27,7 @@ from .checkpoint import copy_checkpoint, load_state, verify_checkpoint
 from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM
-from .prior import gmm_for_checkpoint, load_train_gmm  # prior.py is their home; cli.py, tune.py import them here
+from .prior import gmm_for_checkpoint, load_train_gmm
 from .training import DivergenceError
 
 
@@ -163,12 +163,6 @@ RUN_FILE = "mlflow_run.json"  # OUT's MLflow run, closed as KILLED by a rerun if
 CONTINUE_KEYS = ("model", "data.name", "train.mode", "optim.name", "buffer.size")
 
 
-def _lookup(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
-
-
 def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
     """Ready ``OUT/ray/train`` for this command; returns whether an earlier run there will be continued.
 
@@ -187,12 +181,15 @@ def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
     if previous.is_file():
         import yaml
 
+        from .search_space import get_dotted
+
         old, new = yaml.safe_load(previous.read_text()) or {}, cfg.to_dict()
         for key in CONTINUE_KEYS:
-            if _lookup(old, key) != _lookup(new, key):
+            was, now = get_dotted(old, key, None), get_dotted(new, key, None)
+            if was != now:
                 raise ConfigError(
-                    f"{key}: {out} holds a run with {key} = {_lookup(old, key)!r} and this command asks for "
-                    f"{_lookup(new, key)!r}, which cannot continue it; add --fresh to start over (the earlier run "
+                    f"{key}: {out} holds a run with {key} = {was!r} and this command asks for "
+                    f"{now!r}, which cannot continue it; add --fresh to start over (the earlier run "
                     f"is kept aside) or give another --out")
     return True
 

@@ -30,7 +30,7 @@ import torch
 from .checkpoint import atomic_torch_save, load_state, save_checkpoint
 from .config import Config
 from .data import load_split, shard_indices
-from .prior import load_train_gmm  # prior.py is its home; tune.py imports it from here too
+from .prior import load_train_gmm
 from .training import DivergenceError, Learner, Reducer, is_eval_step, run_loop
 
 RANK_FILE = "rank-{rank}.pt"

@@ -384,7 +384,7 @@ def _prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: in
     robust = {"robust_accuracy": aa, "pgd_robust_accuracy": pgd}
     out: dict = {"protocol": protocol, "robust_protocol": robust, "checkpoint_metrics": {}}
     if scope == "train" and cfg.uses_energy:
-        from .train_worker import load_train_gmm
+        from .prior import load_train_gmm
 
         load_train_gmm(cfg, train_imgs, train_labels)
     if scope == "sample":
@@ -483,7 +483,7 @@ def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     from .checkpoint import load_model
     from .generate import generate
     from .images import save_grid
-    from .train_driver import gmm_for_checkpoint
+    from .prior import gmm_for_checkpoint
 
     torch.set_num_threads(max(1, int(ctx.trial_cpus)))
     device = default_device()  # the GPU Ray assigned this trial, else CPU
@@ -513,7 +513,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
                                worker_entry)
     from .ray_setup import train_logging_config
     from .training import DivergenceError
-    from .train_worker import load_train_gmm
+    from .prior import load_train_gmm
 
     run = json.loads((trial_dir / RUN_FILE).read_text()) if (trial_dir / RUN_FILE).is_file() else {}
     gmm = load_train_gmm(cfg) if cfg.uses_energy else None  # cached by the sweep's preparation
@@ -699,7 +699,7 @@ def sample_grid(checkpoint: str | Path, cfg: Config, path: Path, seed: int = 0) 
     from .checkpoint import load_model
     from .generate import generate
     from .images import save_grid
-    from .train_driver import gmm_for_checkpoint
+    from .prior import gmm_for_checkpoint
 
     device = default_device()  # the GPU Ray assigned this trial, else CPU
     model, _ = load_model(checkpoint, map_location=device)

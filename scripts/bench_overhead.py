@@ -49,7 +49,7 @@ def build_learner(cfg_dict: dict):
 
     from rjem_ray.config import Config
     from rjem_ray.data import load_split
-    from rjem_ray.train_worker import load_train_gmm
+    from rjem_ray.prior import load_train_gmm
     from rjem_ray.training import Learner
 
     cfg = Config.from_dict(cfg_dict)

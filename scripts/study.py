@@ -57,7 +57,7 @@ def train_and_evaluate(job: dict) -> dict:
     from rjem_ray.config import Config, apply_overrides, load_config
     from rjem_ray.data import load_split
     from rjem_ray.evaluate import evaluate_model
-    from rjem_ray.train_worker import load_train_gmm
+    from rjem_ray.prior import load_train_gmm
     from rjem_ray.training import DivergenceError, Learner, run_loop
 
     out = Path(job["out"])
