@@ -196,7 +196,9 @@ def check_claims(groups: dict) -> list[dict]:
 def write_markdown(path: Path, groups: dict, claims: list[dict], meta: dict) -> None:
     lines = ["# Study: the paper's comparison at small scale", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; wall time {meta['wall_min']:.1f} min "
-             f"({meta['jobs']} runs at a time, one torch thread each, on {meta['machine']}).", "",
+             f"({meta['jobs']} runs at a time, one torch thread each, on {meta['machine']})"
+             + (f"; taken from an earlier run of the same protocol, not timed here: {', '.join(meta['reused'])}."
+                if meta.get("reused") else "."), "",
              "## Protocol", "", *[f"- {line}" for line in meta["protocol"]], "",
              "## Classification and robustness (mean ± std over seeds)", "",
              "| model | seeds | clean acc | AutoAttack acc | PGD acc | ECE | OOD AUROC | rollbacks | train s |",
@@ -237,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (separate processes when > 1)")
     p.add_argument("--set", action="append", default=[], help="overrides for every run (key.sub=value)")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a run whose OUT/runs/<name>.json exists from that file instead of training it again "
+                        "(adds seeds to an earlier study; the protocol must be the same)")
     p.add_argument("--tiny", action="store_true",
                    help="a few steps of tiny models and small evaluation sets (for tests)")
     a = p.parse_args(argv)
@@ -264,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     metrics = ["accuracy", "autoattack", "robust", "ece", "ood"]
     jobs = [{**r, "out": str(out), "config": a.config, "overrides": overrides, "metrics": metrics,
              "gen_modes": list(GEN_MODES), "eval_seed": 0} for r in plan(modes, eps_list, seeds, cfg.attack.eps)]
-    print(f"[study] {len(jobs)} runs, {a.jobs} at a time -> {out}", flush=True)
+    results, reused = [], []
+    if a.reuse:
+        for job in list(jobs):
+            done = out / "runs" / f"{job['name']}.json"
+            if done.is_file():
+                results.append(json.loads(done.read_text()))
+                reused.append(job["name"])
+                jobs.remove(job)
+    print(f"[study] {len(jobs)} runs to train, {a.jobs} at a time -> {out}"
+          + (f"; reused from {out / 'runs'}: {', '.join(reused)}" if reused else ""), flush=True)
     t0 = time.time()
-    results = []
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import multiprocessing as mp
 
@@ -301,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     meta = {"command": "python scripts/study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d"), "wall_min": wall, "jobs": a.jobs,
-            "machine": f"{os.cpu_count()} CPU cores", "protocol": protocol}
+            "machine": f"{os.cpu_count()} CPU cores", "protocol": protocol, "reused": reused}
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": results, "claims": claims}, indent=1,
                                                  default=str))
     write_markdown(out / "RESULTS.md", groups, claims, meta)

@@ -72,3 +72,16 @@ def test_tiny_study_writes_its_table(tmp_path, cache_dir):
     assert "| classifier |" in md and "robust-jem (ε 0.6 = 0.3 on [0, 1])" in md
     assert "Gaussian-mixture seeds alone" in md and "## The paper's claims, checked here" in md
     assert len(list((out / "grids").glob("*.png"))) == 6
+    # --reuse adds to an earlier study: runs already in OUT/runs are read back, not trained again
+    before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("state.pt")}
+    (out / "runs" / "classifier-s0.json").write_text(
+        json.dumps({**next(r for r in res["runs"] if r["name"] == "classifier-s0"), "train_s": 12345.0}))
+    rc = study.main(["--tiny", "--modes", "classifier,robust-jem", "--eps", "0.6", "--seeds", "0", "--jobs", "1",
+                     "--out", str(out), "--reuse", "--set", f"cache_dir={cache_dir}",
+                     "--set", "eval.fid_second_extractor=none"])
+    assert rc == 0
+    again = json.loads((out / "results.json").read_text())
+    assert sorted(again["meta"]["reused"]) == ["classifier-s0", "robust-jem-eps0.6-s0"]
+    assert {r["name"]: r["train_s"] for r in again["runs"]}["classifier-s0"] == 12345.0
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("state.pt")}
+    assert "not timed here: classifier-s0" in (out / "RESULTS.md").read_text()
