@@ -219,16 +219,19 @@ def _close_stale_run(out: Path, tracker) -> None:
 
 
 def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = None, samples: bool = True,
-                 fresh: bool = False) -> TrainOutcome:
+                 fresh: bool = False, run_id: str | None = None, callbacks: list | None = None) -> TrainOutcome:
     """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``).
 
     An earlier run in the same ``OUT`` is continued from its latest checkpoint (``fresh`` starts over).
+    ``run_id`` logs into that open MLflow run instead of creating one (a sweep's trial: its child run); its
+    creator logged its params and closes it. ``callbacks`` are Ray Train callbacks of the trainer's
+    ``RunConfig`` (a sweep's trial: the one that forwards its evaluation reports to Tune).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from .ray_setup import cluster_has_gpus, ensure_ray, train_logging_config
-    from .tracking import tracker_for
+    from .tracking import Tracker, resolve_tracking_uri, tracker_for
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -271,10 +274,16 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     del resume_buffer
 
     dump_config(cfg, out / "config.yaml")
-    tracker = tracker_for(cfg, tags=_run_tags(cfg))
+    owns_run = run_id is None  # a run given by the caller stays the caller's to close
+    if owns_run:
+        tracker = tracker_for(cfg, tags=_run_tags(cfg))
+    else:
+        tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), run_id)
+        tracker.set_tags(_run_tags(cfg))
     _close_stale_run(out, tracker)
     if tracker:
-        tracker.log_params(cfg.to_dict())
+        if owns_run:
+            tracker.log_params(cfg.to_dict())
         tracker.log_artifact(out / "config.yaml")
         print(f"[rjem] MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment!r} "
               f"({tracker.tracking_uri})", flush=True)
@@ -302,6 +311,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=train_logging_config(),
+            callbacks=callbacks,
         ),
     )
     t0 = time.time()
@@ -321,7 +331,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         if interrupted is not None:
             with interrupted.as_directory() as d:
                 copy_checkpoint(d, out / "checkpoint")
-        if tracker:
+        if tracker and owns_run:
             tracker.finish("KILLED")
         raise
     finally:
@@ -337,10 +347,11 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             save_checkpoint_gmm(ckpt_dir, gmm)
     if error is not None:
         if tracker:
-            tracker.set_tags({"rjem.error": root_message(error)[:4000]})
             if latest is not None:
                 tracker.log_artifacts(ckpt_dir, "checkpoint")
-            tracker.finish("FAILED")
+            if owns_run:
+                tracker.set_tags({"rjem.error": root_message(error)[:4000]})
+                tracker.finish("FAILED")
         kept = f"; last good checkpoint: {ckpt_dir}" if latest is not None else "; no checkpoint was saved"
         raise TrainingFailed(root_message(error) + kept)
 
@@ -359,7 +370,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         tracker.log_metrics({"train/wall_s": wall})
         tracker.log_artifact(out / "metrics.json")
         tracker.log_artifacts(ckpt_dir, "checkpoint")
-        tracker.finish()
+        if owns_run:
+            tracker.finish()
     return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)
 
 

@@ -100,6 +100,7 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
         assert child.data.metrics["fid"] == pytest.approx(r["fid"])
         # measured once per sweep: robust_accuracy by AutoAttack, pgd_robust_accuracy by PGD
         assert {"inception_score", "accuracy", "robust_accuracy", "pgd_robust_accuracy"} <= set(child.data.metrics)
+        assert child.data.metrics["kid"] == pytest.approx(r["kid"])  # both estimates of the same samples
         assert child.data.params["generate.mode"] == r["generate.mode"]
         assert child.data.tags["rjem.fid.extractor"] == "reference-classifier"
         assert "samples/samples.png" in _artifacts(client, child.info.run_id, "samples")
@@ -111,7 +112,7 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
 
     table = _csv(outcome.trials_csv)
     assert [t["trial_id"] for t in table] == [r["trial_id"] for r in rows]
-    assert {"status", "fid", *SAMPLE_KEYS} <= set(table[0])
+    assert {"status", "fid", "kid", *SAMPLE_KEYS} <= set(table[0])
 
     # best.yaml is a full experiment config holding the best knobs ...
     tuned = load_config(outcome.best_config)
@@ -177,8 +178,18 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
     assert set(children) == {r["trial_id"] for r in rows}
     bad = children[failed[0]["trial_id"]]
     assert bad.info.status == "FAILED" and "diverged" in bad.data.tags["rjem.error"]
+    # Each trial is `rjem train`'s run_training logging into its child run: no other run was made.
+    everything = client.search_runs([parent.info.experiment_id])
+    assert sorted(r.info.run_id for r in everything) == sorted([parent.info.run_id, *(c.info.run_id for c in
+                                                                                         children.values())])
     for r in done:
         child = children[r["trial_id"]]
+        trial_dir = outcome.out_dir / "trials" / r["trial_id"]
+        # run_training's own tags and artifacts, in the trial's directory under the sweep's --out
+        assert child.data.tags["rjem.mode"] == sweep.cfg.train.mode and child.data.tags["ray.job_id"]
+        assert "config.yaml" in _artifacts(client, child.info.run_id)
+        assert list((trial_dir / "ray" / "train").glob("checkpoint-*")) and (trial_dir / "config.yaml").is_file()
+        assert load_config(trial_dir / "config.yaml").optim.lr == r["optim.lr"]
         assert child.info.status == "FINISHED" and child.data.tags["rjem.trial_status"] == r["status"]
         history = client.get_metric_history(child.info.run_id, "fid")  # FID over time, every eval_every steps
         assert sorted(m.step for m in history) == ([3, 6] if r["status"] == "finished" else [3])
@@ -187,6 +198,8 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
         assert {"inception_score", "accuracy", "pgd_robust_accuracy", "train/loss"} <= set(child.data.metrics)
         assert "robust_accuracy" not in child.data.metrics
         assert "samples/samples.png" in _artifacts(client, child.info.run_id, "samples")
+        assert "kid" in child.data.metrics  # FID's evaluation reports KID beside it
+    assert "checkpoint/state.pt" in _artifacts(client, children[rows[0]["trial_id"]].info.run_id, "checkpoint")
     assert [t for t, c in children.items() if c.data.tags.get("rjem.best") == "true"] == [rows[0]["trial_id"]]
 
     table = {t["trial_id"]: t for t in _csv(outcome.trials_csv)}
@@ -201,10 +214,19 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
 
 
 class InterruptAfterFirstTrial(Callback):
-    """Presses Ctrl-C once the first trial has completed (Tune then saves its state and returns)."""
+    """Presses Ctrl-C once the first trial has completed (Tune then saves its state and returns).
+
+    Tune restores a resumed sweep's callbacks with their saved state: this one stays spent.
+    """
 
     def __init__(self):
         self.sent = False
+
+    def get_state(self):
+        return {"sent": self.sent}
+
+    def set_state(self, state):
+        self.sent = state["sent"]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if not self.sent:
@@ -222,7 +244,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(checkpoint,
         "generate": {"mode": "combined", "pgd_steps": 3, "pgd_step_size": 0.1,
                      "sampler": {"kind": "pyld", "steps": 2, "inner_steps": 2, "step_size": 0.2}},
         "search": {"generate.contrast": {"grid": [0.5, 0.7, 0.9]}},
-        "tune": {"max_concurrent": 1},
+        "tune": {"max_concurrent": 1, "metric": "kid"},  # KID, the small-sample objective, ranks this sweep
     }
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -251,9 +273,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(checkpoint,
     table = _csv(out / "trials.csv")
     assert sorted(t["generate.contrast"] for t in table) == ["0.5", "0.7", "0.9"]
     assert [t["status"] for t in table] == ["finished"] * 3
+    kids = [float(t["kid"]) for t in table]
+    assert kids == sorted(kids) and all(math.isfinite(float(t["fid"])) for t in table)  # ranked by KID, FID beside
     assert (out / "best.yaml").is_file()
     parent = client.get_run(first.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["num_finished"] == 3
+    assert parent.data.tags["rjem.metric"] == "kid" and parent.data.metrics["best_kid"] == pytest.approx(kids[0])
     children = _children(client, first.parent_run_id)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children.values())
     # The trial finished before the interruption was not run again: one FID, logged once.
@@ -328,18 +353,18 @@ def test_optuna_search_algorithm_gets_the_baseline_and_the_seed(fake_checkpoint,
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from rjem_ray.tune import _search_alg
+    from rjem_ray.tune.sweep import search_algorithm
 
     path = tmp_path / "optuna.yaml"
     path.write_text(yaml.safe_dump(_optuna_spec(fake_checkpoint, seed=5, max_concurrent=3)))
-    alg = _search_alg(load_sweep(path))
+    alg = search_algorithm(load_sweep(path))
     assert isinstance(alg, ConcurrencyLimiter) and alg.max_concurrent == 3
     assert isinstance(alg.searcher, OptunaSearch)
     assert alg.searcher._points_to_evaluate == [BASELINE] and alg.searcher._seed == 5
     spec = _optuna_spec(fake_checkpoint)
     spec["tune"]["search"] = "random"
     path.write_text(yaml.safe_dump(spec))
-    assert not isinstance(_search_alg(load_sweep(path)), ConcurrencyLimiter)
+    assert not isinstance(search_algorithm(load_sweep(path)), ConcurrencyLimiter)
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -411,7 +436,8 @@ def test_sample_scope_takes_the_checkpoint_config_and_overrides(fake_checkpoint)
     (["model.depth=16"], "may override only"),
     (["search.optim.lr.grid=[0.1]"], "allowed keys start with generate."),
     (["search.eval.fid_samples.grid=[10]"], "allowed keys start with generate."),
-    (["tune.metric=accuracy"], "scope sample scores generated images"),
+    (["tune.metric=accuracy"], "scope sample scores generated images; choose one of fid, kid, inception_score"),
+    (["tune.metric=kld"], "tune.metric: 'kld' is not allowed; choose one of fid, kid, "),
     (["tune.scheduler=asha"], "ASHA cannot stop anything"),
     (["tune.mode=lowest"], "tune.mode: 'lowest' is not allowed"),
     (["tune.num_samples=0"], "tune.num_samples: 0 is out of range"),
@@ -429,6 +455,7 @@ def test_bad_sample_sweeps_fail_before_ray_starts(fake_checkpoint, sets, message
     (["train.eval_every=0"], "train.eval_every: scope train reports fid every train.eval_every"),
     (["train.eval_metrics=[accuracy]"], "does not produce tune.metric 'fid'; add 'fid'"),
     (["tune.metric=ece"], "add 'ece'"),
+    (["tune.metric=kid", "train.eval_metrics=[accuracy]"], "does not produce tune.metric 'kid'; add 'fid'"),
     (["search.train.steps.grid=[4, 6]"], "search.train.steps: must not be searched"),
     (["search.train.eval_every.grid=[2]"], "must not be searched"),
     (["checkpoint=/nowhere"], "only scope sample takes a checkpoint"),
@@ -447,3 +474,16 @@ def test_train_scope_extends_its_base_and_defaults_the_mode():
     assert sweep.cfg.model == base.model and sweep.cfg.train.eval_every == 3  # base + the sweep's overrides
     assert sweep.mode == "max" and sweep.worst == -math.inf  # accuracy is maximised; failures rank last
     assert isinstance(sweep.cfg, Config) and sweep.name == "tune-smoke-train"
+
+
+def test_kid_is_an_objective_minimised_like_fid(fake_checkpoint):
+    for path, sets in ((CONFIGS / "tune-smoke-sample.yaml", [f"checkpoint={fake_checkpoint}"]),
+                       (CONFIGS / "tune-smoke-train.yaml", [])):
+        sweep = load_sweep(path, sets + ["tune.metric=kid"])
+        assert sweep.metric == "kid" and sweep.mode == "min" and sweep.worst == math.inf
+
+
+def test_a_resumed_sweep_takes_no_new_callbacks(fake_checkpoint, tmp_path):
+    sweep = load_sweep(CONFIGS / "tune-smoke-sample.yaml", [f"checkpoint={fake_checkpoint}"])
+    with pytest.raises(ValueError, match="callbacks of its first start"):
+        run_sweep(sweep, tmp_path / "sweep", resume=True, callbacks=[InterruptAfterFirstTrial()])

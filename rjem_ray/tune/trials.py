@@ -1,0 +1,162 @@
+"""One trial of a sweep, for each scope: the Tune trial function and what it runs.
+
+* ``sample`` — the checkpoint's weights are fixed; a trial sets the searched ``generate.*`` knobs, draws
+  ``eval.fid_samples`` images in one process (trials run side by side: that is where the parallelism is)
+  and scores FID, KID and IS against the cached reference statistics. Every trial uses the same generation
+  seed (``tune.seed``), so trials differ only by their knobs. Accuracy and robust accuracy do not depend on
+  those knobs: they are measured once per sweep (``scoring.prepare``) and reported beside.
+* ``train`` — a trial is ``train_driver.run_training``, the same run ``rjem train`` makes (the Train V2
+  pattern: the trial function is a driver that builds and fits its trainer), in ``trials/ID/`` and logging
+  into the trial's MLflow child run. Rank 0 evaluates ``train.eval_metrics`` every ``train.eval_every``
+  steps; those reports (only those) reach Tune through :func:`eval_reports`, and ASHA (``time_attr = step``)
+  stops the poor trials early.
+
+A trial that raises (a diverged run, non-finite samples, a bad value) reports ``metric = worst`` with
+``failed = 1`` and its reason: the failure stays local and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config
+from ..devices import default_device
+from ..search_space import apply_params
+from .scoring import score_samples
+from .sweep import trial_params
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a sweep shares (passed with ``tune.with_parameters``)."""
+
+    scope: str
+    cfg: dict
+    checkpoint: str | None
+    out_dir: str
+    metric: str
+    worst: float
+    seed: int
+    trial_cpus: float
+    use_gpu: bool
+    checkpoint_metrics: dict = field(default_factory=dict)
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """The Tune trial function of both scopes; a failure becomes a reported worst value, not an exception.
+
+    A sample-scope trial does not talk to MLflow (the driver's ``SweepRuns`` callback does, from its
+    reports); a train-scope trial's ``run_training`` logs into the child run ``SweepRuns`` opened for it.
+    When the scheduler stops a trial, Tune ends its process and ignores anything it reports after that.
+    """
+    from ray import tune
+
+    from ..train_driver import root_message
+
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(ctx.out_dir) / "trials" / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = Config.from_dict(apply_params(ctx.cfg, trial_params(config)))
+        (_sample_trial if ctx.scope == "sample" else _train_trial)(cfg, ctx, trial_dir)
+    except Exception as exc:
+        reason = root_message(exc)
+        print(f"[rjem] trial {trial_id} ended with an error: {reason}", flush=True)
+        (trial_dir / "error.txt").write_text(reason + "\n\n" + traceback.format_exc())
+        tune.report({ctx.metric: ctx.worst, "failed": 1, "error": reason[:1000]})
+
+
+def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
+    """Generate ``eval.fid_samples`` images with this trial's knobs and report FID, KID and IS."""
+    import torch
+    from ray import tune
+
+    from ..checkpoint import load_model
+    from ..generate import generate
+    from ..images import save_grid
+    from ..prior import gmm_for_checkpoint
+
+    torch.set_num_threads(max(1, int(ctx.trial_cpus)))
+    device = default_device()  # the GPU Ray assigned this trial, else CPU
+    model, _ = load_model(ctx.checkpoint, map_location=device)
+    gmm = gmm_for_checkpoint(cfg, ctx.checkpoint)
+    n = cfg.eval.fid_samples
+    x, _ = generate(model, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(ctx.seed), device=device)
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise FloatingPointError(f"generation diverged: {bad} of {x.numel()} pixel values are not finite")
+    scores = score_samples(x, cfg, ("fid", "kid", "is"))
+    scores.pop("protocol")
+    save_grid(x[: min(n, 100)], trial_dir / "samples.png", nrow=10)  # classes cycle: a column per class
+    tune.report({**scores, **ctx.checkpoint_metrics, "failed": 0})
+
+
+def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
+    """``run_training`` of the trial's config in ``trial_dir``, its evaluation reports forwarded to Tune.
+
+    The MLflow run is the trial's child run (its id in ``trial_dir/mlflow_run.json``, written by the driver's
+    ``SweepRuns``, which also closes it); without one (tracking off, or MLflow unreachable) the trial logs
+    nothing. Ray Train's run lives in ``trial_dir/ray/train``: a trial restarted by ``--resume`` reuses it,
+    so Train V2 continues from the trial's last checkpoint instead of step 0. The final checkpoint (with
+    its Gaussian mixture) is ``trial_dir/checkpoint``.
+    """
+    from ..train_driver import RUN_FILE, run_training
+
+    run_file = trial_dir / RUN_FILE
+    run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+    if run_id is None:
+        cfg.tracking.enabled = False  # never a stray top-level run: a sweep's runs are children of its parent
+    outcome = run_training(cfg, trial_dir, samples=False, run_id=run_id, callbacks=[eval_reports(ctx.metric)])
+    sample_grid(outcome.checkpoint, cfg, trial_dir / "samples.png", ctx.seed)
+
+
+@functools.cache
+def _eval_reports_class():
+    """Built on first use, so that importing this module (for the CLI's parser) does not import Ray."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvalReports(TuneReportCallback):
+        """Ray Train → Tune: forward only the reports that carry the objective (rank 0's evaluation
+        steps). Tune insists every result holds the metric, and ASHA needs nothing else."""
+
+        def __init__(self, metric: str):
+            super().__init__()
+            self.metric = metric
+
+        def after_report(self, run_context, metrics, checkpoint):
+            found = next((m for m in metrics if self.metric in m), None)
+            if found is not None:
+                super().after_report(run_context, [found], checkpoint)
+
+    return EvalReports
+
+
+def eval_reports(metric: str):
+    """The Ray Train callback of a train-scope trial (Ray's ``TuneReportCallback``, filtered to ``metric``)."""
+    return _eval_reports_class()(metric)
+
+
+def sample_grid(checkpoint: str | Path, cfg: Config, path: Path, seed: int = 0) -> Path:
+    """A grid of ``cfg.generate.mode`` samples from ``checkpoint``: a column per class, 8 rows."""
+    import torch
+
+    from ..checkpoint import load_model
+    from ..generate import generate
+    from ..images import save_grid
+    from ..prior import gmm_for_checkpoint
+
+    device = default_device()  # the GPU Ray assigned this trial, else CPU
+    model, _ = load_model(checkpoint, map_location=device)
+    gmm = gmm_for_checkpoint(cfg, checkpoint)
+    k = min(gmm.num_classes, 10)
+    x, _ = generate(model, gmm, cfg.generate, n=8 * k, classes=torch.arange(k).repeat(8),
+                    generator=torch.Generator().manual_seed(seed), device=device)
+    return save_grid(x, path, nrow=k)
