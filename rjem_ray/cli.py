@@ -64,7 +64,9 @@ def cmd_sample(args) -> int:
     from .checkpoint import verify_checkpoint
     from .devices import resolve_device
     from .prior import gmm_for_checkpoint
+    from .tracking import resolve_checkpoint
 
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # models:/NAME/VERSION, runs:/RUN_ID/model or a path
     verify_checkpoint(args.checkpoint)
     out = Path(args.out)
     check_writable(out, "--out", directory=out.suffix.lower() != ".png")
@@ -107,8 +109,10 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from .checkpoint import verify_checkpoint
     from .evaluate import evaluate_checkpoint
+    from .tracking import resolve_checkpoint
     from .train_driver import merge_json
 
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # models:/NAME/VERSION, runs:/RUN_ID/model or a path
     verify_checkpoint(args.checkpoint)
     if args.json:
         check_writable(Path(args.json), "--json", directory=False)
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
-    s.add_argument("checkpoint")
+    s.add_argument("checkpoint", help="checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model")
     s.add_argument("--mode", choices=["energy", "pgd", "combined"],
                    help="generation mode (default combined, or the --config file's generate.mode)")
     s.add_argument("--config", help="take the generate section from this experiment YAML, e.g. a sweep's "
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy, robust accuracy (AutoAttack), PGD robust accuracy, gradient-masking "
                                     "report, ECE, OOD AUROC, FID and IS of a checkpoint")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model")
     e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,fid,is,ood (default "
                                      "eval.metrics; robust = PGD, autoattack = the robust accuracy)")
     e.add_argument("--json", help="merge the results into this JSON file")

@@ -178,6 +178,24 @@ class Tracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
+    def log_dataset(self, name: str, images, labels, split: str = "train", source: str | Path | None = None) -> None:
+        """Log a dataset as the run's input: its name, digest, schema and shape profile (not the data).
+
+        ``source`` is the data directory (default: the code that logged it, MLflow's own default).
+        """
+        import mlflow.data
+        import numpy as np
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=name,
+                                    source=str(Path(source).resolve()) if source else None)
+        tag = InputTag(key="mlflow.data.context", value=split)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[tag])])
+
+    def log_model(self, ckpt_dir: str | Path, registered_model_name: str | None = None):
+        """:func:`log_model` into this run."""
+        return log_model(self.tracking_uri, self.run_id, ckpt_dir, registered_model_name)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -206,3 +224,125 @@ def runs_of(tracking_uri: str, experiment: str, filter_string: str = "") -> Iter
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], filter_string=filter_string)
+
+
+# ------------------------------------------------------------------------------------------ the logged model
+MODEL_NAME = "model"  # the logged model's name: ``runs:/RUN_ID/model``
+CHECKPOINT_ARTIFACT = "checkpoint"  # the key of the checkpoint directory among the model's artifacts
+
+# An MLflow "model from code": MLflow stores this file's text and runs it to load the model, so loading
+# unpickles nothing; the weights are the checkpoint directory, read by ``load_model`` (weights_only=True).
+_MODEL_CODE = '''\
+"""rjem-ray classifier: images [N, C, H, W] float32 in [-1, 1] -> logits [N, K]."""
+import mlflow.models
+import mlflow.pyfunc
+
+
+class RjemClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from rjem_ray.checkpoint import load_model
+
+        self.model, self.cfg = load_model(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import torch
+
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            return self.model(x).numpy()
+
+
+mlflow.models.set_model(RjemClassifier())
+'''
+
+
+def log_model(tracking_uri: str, run_id: str, ckpt_dir: str | Path, registered_model_name: str | None = None,
+              example=None):
+    """Log checkpoint ``ckpt_dir`` as the run's MLflow model (pyfunc, signature and input example).
+
+    ``example`` is a float32 tensor/array ``[N, C, H, W]`` in ``[-1, 1]`` (default: zeros of the
+    checkpoint's image shape). Returns MLflow's ``ModelInfo``; with ``registered_model_name`` the model is
+    also registered (a new version under that name).
+    """
+    import tempfile
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from .checkpoint import load_model
+
+    model, cfg = load_model(ckpt_dir)
+    if example is None:
+        from .data import dataset_info
+
+        info = dataset_info(cfg.data.name)
+        example = torch.zeros((2, info.channels, info.size, info.size))
+    x = torch.as_tensor(example, dtype=torch.float32).cpu().numpy()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).numpy()
+    signature = infer_signature(x, logits)
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = getattr(tracking_utils, "_tracking_uri", None)  # None: MLFLOW_TRACKING_URI or MLflow's default
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            code = Path(tmp) / "rjem_model.py"
+            code.write_text(_MODEL_CODE)
+            # start_run's exit marks the run FINISHED: call this last, before Tracker.finish
+            with mlflow.start_run(run_id=run_id):
+                return mlflow.pyfunc.log_model(
+                    name=MODEL_NAME, python_model=str(code), artifacts={CHECKPOINT_ARTIFACT: str(ckpt_dir)},
+                    signature=signature, input_example=x, registered_model_name=registered_model_name,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                      "rjem-ray"],
+                )
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def resolve_checkpoint(path_or_uri: str, dst: str | Path | None = None) -> str:
+    """A checkpoint directory for ``path_or_uri``: a path is returned as it is; a ``models:/NAME/VERSION``
+    or ``runs:/RUN_ID/model`` URI (MLflow's store from ``MLFLOW_TRACKING_URI``) is downloaded into ``dst``
+    (default: a temporary directory removed at exit) and the checkpoint directory inside it returned; a URI
+    MLflow cannot resolve is a one-line :class:`CheckpointError`.
+    """
+    if not str(path_or_uri).startswith(MODEL_URI_SCHEMES):
+        return path_or_uri
+    import tempfile
+
+    import mlflow.artifacts
+    import yaml
+
+    from .checkpoint import STATE_FILE, CheckpointError
+
+    if dst is None:  # removed when the process exits
+        import atexit
+        import shutil
+
+        dst = tempfile.mkdtemp(prefix="rjem-model-")
+        atexit.register(shutil.rmtree, dst, ignore_errors=True)
+    dst = Path(dst)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=path_or_uri, dst_path=str(dst)))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path_or_uri!r}: MLflow cannot find this model in {mlflow.get_tracking_uri()} "
+                              f"({first}); give models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint "
+                              "directory (set MLFLOW_TRACKING_URI to the store that holds the model)") from None
+    if (local / STATE_FILE).is_file():  # e.g. runs:/RUN_ID/checkpoint, the plain artifact
+        return str(local)
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        entry = (flavor.get("artifacts") or {}).get(CHECKPOINT_ARTIFACT)
+        if entry and (local / entry["path"] / STATE_FILE).is_file():
+            return str(local / entry["path"])
+    raise CheckpointError(f"{path_or_uri!r} is an MLflow model but not an rjem model (no {CHECKPOINT_ARTIFACT} "
+                          "artifact holding state.pt); give a model logged by `rjem train`")

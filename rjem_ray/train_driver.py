@@ -248,7 +248,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     gmm = None
     if cfg.uses_energy:
         gmm = load_train_gmm(cfg, images, labels)  # cached: workers read the file instead of refitting
-    del images, labels
     cfg.cache_dir = str(Path(cfg.cache_dir).resolve())  # workers run in another working directory
     if cfg.data.data_dir:
         cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())
@@ -276,8 +275,10 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     if tracker:
         tracker.log_params(cfg.to_dict())
         tracker.log_artifact(out / "config.yaml")
+        tracker.log_dataset(cfg.data.name, images, labels, "train", cfg.data.data_dir or None)
         print(f"[rjem] MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment!r} "
               f"({tracker.tracking_uri})", flush=True)
+    del images, labels
 
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if use_gpu:
@@ -359,6 +360,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         tracker.log_metrics({"train/wall_s": wall})
         tracker.log_artifact(out / "metrics.json")
         tracker.log_artifacts(ckpt_dir, "checkpoint")
+        tracker.log_model(ckpt_dir)  # the Models tab: runs:/RUN_ID/model; last, it closes the fluent run
         tracker.finish()
     return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)
 

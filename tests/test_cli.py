@@ -50,6 +50,24 @@ def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained):
     assert r.data.tags["rjem.mode"] == "robust-jem" and "mlflow.source.git.commit" in r.data.tags
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"samples", "checkpoint", "metrics.json", "config.yaml"} <= artifacts
+    # the MLflow model of the run (runs:/RUN_ID/model) holds the final checkpoint; the data is the run's input
+    import mlflow
+    import torch
+
+    from rjem_ray.checkpoint import load_model
+
+    model_uri = f"runs:/{r.info.run_id}/model"
+    assert client.search_logged_models([exp.experiment_id])[0].source_run_id == r.info.run_id
+    (dataset,) = r.inputs.dataset_inputs
+    assert dataset.dataset.name == "mnist5k" and json.loads(dataset.dataset.profile)["features_shape"][1:] == [1, 28, 28]
+    old_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        x = torch.rand(3, 1, 28, 28) * 2 - 1
+        got = torch.from_numpy(mlflow.pyfunc.load_model(model_uri).predict(x.numpy()))
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+    assert torch.allclose(got, load_model(run / "checkpoint")[0](x).detach(), atol=1e-5)
 
 
 @pytest.mark.slow
