@@ -39,6 +39,20 @@ def check_writable(path: Path, flag: str, directory: bool) -> None:
                          f"give a {'directory' if directory else 'file'} path in a writable place") from None
 
 
+def model_store(args, config: str | None = None) -> tuple[str, str]:
+    """The MLflow stores (tracking, registry) that a ``models:/`` or ``runs:/`` argument is looked up in:
+    ``--set tracking.*`` > MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI > ``config``'s tracking section > the
+    default, as for ``rjem train``; a checkpoint directory needs none (then nothing is read)."""
+    from .tracking import MODEL_URI_SCHEMES, store_uris
+
+    if not str(args.checkpoint).startswith(MODEL_URI_SCHEMES):
+        return "", ""
+    from .config import load_config
+
+    tracking = [s for s in (args.set or []) if s.split("=", 1)[0].strip().startswith("tracking.")]
+    return store_uris(load_config(config, tracking).tracking)
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .train_driver import run_training
@@ -66,7 +80,7 @@ def cmd_sample(args) -> int:
     from .prior import gmm_for_checkpoint
     from .tracking import resolve_checkpoint
 
-    args.checkpoint = resolve_checkpoint(args.checkpoint)  # models:/NAME/VERSION, runs:/RUN_ID/model or a path
+    args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args, args.config))
     verify_checkpoint(args.checkpoint)
     out = Path(args.out)
     check_writable(out, "--out", directory=out.suffix.lower() != ".png")
@@ -112,7 +126,7 @@ def cmd_eval(args) -> int:
     from .tracking import resolve_checkpoint
     from .train_driver import merge_json
 
-    args.checkpoint = resolve_checkpoint(args.checkpoint)  # models:/NAME/VERSION, runs:/RUN_ID/model or a path
+    args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args))
     verify_checkpoint(args.checkpoint)
     if args.json:
         check_writable(Path(args.json), "--json", directory=False)

@@ -360,7 +360,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         tracker.log_metrics({"train/wall_s": wall})
         tracker.log_artifact(out / "metrics.json")
         tracker.log_artifacts(ckpt_dir, "checkpoint")
-        tracker.log_model(ckpt_dir)  # the Models tab: runs:/RUN_ID/model; last, it closes the fluent run
+        tracker.log_model(ckpt_dir, step=int(state["step"]))  # the Models tab; runs:/RUN_ID/model
         tracker.finish()
     return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)
 

@@ -100,6 +100,7 @@ class TuneSettings:
     trial_gpus: float | None = None  # scope sample: GPUs per trial (None: 1 when the cluster has GPUs; 0.5 packs two)
     seed: int = 0  # random search, and the generation seed every sample-scope trial shares
     max_failures: int = 0  # Tune retries of a trial whose process crashed (diverged trials are results, never retried)
+    register_as: str | None = None  # scope train: register the best trial's model as models:/NAME/VERSION
 
 
 @dataclass
@@ -247,6 +248,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                               f"{1 + (key == 'reduction_factor')}")
     if settings.trial_cpus < 0 or (settings.trial_gpus or 0) < 0 or settings.max_failures < 0:
         raise ConfigError("tune.trial_cpus, tune.trial_gpus and tune.max_failures must be >= 0")
+    if settings.register_as is not None:
+        from .tracking import check_model_name
+
+        check_model_name(settings.register_as, "tune.register_as",
+                         "scope sample trains no model" if scope == "sample" else None, cfg.tracking.enabled)
 
     forbidden = NOT_SEARCHABLE
     if scope == "sample":
@@ -994,6 +1000,15 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
             parent.set_tags({"rjem.best_trial_id": best["trial_id"], "rjem.best_run_id": best["run_id"]})
         if not interrupted:
             parent.finish("FINISHED" if best is not None else "FAILED")
+        if best is not None and sweep.settings.register_as:  # the best trial's model: models:/NAME/VERSION
+            from .tracking import client_for, register_run_model, store_uris
+            from .train_driver import latest_checkpoint
+
+            trial = out / "trials" / best["trial_id"]  # a trial stopped by ASHA has only its Ray checkpoints
+            ckpt = trial / "checkpoint" if (trial / "checkpoint").is_dir() else latest_checkpoint(trial / "ray").path
+            version = register_run_model(client_for(*store_uris(sweep.cfg.tracking)), best["run_id"],
+                                         sweep.settings.register_as, ckpt)
+            progress(f"[rjem] the best trial's model is models:/{version.name}/{version.version}")
     if interrupted:
         progress(f"[rjem] the sweep was interrupted; continue it with the same command and --resume --out {out}")
     if best is not None:

@@ -26,7 +26,7 @@ def trained(tmp_path_factory, ray_session, cache_dir):
 
 
 @pytest.mark.slow
-def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained):
+def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained, monkeypatch):
     run, uri, _ = trained
     assert (run / "checkpoint" / "state.pt").is_file() and (run / "checkpoint" / "gmm.pt").is_file()
     for mode in ("energy", "pgd", "combined"):
@@ -60,13 +60,11 @@ def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained):
     assert client.search_logged_models([exp.experiment_id])[0].source_run_id == r.info.run_id
     (dataset,) = r.inputs.dataset_inputs
     assert dataset.dataset.name == "mnist5k" and json.loads(dataset.dataset.profile)["features_shape"][1:] == [1, 28, 28]
-    old_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        x = torch.rand(3, 1, 28, 28) * 2 - 1
-        got = torch.from_numpy(mlflow.pyfunc.load_model(model_uri).predict(x.numpy()))
-    finally:
-        mlflow.set_tracking_uri(old_uri)
+    (output,) = r.outputs.model_outputs  # the model is the run's output at the final step
+    assert output.step == 6
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a user points MLflow at the store; restored after the test
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    got = torch.from_numpy(mlflow.pyfunc.load_model(model_uri).predict(x.numpy()))
     assert torch.allclose(got, load_model(run / "checkpoint")[0](x).detach(), atol=1e-5)
 
 
