@@ -165,6 +165,10 @@ def cmd_ui(args) -> int:
     return 0  # not reached
 
 
+MODEL_HELP = ("checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model (looked up in the store of "
+              "--set tracking.tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
-    s.add_argument("checkpoint", help="checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model")
+    s.add_argument("checkpoint", help=MODEL_HELP)
     s.add_argument("--mode", choices=["energy", "pgd", "combined"],
                    help="generation mode (default combined, or the --config file's generate.mode)")
     s.add_argument("--config", help="take the generate section from this experiment YAML, e.g. a sweep's "
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy, robust accuracy (AutoAttack), PGD robust accuracy, gradient-masking "
                                     "report, ECE, OOD AUROC, FID and IS of a checkpoint")
-    e.add_argument("checkpoint", help="checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model")
+    e.add_argument("checkpoint", help=MODEL_HELP)
     e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,fid,is,ood (default "
                                      "eval.metrics; robust = PGD, autoattack = the robust accuracy)")
     e.add_argument("--json", help="merge the results into this JSON file")
