@@ -3,7 +3,10 @@
 One MLflow run per training run. The driver (``rjem train``) creates it and logs parameters, tags and
 artifacts; Ray Train's rank-0 worker logs the step metrics into the same run by id, so many workers
 still make exactly one run. Relative ``sqlite:///`` URIs and artifact locations are made absolute at
-the edge so that Ray workers, whose working directory differs, write to the same store.
+the edge so that Ray workers, whose working directory differs, write to the same store. The run's final
+model, its registration and the lookup of ``models:/``/``runs:/`` URIs are at the end. Every call goes
+through an ``MlflowClient`` with explicit tracking and registry URIs (:func:`client_for`), never through
+MLflow's process-wide fluent state.
 """
 
 from __future__ import annotations
