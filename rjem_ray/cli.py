@@ -39,6 +39,20 @@ def check_writable(path: Path, flag: str, directory: bool) -> None:
                          f"give a {'directory' if directory else 'file'} path in a writable place") from None
 
 
+def model_store(args, config: str | None = None) -> tuple[str, str]:
+    """The MLflow stores (tracking, registry) that a ``models:/`` or ``runs:/`` argument is looked up in:
+    ``--set tracking.*`` > MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI > ``config``'s tracking section > the
+    default, as for ``rjem train``; a checkpoint directory needs none (then nothing is read)."""
+    from .tracking import MODEL_URI_SCHEMES, store_uris
+
+    if not str(args.checkpoint).startswith(MODEL_URI_SCHEMES):
+        return "", ""
+    from .config import load_config
+
+    tracking = [s for s in (args.set or []) if s.split("=", 1)[0].strip().startswith("tracking.")]
+    return store_uris(load_config(config, tracking).tracking)
+
+
 def cmd_train(args) -> int:
     from .config import load_config
     from .train_driver import run_training
@@ -64,7 +78,9 @@ def cmd_sample(args) -> int:
     from .checkpoint import verify_checkpoint
     from .devices import resolve_device
     from .prior import gmm_for_checkpoint
+    from .tracking import resolve_checkpoint
 
+    args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args, args.config))
     verify_checkpoint(args.checkpoint)
     out = Path(args.out)
     check_writable(out, "--out", directory=out.suffix.lower() != ".png")
@@ -107,8 +123,10 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from .checkpoint import verify_checkpoint
     from .evaluate import evaluate_checkpoint
+    from .tracking import resolve_checkpoint
     from .train_driver import merge_json
 
+    args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args))
     verify_checkpoint(args.checkpoint)
     if args.json:
         check_writable(Path(args.json), "--json", directory=False)
@@ -147,6 +165,10 @@ def cmd_ui(args) -> int:
     return 0  # not reached
 
 
+MODEL_HELP = ("checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model (looked up in the store of "
+              "--set tracking.tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -172,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
-    s.add_argument("checkpoint")
+    s.add_argument("checkpoint", help=MODEL_HELP)
     s.add_argument("--mode", choices=["energy", "pgd", "combined"],
                    help="generation mode (default combined, or the --config file's generate.mode)")
     s.add_argument("--config", help="take the generate section from this experiment YAML, e.g. a sweep's "
@@ -187,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy, robust accuracy (AutoAttack), PGD robust accuracy, gradient-masking "
                                     "report, ECE, OOD AUROC, FID and IS of a checkpoint")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help=MODEL_HELP)
     e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,fid,is,ood (default "
                                      "eval.metrics; robust = PGD, autoattack = the robust accuracy)")
     e.add_argument("--json", help="merge the results into this JSON file")

@@ -213,6 +213,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are resolved against the working dir
+    registry_uri: str = ""  # the model registry's store; "" = the tracking store
     experiment: str = "rjem"
     artifact_location: str = "mlartifacts"
     run_name: str | None = None
@@ -513,7 +514,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 # MLflow's own variables. Precedence: --set tracking.KEY > the variable > the config file > the default.
-TRACKING_ENV = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment": "MLFLOW_EXPERIMENT_NAME"}
+TRACKING_ENV = {"tracking_uri": "MLFLOW_TRACKING_URI", "registry_uri": "MLFLOW_REGISTRY_URI",
+                "experiment": "MLFLOW_EXPERIMENT_NAME"}
 
 
 def with_tracking_env(data: dict[str, Any]) -> dict[str, Any]:

@@ -231,7 +231,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     from ray.train.torch import TorchTrainer
 
     from .ray_setup import cluster_has_gpus, ensure_ray, train_logging_config
-    from .tracking import Tracker, resolve_tracking_uri, tracker_for
+    from .tracking import Tracker, store_uris, tracker_for
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     gmm = None
     if cfg.uses_energy:
         gmm = load_train_gmm(cfg, images, labels)  # cached: workers read the file instead of refitting
-    del images, labels
     cfg.cache_dir = str(Path(cfg.cache_dir).resolve())  # workers run in another working directory
     if cfg.data.data_dir:
         cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())
@@ -278,15 +277,18 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     if owns_run:
         tracker = tracker_for(cfg, tags=_run_tags(cfg))
     else:
-        tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), run_id)
+        uri, registry = store_uris(cfg.tracking)
+        tracker = Tracker(uri, run_id, registry)
         tracker.set_tags(_run_tags(cfg))
     _close_stale_run(out, tracker)
     if tracker:
         if owns_run:
             tracker.log_params(cfg.to_dict())
         tracker.log_artifact(out / "config.yaml")
+        tracker.log_dataset(cfg.data.name, images, labels, "train", cfg.data.data_dir or None)
         print(f"[rjem] MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment!r} "
               f"({tracker.tracking_uri})", flush=True)
+    del images, labels
 
     resources = {"CPU": cfg.trainer.cpus_per_worker}
     if use_gpu:
@@ -370,6 +372,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         tracker.log_metrics({"train/wall_s": wall})
         tracker.log_artifact(out / "metrics.json")
         tracker.log_artifacts(ckpt_dir, "checkpoint")
+        tracker.log_model(ckpt_dir, step=int(state["step"]))  # the Models tab; runs:/RUN_ID/model
         if owns_run:
             tracker.finish()
     return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)

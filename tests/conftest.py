@@ -6,7 +6,7 @@ import os
 
 # Before anything imports Ray or MLflow. Ray's token authentication stays on (its default), as for users.
 # MLflow's own variables would redirect the tests' stores: each test names its store itself.
-for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME"):
     os.environ.pop(_var, None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -20,6 +20,28 @@ import rjem_ray  # noqa: E402,F401  (installs the torchvision shim before any te
 
 # Two cores: intra-op threads in the test process fight Ray workers and each other.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def mlflow_state_restored():
+    """MLflow's process-wide state as it was before each test: the MLFLOW_* variables (which ``rjem``
+    reads before the config file), the in-process tracking and registry URIs that ``mlflow.set_tracking_uri``
+    and ``set_registry_uri`` leave behind, the active experiment and the active-run stack. A test that
+    points MLflow somewhere cannot send a later test's runs to its store."""
+    import mlflow.tracking.fluent as fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    uris = tracking_utils._tracking_uri, registry_utils._registry_uri
+    experiment, runs = fluent._active_experiment_id, list(fluent._active_run_stack.get())
+    yield
+    for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+    tracking_utils._tracking_uri, registry_utils._registry_uri = uris  # not set_*(): they rewrite the variables
+    fluent._active_experiment_id = experiment
+    fluent._active_run_stack.set(runs)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def trained(tmp_path_factory, ray_session, cache_dir):
 
 
 @pytest.mark.slow
-def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained):
+def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained, monkeypatch):
     run, uri, _ = trained
     assert (run / "checkpoint" / "state.pt").is_file() and (run / "checkpoint" / "gmm.pt").is_file()
     for mode in ("energy", "pgd", "combined"):
@@ -50,6 +50,22 @@ def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained):
     assert r.data.tags["rjem.mode"] == "robust-jem" and "mlflow.source.git.commit" in r.data.tags
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"samples", "checkpoint", "metrics.json", "config.yaml"} <= artifacts
+    # the MLflow model of the run (runs:/RUN_ID/model) holds the final checkpoint; the data is the run's input
+    import mlflow
+    import torch
+
+    from rjem_ray.checkpoint import load_model
+
+    model_uri = f"runs:/{r.info.run_id}/model"
+    assert client.search_logged_models([exp.experiment_id])[0].source_run_id == r.info.run_id
+    (dataset,) = r.inputs.dataset_inputs
+    assert dataset.dataset.name == "mnist5k" and json.loads(dataset.dataset.profile)["features_shape"][1:] == [1, 28, 28]
+    (output,) = r.outputs.model_outputs  # the model is the run's output at the final step
+    assert output.step == 6
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a user points MLflow at the store; restored after the test
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    got = torch.from_numpy(mlflow.pyfunc.load_model(model_uri).predict(x.numpy()))
+    assert torch.allclose(got, load_model(run / "checkpoint")[0](x).detach(), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rjem_ray.config import ConfigError, load_config
-from rjem_ray.tracking import Tracker, resolve_artifact_location, resolve_tracking_uri
+from rjem_ray.tracking import Tracker, resolve_artifact_location, resolve_tracking_uri, store_uris
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
@@ -25,6 +25,7 @@ SMOKE = REPO / "tune_configs" / "smoke.yaml"
 def no_mlflow_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return monkeypatch
 
 
@@ -43,6 +44,19 @@ def test_set_wins_over_mlflow_env(no_mlflow_env):
     no_mlflow_env.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
     cfg = load_config(SMOKE, ["tracking.tracking_uri=sqlite:///other.db", "tracking.experiment=from-set"])
     assert (cfg.tracking.tracking_uri, cfg.tracking.experiment) == ("sqlite:///other.db", "from-set")
+
+
+def test_the_registry_is_the_tracking_store_unless_named(no_mlflow_env, tmp_path):
+    """store_uris: the registry follows the tracking store; MLFLOW_REGISTRY_URI, then --set, name another."""
+    no_mlflow_env.chdir(tmp_path)
+    here = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert store_uris(load_config().tracking) == (here, here)  # relative sqlite made absolute, for both
+    no_mlflow_env.setenv("MLFLOW_REGISTRY_URI", "http://127.0.0.1:5998")
+    assert store_uris(load_config().tracking) == (here, "http://127.0.0.1:5998")
+    cfg = load_config(None, ["tracking.registry_uri=sqlite:///reg.db"])
+    assert store_uris(cfg.tracking) == (here, f"sqlite:///{tmp_path.resolve()}/reg.db")
+    t = Tracker(here, "0123", store_uris(cfg.tracking)[1])  # the client holds exactly these two stores
+    assert (t.client.tracking_uri, t.client._registry_uri) == (here, f"sqlite:///{tmp_path.resolve()}/reg.db")
 
 
 def test_a_sweep_follows_the_same_precedence(no_mlflow_env, tmp_path):

@@ -155,7 +155,8 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
 def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_session, tmp_path, cache_dir):
     # optim.lr = 1e30 makes the loss explode at once; it rolls back train.max_rollbacks times, then fails.
     sets = _store(tmp_path, cache_dir) + ["search.optim.lr.grid=[0.001, 0.003, 1.0e+30]",
-                                          "tune.max_concurrent=3", "tune.trial_cpus=0.25"]
+                                          "tune.max_concurrent=3", "tune.trial_cpus=0.25",
+                                          "tune.register_as=smoke-best"]
     sweep = load_sweep(CONFIGS / "tune-smoke-train.yaml", sets)
     assert sweep.scheduler == "asha" and sweep.num_trials() == 3
     outcome = run_sweep(sweep, tmp_path / "sweep")
@@ -207,7 +208,19 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
     # best.yaml is what `rjem train` accepts, with the winning values; the trial's checkpoint is kept.
     tuned = load_config(outcome.best_config)
     assert tuned.optim.lr == rows[0]["optim.lr"] and tuned.attack.eps == pytest.approx(rows[0]["attack.eps"])
-    assert (outcome.out_dir / "trials" / rows[0]["trial_id"] / "checkpoint" / "state.pt").is_file()
+    ckpt = outcome.out_dir / "trials" / rows[0]["trial_id"] / "checkpoint"
+    assert (ckpt / "state.pt").is_file()
+    # tune.register_as: the best trial's model is version 1 of smoke-best, with that checkpoint's logits
+    (version,) = client.search_model_versions("name = 'smoke-best'")
+    assert version.run_id == rows[0]["run_id"] == children[rows[0]["trial_id"]].info.run_id
+    import torch
+
+    from rjem_ray.checkpoint import load_model
+    from rjem_ray.tracking import resolve_checkpoint
+
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    registered = load_model(resolve_checkpoint("models:/smoke-best/1", f"sqlite:///{tmp_path}/mlflow.db"))[0]
+    assert torch.allclose(registered(x), load_model(ckpt)[0](x))
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -442,6 +455,7 @@ def test_sample_scope_takes_the_checkpoint_config_and_overrides(fake_checkpoint)
     (["tune.mode=lowest"], "tune.mode: 'lowest' is not allowed"),
     (["tune.num_samples=0"], "tune.num_samples: 0 is out of range"),
     (["tune.bogus=1"], "unknown key tune.bogus"),
+    (["tune.register_as=best"], "tune.register_as: scope sample trains no model"),
     (["search.generate.contrast.grid=[0.5]", "search.generate.contrast.choice=[0.5]"],
      "search.generate.contrast: give one distribution, got grid, choice"),
 ])
@@ -461,6 +475,8 @@ def test_bad_sample_sweeps_fail_before_ray_starts(fake_checkpoint, sets, message
     (["checkpoint=/nowhere"], "only scope sample takes a checkpoint"),
     (["tune.grace_period=99"], "tune.grace_period: 99 must be in 1..train.steps (6)"),
     (["search.optim.lr.loguniform=[0, 1]"], "loguniform needs low > 0"),
+    (["tune.register_as=a/b"], "tune.register_as: 'a/b' is not a registered-model name"),
+    (["tune.register_as=best", "tracking.enabled=false"], "tune.register_as: registering a model needs tracking"),
 ])
 def test_bad_train_sweeps_fail_before_ray_starts(sets, message):
     with pytest.raises(ConfigError) as err:

@@ -191,6 +191,15 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
             parent.set_tags({"rjem.best_trial_id": best["trial_id"], "rjem.best_run_id": best["run_id"]})
         if not interrupted:
             parent.finish("FINISHED" if best is not None else "FAILED")
+        if best is not None and sweep.settings.register_as:  # the best trial's model: models:/NAME/VERSION
+            from ..tracking import client_for, register_run_model, store_uris
+            from ..train_driver import latest_checkpoint
+
+            trial = out / "trials" / best["trial_id"]  # a trial stopped by ASHA has only its Ray checkpoints
+            ckpt = trial / "checkpoint" if (trial / "checkpoint").is_dir() else latest_checkpoint(trial / "ray").path
+            version = register_run_model(client_for(*store_uris(sweep.cfg.tracking)), best["run_id"],
+                                         sweep.settings.register_as, ckpt)
+            progress(f"[rjem] the best trial's model is models:/{version.name}/{version.version}")
     if interrupted:
         progress(f"[rjem] the sweep was interrupted; continue it with the same command and --resume --out {out}")
     if best is not None:

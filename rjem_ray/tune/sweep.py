@@ -68,6 +68,7 @@ class TuneSettings:
     trial_gpus: float | None = None  # scope sample: GPUs per trial (None: 1 when the cluster has GPUs; 0.5 packs two)
     seed: int = 0  # random search, and the generation seed every sample-scope trial shares
     max_failures: int = 0  # Tune retries of a trial whose process crashed (diverged trials are results, never retried)
+    register_as: str | None = None  # scope train: register the best trial's model as models:/NAME/VERSION
 
 
 @dataclass
@@ -200,6 +201,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                               f"{1 + (key == 'reduction_factor')}")
     if settings.trial_cpus < 0 or (settings.trial_gpus or 0) < 0 or settings.max_failures < 0:
         raise ConfigError("tune.trial_cpus, tune.trial_gpus and tune.max_failures must be >= 0")
+    if settings.register_as is not None:
+        from ..tracking import check_model_name
+
+        check_model_name(settings.register_as, "tune.register_as",
+                         "scope sample trains no model" if scope == "sample" else None, cfg.tracking.enabled)
 
     forbidden = NOT_SEARCHABLE
     if scope == "sample":
