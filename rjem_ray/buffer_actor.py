@@ -10,8 +10,8 @@ lease traffic stays inside a node's object store.
 Each worker uses a :class:`SharedReplayBuffer` client (the :class:`~rjem_ray.replay_buffer.ReplayBuffer`
 protocol, so :class:`~rjem_ray.training.Learner` needs no change):
 
-* ``lease(B)`` takes ``B_j ≈ B · size_j / N`` slots from every shard (:func:`split_batch`; the shard
-  that gets each rounding remainder rotates with the worker's rank and call count), so every slot is
+* ``lease(B)`` takes ``B_j ≈ B · size_j / N`` slots from every shard (:func:`split_batch`; each rounding
+  remainder goes to the shards that are owed most by this worker's running deficit), so every slot is
   equally likely to be leased whatever the shard sizes. The shard does the 5 % re-initialisation from
   the Gaussian mixture itself: the mixture's arrays are sent to each shard once, at creation.
 * ``write_back`` sends the results back and, without waiting, requests the *next* lease of the same
@@ -86,21 +86,37 @@ def shard_sizes(total: int, num_shards: int) -> list[int]:
     return [base + (j < extra) for j in range(num_shards)]
 
 
-def split_batch(batch: int, sizes: Sequence[int], start: int = 0) -> np.ndarray:
-    """Slots to lease from each shard: ``floor(B · size_j / N)``, plus one for the ``r`` shards after ``start``.
+def split_batch(
+    batch: int, sizes: Sequence[int], deficit: np.ndarray | None = None, rank: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slots to lease from each shard: ``floor(B · size_j / N)``, plus one for ``r`` shards chosen by deficit.
 
-    ``r = B − Σ_j floor(B · size_j / N)`` is the rounding remainder (``r < K``); it goes to shards
-    ``start, start + 1, ...`` (mod ``K``), so callers that rotate ``start`` spread it evenly and every
-    slot of the logical buffer has the same lease rate. Returns ``int64 [K]`` summing to ``batch``.
+    ``r = B − Σ_j floor(B · size_j / N)`` is the rounding remainder (``r < K``). Each call adds every shard's
+    fractional share ``f_j = B · size_j / N − floor(B · size_j / N)`` (``Σ_j f_j = r``) to its running
+    ``deficit_j``, gives the extra slot to the ``r`` shards with the largest deficit (ties: shards in order
+    from ``rank`` on, so workers do not all favour shard 0) and subtracts 1 from theirs. The deficits sum
+    to 0 and stay bounded, so over ``T`` calls shard ``j`` hands out ``T · B · size_j / N`` slots up to a
+    constant: every slot of the logical buffer has the same lease rate, whatever the shard sizes (a plain
+    rotation of the remainder does not: with sizes 5, 3, 2 and ``B = 4`` it leases the small shard's
+    slots at 0.42× the rate of the others). Each count is ``floor`` or ``floor + 1`` of ``B · size_j / N``,
+    which :func:`check_capacity` relies on.
+
+    Returns ``(counts int64 [K] summing to batch, the new deficit float64 [K])``; pass the deficit back
+    on the next call (``None`` starts from zeros).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     total = int(sizes.sum())
     counts = (int(batch) * sizes) // total
-    r = int(batch) - int(counts.sum())
+    frac = (int(batch) * sizes - counts * total) / total
     k = sizes.size
-    for i in range(r):
-        counts[(int(start) + i) % k] += 1
-    return counts
+    deficit = (np.zeros(k) if deficit is None else np.asarray(deficit, dtype=np.float64)) + frac
+    r = int(batch) - int(counts.sum())
+    if r:
+        order = (np.arange(k) - int(rank)) % k  # tie-break: shards from `rank` on come first
+        chosen = np.lexsort((order, -deficit))[:r]
+        counts[chosen] += 1
+        deficit[chosen] -= 1.0
+    return counts, deficit
 
 
 def check_capacity(sizes: Sequence[int], batch_per_worker: int, num_workers: int) -> None:
@@ -438,7 +454,7 @@ class SharedReplayBuffer:
         if [int(i["offset"]) for i in infos] != self.offsets.tolist():
             raise ValueError(f"shards are not contiguous: offsets {[i['offset'] for i in infos]}, sizes {self.sizes}")
         self.sample_shape = tuple(infos[0]["sample_shape"])
-        self._requests = 0
+        self._deficit: np.ndarray | None = None  # split_batch's running deficits: equal lease rates per slot
         self._pending: _Request | None = None
         self._held: dict[int, tuple[int, np.ndarray]] = {}  # shard index -> (epoch, global slots leased)
         self._cache: dict | None = None  # the owner's last snapshot, valid until this client leases again
@@ -452,8 +468,7 @@ class SharedReplayBuffer:
     # ------------------------------------------------------------------------------------------ leases
 
     def _request(self, batch: int) -> _Request:
-        counts = split_batch(batch, self.sizes, start=self.rank + self._requests)
-        self._requests += 1
+        counts, self._deficit = split_batch(batch, self.sizes, self._deficit, rank=self.rank)
         return _Request(batch, [(j, self.shards[j].lease.remote(int(c))) for j, c in enumerate(counts) if c])
 
     def flush(self) -> None:

@@ -69,20 +69,36 @@ def test_shard_sizes_cover_the_buffer_evenly():
         shard_sizes(3, 4)
 
 
-def test_split_batch_is_proportional_and_rotating_remainders_make_lease_rates_equal():
+def test_split_batch_is_proportional_and_each_count_is_floor_or_floor_plus_one():
     sizes = [4, 3, 3]
     for batch in range(1, 11):
-        for start in range(3):
-            counts = split_batch(batch, sizes, start)
+        deficit = None
+        for rank in range(3):
+            counts, deficit = split_batch(batch, sizes, deficit, rank=rank)
             assert counts.sum() == batch and counts.dtype == np.int64
             exact = batch * np.array(sizes) / 10
             assert np.all(counts >= np.floor(exact)) and np.all(counts <= np.floor(exact) + 1)
-    # Over K rotations the remainder visits every shard once: per-slot lease rate is the same everywhere.
-    sizes = [5, 5, 5, 5]
-    total = sum(split_batch(3, sizes, start) for start in range(4))
-    np.testing.assert_array_equal(total, [3, 3, 3, 3])
-    # Without rotation the first shard would take every remainder (the failure this guards against).
-    assert split_batch(3, sizes, 0).tolist() == [1, 1, 1, 0]
+            assert abs(deficit.sum()) < 1e-9
+
+
+@pytest.mark.parametrize("sizes,batch", [([5, 3, 2], 4), ([3334, 3333, 3333], 64), ([7, 1, 1, 1], 3), ([5, 5, 5, 5], 3),
+                                         ([2, 9, 4], 7)])
+def test_leases_spread_to_equal_per_slot_rates_with_uneven_shard_sizes(sizes, batch):
+    """Over many requests every slot is leased at the same rate B / N, whatever the shard sizes."""
+    total, deficit = np.zeros(len(sizes)), None
+    calls = 600
+    for _ in range(calls):
+        counts, deficit = split_batch(batch, sizes, deficit, rank=1)
+        total += counts
+    # each shard's count stays within a constant of its exact share: rates per slot agree to 1 / calls
+    np.testing.assert_array_less(np.abs(total - calls * batch * np.array(sizes) / sum(sizes)), len(sizes))
+    assert np.abs(deficit).max() < len(sizes)
+
+
+def test_split_batch_ties_start_at_the_workers_rank():
+    """Equal shards, one slot per lease: worker r's first slot comes from shard r, so workers spread."""
+    firsts = [int(np.argmax(split_batch(1, [5, 5, 5, 5], None, rank=r)[0])) for r in range(4)]
+    assert firsts == [0, 1, 2, 3]
 
 
 def test_check_capacity_rejects_layouts_workers_could_exhaust():

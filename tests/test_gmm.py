@@ -229,3 +229,31 @@ def test_load_or_fit_leaves_no_partial_file_when_writing_fails(data, tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         load_or_fit_gmm(tmp_path / "gmm.pt", x, y, K, rank=2)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_fit_and_draws_match_a_dense_reference(data, rank):
+    """Exact and low-rank paths against dense linear algebra: the factor is chol(S + jitter I) or
+    U_r diag(λ_r)^½ from eigh(S) with d² = diag(S) − diag(L Lᵀ) + jitter, and a draw with given classes
+    is clamp(μ_y + L_y z + d_y ⊙ e) for the generator's z ~ N(0, I_r), then e ~ N(0, I_D)."""
+    x, y = data
+    gmm = fit_class_gmm(x, y, K, rank=rank, jitter=1e-4)
+    r = D if rank is None else rank
+    for c in range(K):
+        _, cov = _class_stats(x, y, c)
+        lc = gmm.factors[c].double()
+        if rank is None:
+            torch.testing.assert_close(lc @ lc.T, cov + 1e-4 * torch.eye(D, dtype=torch.float64), atol=1e-6, rtol=0)
+        else:
+            vals, vecs = torch.linalg.eigh(cov)
+            top = vecs[:, -r:] @ torch.diag(vals[-r:]) @ vecs[:, -r:].T
+            torch.testing.assert_close(lc @ lc.T, top, atol=1e-6, rtol=0)
+            torch.testing.assert_close(gmm.resid_std[c].double() ** 2, torch.diag(cov) - torch.diag(top) + 1e-4,
+                                       atol=1e-6, rtol=0)
+    classes = torch.tensor([2, 0, 1, 2, 2, 0, 1, 1, 0, 2])
+    draws, labels = gmm.sample(len(classes), classes=classes, generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    z, e = torch.randn(len(classes), r, generator=g), torch.randn(len(classes), D, generator=g)
+    dense = gmm.means[classes] + torch.einsum("ndr,nr->nd", gmm.factors[classes], z) + gmm.resid_std[classes] * e
+    assert torch.equal(labels, classes)
+    torch.testing.assert_close(draws, dense.clamp(-1, 1).reshape(-1, *SHAPE), atol=1e-5, rtol=0)
