@@ -103,7 +103,7 @@ def cmd_sample(args) -> int:
     say = _progress("sample")
     say(f"{cfg.generate.n} samples, mode {mode}" + (f", class {args.class_}" if args.class_ is not None else ""))
     x, y = generate(model, gmm, cfg.generate, classes=args.class_, generator=torch.Generator().manual_seed(args.seed),
-                    device=device)
+                    device=device, progress=say)
     if out.suffix.lower() == ".png":
         save_grid(x, out)
         say(f"wrote {out}")

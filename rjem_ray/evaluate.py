@@ -188,7 +188,7 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
     n = e.fid_samples
     progress(f"generating {n} samples ({cfg.generate.mode} mode) for FID/IS")
     x_gen, _ = generate(model.net, gmm, cfg.generate, n=n, generator=torch.Generator().manual_seed(seed), device=device,
-                        precision=model.precision)
+                        precision=model.precision, progress=progress)
     samples = to_uint8(x_gen)
     extractor = fid_extractor_for(cfg)
     progress(f"FID/KID/IS with the {extractor} extractor")

@@ -38,6 +38,7 @@ mode either way; the model's modes are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 from torch import nn
@@ -72,12 +73,14 @@ def generate(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``n`` images (``[n, C, H, W]`` in [-1, 1]) and their classes with the given mode.
 
     ``classes``: one class for all, a tensor of ``n`` classes, or None (classes cycle 0..K-1 so a grid
     shows every class). ``precision`` (``speed.PRECISIONS``): autocast of the network's passes; the
-    images and every PGD/Langevin iterate stay fp32.
+    images and every PGD/Langevin iterate stay fp32. ``progress`` (optional) is called with one line after
+    each batch of ``generate.batch_size`` images when there is more than one batch.
     """
     mode = mode or gen.mode
     if mode not in GEN_MODES:
@@ -110,6 +113,8 @@ def generate(
                 center = torch.full((1, 1, 1, 1), -1.0, device=device)
             with running_stats_frozen(model) if gen.bn_mode == "train" else contextlib.nullcontext():
                 outs.append(_generate_batch(net, x0.to(device), yb.to(device), gen, mode, center).cpu())
+            if progress is not None and n > gen.batch_size:
+                progress(f"{mode} mode: {min(start + gen.batch_size, n)}/{n} images")
     finally:
         model.train(was_training)
     return torch.cat(outs), y

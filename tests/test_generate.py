@@ -172,3 +172,62 @@ def test_bf16_generation_runs_the_network_in_bf16_and_keeps_images_fp32(setup, m
     assert x16.dtype == torch.float32
     assert seen and all(o == torch.bfloat16 for _, o in seen)  # the classifier's last layer ran in bf16
     assert (x16 - x32).abs().mean() < 0.05  # the same images up to bf16 round-off along the chain
+
+
+@pytest.mark.parametrize("mode,conditional", [("pgd", True), ("energy", True), ("energy", False), ("combined", True)])
+def test_modes_chain_their_stages_in_order_on_the_requested_classes(setup, monkeypatch, mode, conditional):
+    """With PGD and the sampler replaced by marked recorders, each mode is exactly its chain of stages:
+    pgd = PGD(x0 → c, targeted); energy = Langevin(x0 | c, or unconditional); combined = Langevin(m + κ(PGD(x0) − m) | c),
+    all from the Gaussian-mixture seeds of the requested classes."""
+    import rjem_ray.generate as gen_mod
+
+    model, gmm = setup
+    calls = []
+
+    def fake_pgd(model, x, y, **kw):
+        calls.append(("pgd", x.clone(), y.clone(), kw))
+        return x + 0.25
+
+    def fake_sampler(model, x, **kw):
+        calls.append(("sampler", x.clone(), kw.get("y"), kw))
+        return x * 0.5
+
+    monkeypatch.setattr(gen_mod, "pgd", fake_pgd)
+    monkeypatch.setattr(gen_mod, "run_sampler", fake_sampler)
+    classes = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    cfg = gen_cfg(batch_size=8, contrast=0.6, contrast_center="floor", conditional=conditional)
+    x, y = generate(model, gmm, cfg, mode=mode, n=8, classes=classes, generator=torch.Generator().manual_seed(4))
+    seeds, _ = gmm.sample(8, classes=classes, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(y, classes)
+    stages = [c[0] for c in calls]
+    assert stages == {"pgd": ["pgd"], "energy": ["sampler"], "combined": ["pgd", "sampler"]}[mode]
+    if "pgd" in stages:
+        _, x_in, y_in, kw = calls[0]
+        torch.testing.assert_close(x_in, seeds, atol=0, rtol=0)
+        assert torch.equal(y_in, classes) and kw["targeted"] is True
+        assert kw["eps"] == cfg.pgd_eps and kw["steps"] == cfg.pgd_steps and kw["step_size"] == cfg.pgd_step_size
+    if mode == "pgd":
+        expected = seeds + 0.25
+    elif mode == "energy":
+        _, x_in, y_in, _ = calls[0]
+        torch.testing.assert_close(x_in, seeds, atol=0, rtol=0)
+        assert (y_in is None) if not conditional else torch.equal(y_in, classes)
+        expected = seeds * 0.5
+    else:
+        _, x_in, y_in, _ = calls[1]
+        between = -1 + 0.6 * (seeds + 0.25 + 1)  # contrast reduced about the floor, between the two stages
+        torch.testing.assert_close(x_in, between, atol=1e-6, rtol=0)
+        assert torch.equal(y_in, classes)
+        expected = between * 0.5
+    torch.testing.assert_close(x, expected.clamp(-1, 1), atol=1e-6, rtol=0)
+
+
+def test_progress_reports_each_batch_of_a_long_generation(setup):
+    model, gmm = setup
+    lines = []
+    generate(model, gmm, gen_cfg(batch_size=8, pgd_steps=1), mode="pgd", n=20, generator=torch.Generator().manual_seed(0),
+             progress=lines.append)
+    assert lines == ["pgd mode: 8/20 images", "pgd mode: 16/20 images", "pgd mode: 20/20 images"]
+    lines.clear()
+    generate(model, gmm, gen_cfg(batch_size=8, pgd_steps=1), mode="pgd", n=8, progress=lines.append)
+    assert lines == []  # one batch: the caller's own line says enough
