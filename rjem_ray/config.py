@@ -198,7 +198,8 @@ class EvalConfig:
     autoattack_attacks: list[str] = field(default_factory=lambda: ["apgd-ce", "apgd-t"])  # used with custom
     autoattack_max_samples: int = 1000  # a seeded random subset when below the test size
     masking_eps_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # PGD grid, × robust_eps
-    ece_bins: int = 20
+    ece_bins: int = 20  # equal-width confidence bins of ECE and of E[BR]'s histogram
+    ebr_pseudo_count: float = 1.0  # E[BR]: added to each bin's correct and wrong counts (1 = Laplace's rule)
     fid_extractor: str = "auto"  # auto: inception for natural images, reference-classifier for digits
     # FID/KID of the same samples in a second feature space, reported as fid_2/kid_2 beside fid/kid.
     # auto: robust-reference-classifier (features targeted PGD cannot fool) where fid_extractor is the
@@ -452,6 +453,7 @@ def validate(cfg: Config) -> None:
     for f in e.masking_eps_factors:
         _at_least("eval.masking_eps_factors", f, 0, strict=True)
     _at_least("eval.ece_bins", e.ece_bins, 1)
+    _at_least("eval.ebr_pseudo_count", e.ebr_pseudo_count, 0)
     _choice("eval.fid_extractor", e.fid_extractor, FID_EXTRACTORS)
     _choice("eval.fid_second_extractor", e.fid_second_extractor, SECOND_FID_EXTRACTORS)
     _at_least("eval.fid_samples", e.fid_samples, 2)
@@ -459,7 +461,7 @@ def validate(cfg: Config) -> None:
     _at_least("eval.batch_size", e.batch_size, 1)
 
 
-METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "fid", "is", "ood")
+METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "ebr", "fid", "is", "ood")
 
 
 # ----------------------------------------------------------------------------------------------- loading

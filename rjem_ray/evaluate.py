@@ -61,8 +61,8 @@ def evaluate_model(
     for m in metrics:
         if m not in METRIC_NAMES:
             raise ConfigError(f"--metrics: {m!r} is not a metric; choose from {', '.join(METRIC_NAMES)}")
-    from .metrics import (accuracy, energy_scores, expected_calibration_error, ood_auroc, predict_logits,
-                          robust_accuracy)
+    from .metrics import (accuracy, energy_scores, expected_bayes_ratio, expected_calibration_error, ood_auroc,
+                          predict_logits, robust_accuracy)
 
     e = cfg.eval
     device = next(model.parameters()).device
@@ -76,7 +76,7 @@ def evaluate_model(
     out: dict = {"protocol": {"dataset": cfg.data.name, "split": "test", "num_test": len(y),
                               "precision": model.precision}}
     g = torch.Generator().manual_seed(seed)
-    if "accuracy" in metrics or "ece" in metrics:
+    if "accuracy" in metrics or "ece" in metrics or "ebr" in metrics:
         progress("accuracy / calibration")
         logits = predict_logits(model, x, e.batch_size)
         if "accuracy" in metrics:
@@ -84,6 +84,15 @@ def evaluate_model(
         if "ece" in metrics:
             out["ece"] = expected_calibration_error(logits.softmax(1).cpu(), y.cpu(), e.ece_bins)
             out["protocol"]["ece"] = {"bins": e.ece_bins, "binning": "equal-width confidence", "num_samples": len(y)}
+        if "ebr" in metrics:
+            out["ebr"], hist = expected_bayes_ratio(logits.softmax(1).cpu(), y.cpu(), e.ece_bins, e.ebr_pseudo_count)
+            out["protocol"]["ebr"] = {
+                "definition": "E[BR] = sum_b P(b) O(C|b)/O(C), odds of a correct prediction given its confidence bin "
+                              "over the prior odds (Finlay & Oberman 2019)",
+                "uncertainty_metric": "max softmax probability", "bins": e.ece_bins,
+                "binning": "equal-width confidence (b/bins, (b+1)/bins]", "pseudo_count": e.ebr_pseudo_count,
+                "num_samples": len(y), "histogram": hist,
+            }
 
     def subset(max_samples: int) -> tuple[torch.Tensor, str]:
         # A seeded random subset: test files are often sorted by class, so the first n would not be
