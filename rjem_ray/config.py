@@ -40,6 +40,10 @@ SECOND_FID_EXTRACTORS = ("auto", "none") + FID_EXTRACTORS[1:]
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 AUTOATTACK_VERSIONS = ("standard", "custom")
+# Minimum-norm attacks (rjem_ray/minnorm.py) as ATTACK-NORM names, and their public reference.
+MIN_NORM_RUNS = ("logbarrier-l2", "logbarrier-linf", "proxlogbarrier-l0", "proxlogbarrier-l1", "proxlogbarrier-l2",
+                 "proxlogbarrier-linf")
+MIN_NORM_REFERENCES = ("fab", "none")
 DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "svhn")
 OOD_NAMES = DATASET_NAMES + ("uniform", "gaussian")
 
@@ -208,6 +212,19 @@ class EvalConfig:
     fid_samples: int = 1000
     inception_weights: str | None = None  # local Inception weights for offline clusters
     ood_dataset: str = "uniform"
+    # min-norm (rjem_ray/minnorm.py): per-image minimum-norm perturbations on a seeded subset; distances in
+    # [-1, 1] units (L0: changed pixels); the curve and the plot also give them on the [0, 1] scale
+    min_norm_runs: list[str] = field(default_factory=lambda: list(MIN_NORM_RUNS))
+    min_norm_max_samples: int = 100
+    min_norm_outer_steps: int = 10  # barrier weights mu, mu*decay, ...
+    min_norm_inner_steps: int = 20  # feasible steps per barrier weight
+    min_norm_mu: float = 0.1  # first barrier weight, unitless (relative to the start's distance)
+    min_norm_mu_decay: float = 0.5
+    min_norm_reference: str = "fab"  # fab (pyautoattack's FAB, L1/L2/Linf runs) | none
+    min_norm_reference_iterations: int = 100
+    min_norm_curve_points: int = 21  # eps grid of the robust-accuracy curve, 0 .. the largest finite distance
+    # where min-norm writes min_norm.png and min_norm_distances.csv; None: the checkpoint's parent directory
+    artifact_dir: str | None = None
     batch_size: int = 256
 
 
@@ -458,10 +475,23 @@ def validate(cfg: Config) -> None:
     _choice("eval.fid_second_extractor", e.fid_second_extractor, SECOND_FID_EXTRACTORS)
     _at_least("eval.fid_samples", e.fid_samples, 2)
     _choice("eval.ood_dataset", e.ood_dataset, OOD_NAMES)
+    if not e.min_norm_runs:
+        raise ConfigError(f"eval.min_norm_runs: empty; list one or more of {', '.join(MIN_NORM_RUNS)}")
+    for r in e.min_norm_runs:
+        _choice("eval.min_norm_runs", r, MIN_NORM_RUNS)
+    _at_least("eval.min_norm_max_samples", e.min_norm_max_samples, 1)
+    _at_least("eval.min_norm_outer_steps", e.min_norm_outer_steps, 1)
+    _at_least("eval.min_norm_inner_steps", e.min_norm_inner_steps, 1)
+    _at_least("eval.min_norm_mu", e.min_norm_mu, 0, strict=True)
+    if not 0 < e.min_norm_mu_decay <= 1:
+        raise ConfigError(f"eval.min_norm_mu_decay: {e.min_norm_mu_decay!r} is out of range; it must be in (0, 1]")
+    _choice("eval.min_norm_reference", e.min_norm_reference, MIN_NORM_REFERENCES)
+    _at_least("eval.min_norm_reference_iterations", e.min_norm_reference_iterations, 1)
+    _at_least("eval.min_norm_curve_points", e.min_norm_curve_points, 2)
     _at_least("eval.batch_size", e.batch_size, 1)
 
 
-METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "ebr", "fid", "is", "ood")
+METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "ebr", "min-norm", "fid", "is", "ood")
 
 
 # ----------------------------------------------------------------------------------------------- loading

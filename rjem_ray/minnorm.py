@@ -309,3 +309,72 @@ def robust_curve(dist: Tensor, eps: list[float] | Tensor) -> list[float]:
     d = dist.detach().cpu()
     # ε in the distances' own dtype, so that ε = d_i (e.g. a float32 0.1) compares equal
     return [(d > torch.tensor(float(e), dtype=d.dtype)).double().mean().item() for e in eps]
+
+
+def min_norm_report(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    runs: list[str],
+    outer_steps: int = 10,
+    inner_steps: int = 20,
+    mu: float = 0.1,
+    mu_decay: float = 0.5,
+    curve_points: int = 21,
+    batch_size: int = 256,
+    seed: int = 0,
+    reference=None,
+    progress=lambda s: None,
+) -> dict:
+    """Every ``ATTACK-NORM`` run of ``runs`` on ``(x, y)``: per-image distances, their median and the
+    robust-accuracy curve, with the protocol.
+
+    ``reference(norm) -> (d [N], protocol) | None`` gives a public attack's distances (FAB) for the same
+    images; where it answers, the run also reports ``reference_median`` and ``median_ratio`` (ours over
+    the reference's, over the images both broke: ≤ 1 means ours found closer points). Medians are over
+    the images each attack broke (finite, non-zero distance). The curve is
+    ``robust_accuracy(ε) = mean[d_i > ε]`` at ``curve_points`` ε from 0 to the largest finite distance,
+    listed in both scales (``eps`` in [-1, 1] units, ``eps_01`` on [0, 1]; L0 counts pixels on both).
+    """
+    out: dict = {}
+    refs: dict[str, tuple] = {}
+    for run in runs:
+        attack, norm = run.split("-", 1)
+        progress(f"min-norm: {attack} {norm} on {len(y)} images")
+        g = torch.Generator().manual_seed(seed)
+        device = next(model.parameters(), x).device
+        d = torch.cat([
+            min_norm_attack(model, x[s : s + batch_size].to(device), y[s : s + batch_size].to(device), attack=attack,
+                            norm=norm, outer_steps=outer_steps, inner_steps=inner_steps, mu=mu, mu_decay=mu_decay,
+                            generator=g)[1].cpu()
+            for s in range(0, len(y), batch_size)
+        ])
+        broke = torch.isfinite(d) & (d > 0)
+        top = d[torch.isfinite(d)].max().item() if torch.isfinite(d).any() else 0.0
+        eps = [top * i / (curve_points - 1) for i in range(curve_points)]
+        k = SCALE_TO_01[norm]
+        entry = {
+            "attack": attack, "norm": norm,
+            "unit": "changed pixels" if norm == "l0" else "model input space [-1, 1]",
+            "unit_01": "changed pixels" if norm == "l0" else "[0, 1] pixel scale (half)",
+            "median": d[broke].median().item() if broke.any() else None,
+            "median_01": d[broke].median().item() * k if broke.any() else None,
+            "num_broken": int(broke.sum()), "num_already_wrong": int((d == 0).sum()),
+            "num_not_found": int((~torch.isfinite(d)).sum()),
+            "curve": {"eps": eps, "eps_01": [e * k for e in eps], "robust_accuracy": robust_curve(d, eps)},
+            "distances": [v if math.isfinite(v) else None for v in d.tolist()],
+        }
+        if reference is not None and norm not in refs:
+            refs[norm] = reference(norm)
+        if reference is not None and refs[norm] is not None:
+            d_ref, proto = refs[norm]
+            both = broke & torch.isfinite(d_ref) & (d_ref > 0)
+            entry["reference"] = proto
+            entry["reference_distances"] = [v if math.isfinite(v) else None for v in d_ref.tolist()]
+            if both.any():
+                entry["reference_median"] = d_ref[both].median().item()
+                entry["median_ratio"] = d[both].median().item() / max(d_ref[both].median().item(), _FLOOR)
+                entry["num_compared"] = int(both.sum())
+        out[run] = entry
+    return out
