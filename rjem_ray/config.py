@@ -44,6 +44,7 @@ AUTOATTACK_VERSIONS = ("standard", "custom")
 MIN_NORM_RUNS = ("logbarrier-l2", "logbarrier-linf", "proxlogbarrier-l0", "proxlogbarrier-l1", "proxlogbarrier-l2",
                  "proxlogbarrier-linf")
 MIN_NORM_REFERENCES = ("fab", "none")
+CERTIFY_METHODS = ("smoothing", "gaussian-average")
 DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "svhn")
 OOD_NAMES = DATASET_NAMES + ("uniform", "gaussian")
 
@@ -223,6 +224,14 @@ class EvalConfig:
     min_norm_reference: str = "fab"  # fab (pyautoattack's FAB, L1/L2/Linf runs) | none
     min_norm_reference_iterations: int = 100
     min_norm_curve_points: int = 21  # eps grid of the robust-accuracy curve, 0 .. the largest finite distance
+    # certified (rjem_ray/certify.py): L2 certificates; sigma and radii in [-1, 1] units (halve for [0, 1])
+    certify_methods: list[str] = field(default_factory=lambda: ["smoothing", "gaussian-average"])
+    certify_sigma: float = 0.5  # Gaussian noise std of the smoothed classifier (0.25 on [0, 1])
+    certify_n0: int = 100  # noisy copies that choose the class
+    certify_n: int = 1000  # noisy copies that bound its probability (Cohen et al. use 100,000)
+    certify_alpha: float = 0.001  # the certificate is wrong with probability at most alpha
+    certify_radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.0])
+    certify_max_samples: int = 100
     # where min-norm writes min_norm.png and min_norm_distances.csv; None: the checkpoint's parent directory
     artifact_dir: str | None = None
     batch_size: int = 256
@@ -488,10 +497,25 @@ def validate(cfg: Config) -> None:
     _choice("eval.min_norm_reference", e.min_norm_reference, MIN_NORM_REFERENCES)
     _at_least("eval.min_norm_reference_iterations", e.min_norm_reference_iterations, 1)
     _at_least("eval.min_norm_curve_points", e.min_norm_curve_points, 2)
+    if not e.certify_methods:
+        raise ConfigError(f"eval.certify_methods: empty; list one or more of {', '.join(CERTIFY_METHODS)}")
+    for m in e.certify_methods:
+        _choice("eval.certify_methods", m, CERTIFY_METHODS)
+    _at_least("eval.certify_sigma", e.certify_sigma, 0, strict=True)
+    _at_least("eval.certify_n0", e.certify_n0, 1)
+    _at_least("eval.certify_n", e.certify_n, 1)
+    if not 0 < e.certify_alpha < 1:
+        raise ConfigError(f"eval.certify_alpha: {e.certify_alpha!r} is out of range; it must be in (0, 1)")
+    if not e.certify_radii:
+        raise ConfigError("eval.certify_radii: empty; list one or more radii >= 0 ([-1, 1] units)")
+    for r in e.certify_radii:
+        _at_least("eval.certify_radii", r, 0)
+    _at_least("eval.certify_max_samples", e.certify_max_samples, 1)
     _at_least("eval.batch_size", e.batch_size, 1)
 
 
-METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "ebr", "min-norm", "fid", "is", "ood")
+METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "ebr", "min-norm", "certified", "fid", "is",
+                "ood")
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -151,6 +151,28 @@ def evaluate_model(
     if "min-norm" in metrics:
         out["min_norm"], out["protocol"]["min_norm"] = _min_norm(model, x, y, cfg, subset, seed, progress,
                                                                  e.artifact_dir or artifact_dir)
+    if "certified" in metrics:
+        from .certify import certified_report
+
+        sub, how = subset(e.certify_max_samples)
+        out["certified"] = certified_report(
+            model, x[sub], y[sub], sigma=e.certify_sigma, n0=e.certify_n0, n=e.certify_n, alpha=e.certify_alpha,
+            radii=e.certify_radii, methods=e.certify_methods, num_classes=dataset_info(cfg.data.name).num_classes,
+            batch_size=e.batch_size, seed=seed, progress=progress,
+        )
+        out["protocol"]["certified"] = {
+            "norm": "l2", "sigma": e.certify_sigma, "sigma_01": e.certify_sigma / 2,
+            "units": "sigma and radii in the model's [-1, 1] space; *_01 on the [0, 1] scale (half)",
+            "methods": list(e.certify_methods), "num_samples": len(sub), "subset": how, "seed": seed,
+            "test_indices": sub.cpu().tolist(),
+            "smoothing": {"method": "CERTIFY (Cohen et al. 2019): n0 copies choose the class, n copies bound its "
+                                    "probability (one-sided Clopper-Pearson), radius sigma * Phi^-1(p_lower), "
+                                    "abstain if p_lower <= 1/2", "n0": e.certify_n0, "n": e.certify_n,
+                          "alpha": e.certify_alpha, "noise": "N(0, sigma^2 I), not clamped"},
+            "gaussian_average": {"method": "one evaluation: R = sigma/2 (Phi^-1(p_A) - Phi^-1(p_B)) of the softmax, a "
+                                           "certificate only if the model is a Gaussian average at sigma (trained "
+                                           "for it, Campbell et al.); a heuristic radius otherwise"},
+        }
     if "ood" in metrics:
         progress(f"OOD AUROC against {e.ood_dataset}")
         x_out, desc = _ood_images(cfg, len(y), x, g)

@@ -105,6 +105,11 @@ def test_malformed_override_and_missing_file():
         ("eval.min_norm_reference=ddn", "eval.min_norm_reference: 'ddn' is not allowed; choose one of fab, none"),
         ("eval.min_norm_curve_points=1", "eval.min_norm_curve_points: 1 is out of range; it must be >= 2"),
         ("eval.metrics=[min_norm]", "eval.metrics: 'min_norm' is not allowed"),
+        ("eval.certify_methods=[smooth]", "eval.certify_methods: 'smooth' is not allowed; choose one of smoothing"),
+        ("eval.certify_sigma=0", "eval.certify_sigma: 0.0 is out of range; it must be > 0"),
+        ("eval.certify_alpha=1", "eval.certify_alpha: 1.0 is out of range; it must be in (0, 1)"),
+        ("eval.certify_n=0", "eval.certify_n: 0 is out of range; it must be >= 1"),
+        ("eval.certify_radii=[-0.5]", "eval.certify_radii: -0.5 is out of range; it must be >= 0"),
     ],
 )
 def test_related_work_keys_name_the_key_and_what_is_allowed(override, fragment):

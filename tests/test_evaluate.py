@@ -66,3 +66,17 @@ def test_min_norm_reports_distances_curve_reference_and_files(tmp_path):
     assert len(rows) == 13 and rows[0].startswith("test_index,label,logbarrier-l2")
     assert len(files) == 2
     json.dumps(out)
+
+
+def test_certified_reports_both_certificates_with_their_protocol():
+    cfg = load_config(None, ["eval.certify_max_samples=6", "eval.certify_n0=10", "eval.certify_n=50",
+                             "eval.certify_radii=[0, 0.5]"])
+    out = evaluate_model(_linear_mnist(), cfg, ["certified"])
+    c, proto = out["certified"], out["protocol"]["certified"]
+    assert set(c) == {"smoothing", "gaussian_average"}
+    for block in c.values():
+        assert len(block["radius"]) == 6 and block["radii_01"] == [0.0, 0.25]
+        acc = block["certified_accuracy"]
+        assert acc[0] >= acc[1]
+    assert proto["sigma_01"] == proto["sigma"] / 2 and proto["smoothing"]["n"] == 50
+    json.dumps(out)
