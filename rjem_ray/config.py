@@ -30,6 +30,7 @@ GEN_MODES = ("energy", "pgd", "combined")
 CONTRAST_CENTERS = ("floor", "class-mean", "image-mean")
 SAMPLER_KINDS = ("sgld", "pyld")
 NORMS = ("linf", "l2")
+ROBUST_TERMS = ("pgd", "gradreg")
 MODEL_NORMS = ("batch", "group", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
@@ -154,6 +155,12 @@ class TrainConfig:
     # PGD and sampler steps share one forward/backward of the concatenated batch; applies only with
     # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; training.py)
     fuse_passes: bool = True
+    # robust modes' classification term: pgd (CE at PGD's x_adv, the attack.* keys) | gradreg (CE at the
+    # clean x + gradreg_strength * mean ||grad_x CE||_*^2 by finite differences, no PGD; rjem_ray/gradreg.py)
+    robust_term: str = "pgd"
+    gradreg_strength: float = 1.0  # lambda, in ([-1, 1] unit)^2 so that the penalty is a loss
+    gradreg_step: float = 0.01  # finite-difference step h, [-1, 1] units (L-inf: per pixel; L2: per image)
+    gradreg_norm: str = "linf"  # attack norm defended against; penalises its dual gradient norm (linf: L1, l2: L2)
     log_every: int = 20
     checkpoint_every: int = 200
     eval_every: int = 0  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)
@@ -429,6 +436,10 @@ def validate(cfg: Config) -> None:
         if isinstance(value, bool):
             setattr(cfg.train, key, value := "true" if value else "false")
         _choice(f"train.{key}", value, ("auto", "true", "false"))
+    _choice("train.robust_term", cfg.train.robust_term, ROBUST_TERMS)
+    _at_least("train.gradreg_strength", cfg.train.gradreg_strength, 0)
+    _at_least("train.gradreg_step", cfg.train.gradreg_step, 0, strict=True)
+    _choice("train.gradreg_norm", cfg.train.gradreg_norm, NORMS)
     _at_least("train.log_every", cfg.train.log_every, 1)
     _at_least("train.checkpoint_every", cfg.train.checkpoint_every, 1)
     _at_least("train.eval_every", cfg.train.eval_every, 0)
