@@ -31,7 +31,7 @@ CONTRAST_CENTERS = ("floor", "class-mean", "image-mean")
 SAMPLER_KINDS = ("sgld", "pyld")
 NORMS = ("linf", "l2")
 ROBUST_TERMS = ("pgd", "gradreg")
-MODEL_NORMS = ("batch", "group", "none")
+MODEL_NORMS = ("batch", "group", "none", "farkas")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 FID_EXTRACTORS = ("auto", "inception", "reference-classifier", "robust-reference-classifier")
@@ -64,7 +64,9 @@ class DataConfig:
 class ModelConfig:
     depth: int = 28  # 6n + 4
     widen: int = 10
-    norm: str = "batch"  # batch | group (GroupNorm: no batch or train/eval dependence) | none
+    # batch | group (GroupNorm: no batch or train/eval dependence) | none | farkas (no normalisation; Farkas
+    # layers keep at least one unit of every activation's input >= 0 at every pixel; models.py)
+    norm: str = "batch"
     dropout: float = 0.0
     leak: float = 0.2  # LeakyReLU slope
     stem_stride: int = 1  # 2 halves the resolution after the first conv (cheap models for small CPUs)
