@@ -160,7 +160,7 @@ class TrainConfig:
     # robust modes' classification term: pgd (CE at PGD's x_adv, the attack.* keys) | gradreg (CE at the
     # clean x + gradreg_strength * mean ||grad_x CE||_*^2 by finite differences, no PGD; rjem_ray/gradreg.py)
     robust_term: str = "pgd"
-    gradreg_strength: float = 1.0  # lambda, in ([-1, 1] unit)^2 so that the penalty is a loss
+    gradreg_strength: float = 0.01  # lambda, in ([-1, 1] unit)^2 so that the penalty is a loss (1.0 stalled the demo)
     gradreg_step: float = 0.01  # finite-difference step h, [-1, 1] units (L-inf: per pixel; L2: per image)
     gradreg_norm: str = "linf"  # attack norm defended against; penalises its dual gradient norm (linf: L1, l2: L2)
     log_every: int = 20
