@@ -151,6 +151,10 @@ def evaluate_model(
     if "min-norm" in metrics:
         out["min_norm"], out["protocol"]["min_norm"] = _min_norm(model, x, y, cfg, subset, seed, progress,
                                                                  e.artifact_dir or artifact_dir)
+        # flat scalars beside the block, for train.eval_metrics / MLflow (which keep numbers only)
+        for run, r in out["min_norm"].items():
+            if r["median"] is not None:
+                out[f"min_norm_median_{run.replace('-', '_')}"] = r["median"]
     if "certified" in metrics:
         from .certify import certified_report
 
@@ -160,6 +164,9 @@ def evaluate_model(
             radii=e.certify_radii, methods=e.certify_methods, num_classes=dataset_info(cfg.data.name).num_classes,
             batch_size=e.batch_size, seed=seed, progress=progress,
         )
+        for method, block in out["certified"].items():  # flat scalars, as for min-norm
+            for r, acc in zip(block["radii"], block["certified_accuracy"]):
+                out[f"certified_accuracy_{method}_r{r:g}"] = acc
         out["protocol"]["certified"] = {
             "norm": "l2", "sigma": e.certify_sigma, "sigma_01": e.certify_sigma / 2,
             "units": "sigma and radii in the model's [-1, 1] space; *_01 on the [0, 1] scale (half)",

@@ -65,6 +65,7 @@ def test_min_norm_reports_distances_curve_reference_and_files(tmp_path):
     rows = (tmp_path / "min_norm_distances.csv").read_text().splitlines()
     assert len(rows) == 13 and rows[0].startswith("test_index,label,logbarrier-l2")
     assert len(files) == 2
+    assert out["min_norm_median_logbarrier_l2"] == l2["median"]
     json.dumps(out)
 
 
@@ -79,4 +80,5 @@ def test_certified_reports_both_certificates_with_their_protocol():
         acc = block["certified_accuracy"]
         assert acc[0] >= acc[1]
     assert proto["sigma_01"] == proto["sigma"] / 2 and proto["smoothing"]["n"] == 50
+    assert out["certified_accuracy_smoothing_r0.5"] == c["smoothing"]["certified_accuracy"][1]
     json.dumps(out)
