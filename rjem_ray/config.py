@@ -30,7 +30,8 @@ GEN_MODES = ("energy", "pgd", "combined")
 CONTRAST_CENTERS = ("floor", "class-mean", "image-mean")
 SAMPLER_KINDS = ("sgld", "pyld")
 NORMS = ("linf", "l2")
-MODEL_NORMS = ("batch", "group", "none")
+ROBUST_TERMS = ("pgd", "gradreg")
+MODEL_NORMS = ("batch", "group", "none", "farkas")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 FID_EXTRACTORS = ("auto", "inception", "reference-classifier", "robust-reference-classifier")
@@ -40,6 +41,11 @@ SECOND_FID_EXTRACTORS = ("auto", "none") + FID_EXTRACTORS[1:]
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 AUTOATTACK_VERSIONS = ("standard", "custom")
+# Minimum-norm attacks (rjem_ray/minnorm.py) as ATTACK-NORM names, and their public reference.
+MIN_NORM_RUNS = ("logbarrier-l2", "logbarrier-linf", "proxlogbarrier-l0", "proxlogbarrier-l1", "proxlogbarrier-l2",
+                 "proxlogbarrier-linf")
+MIN_NORM_REFERENCES = ("fab", "none")
+CERTIFY_METHODS = ("smoothing", "gaussian-average")
 DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "svhn")
 OOD_NAMES = DATASET_NAMES + ("uniform", "gaussian")
 
@@ -58,7 +64,9 @@ class DataConfig:
 class ModelConfig:
     depth: int = 28  # 6n + 4
     widen: int = 10
-    norm: str = "batch"  # batch | group (GroupNorm: no batch or train/eval dependence) | none
+    # batch | group (GroupNorm: no batch or train/eval dependence) | none | farkas (no normalisation; Farkas
+    # layers keep at least one unit of every activation's input >= 0 at every pixel; models.py)
+    norm: str = "batch"
     dropout: float = 0.0
     leak: float = 0.2  # LeakyReLU slope
     stem_stride: int = 1  # 2 halves the resolution after the first conv (cheap models for small CPUs)
@@ -149,6 +157,12 @@ class TrainConfig:
     # PGD and sampler steps share one forward/backward of the concatenated batch; applies only with
     # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; training.py)
     fuse_passes: bool = True
+    # robust modes' classification term: pgd (CE at PGD's x_adv, the attack.* keys) | gradreg (CE at the
+    # clean x + gradreg_strength * mean ||grad_x CE||_*^2 by finite differences, no PGD; rjem_ray/gradreg.py)
+    robust_term: str = "pgd"
+    gradreg_strength: float = 0.01  # lambda, in ([-1, 1] unit)^2 so that the penalty is a loss (1.0 stalled the demo)
+    gradreg_step: float = 0.01  # finite-difference step h, [-1, 1] units (L-inf: per pixel; L2: per image)
+    gradreg_norm: str = "linf"  # attack norm defended against; penalises its dual gradient norm (linf: L1, l2: L2)
     log_every: int = 20
     checkpoint_every: int = 200
     eval_every: int = 0  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)
@@ -198,7 +212,8 @@ class EvalConfig:
     autoattack_attacks: list[str] = field(default_factory=lambda: ["apgd-ce", "apgd-t"])  # used with custom
     autoattack_max_samples: int = 1000  # a seeded random subset when below the test size
     masking_eps_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # PGD grid, × robust_eps
-    ece_bins: int = 20
+    ece_bins: int = 20  # equal-width confidence bins of ECE and of E[BR]'s histogram
+    ebr_pseudo_count: float = 1.0  # E[BR]: added to each bin's correct and wrong counts (1 = Laplace's rule)
     fid_extractor: str = "auto"  # auto: inception for natural images, reference-classifier for digits
     # FID/KID of the same samples in a second feature space, reported as fid_2/kid_2 beside fid/kid.
     # auto: robust-reference-classifier (features targeted PGD cannot fool) where fid_extractor is the
@@ -207,6 +222,27 @@ class EvalConfig:
     fid_samples: int = 1000
     inception_weights: str | None = None  # local Inception weights for offline clusters
     ood_dataset: str = "uniform"
+    # min-norm (rjem_ray/minnorm.py): per-image minimum-norm perturbations on a seeded subset; distances in
+    # [-1, 1] units (L0: changed pixels); the curve and the plot also give them on the [0, 1] scale
+    min_norm_runs: list[str] = field(default_factory=lambda: list(MIN_NORM_RUNS))
+    min_norm_max_samples: int = 100
+    min_norm_outer_steps: int = 10  # barrier weights mu, mu*decay, ...
+    min_norm_inner_steps: int = 20  # feasible steps per barrier weight
+    min_norm_mu: float = 0.1  # first barrier weight, unitless (relative to the start's distance)
+    min_norm_mu_decay: float = 0.5
+    min_norm_reference: str = "fab"  # fab (pyautoattack's FAB, L1/L2/Linf runs) | none
+    min_norm_reference_iterations: int = 100
+    min_norm_curve_points: int = 21  # eps grid of the robust-accuracy curve, 0 .. the largest finite distance
+    # certified (rjem_ray/certify.py): L2 certificates; sigma and radii in [-1, 1] units (halve for [0, 1])
+    certify_methods: list[str] = field(default_factory=lambda: ["smoothing", "gaussian-average"])
+    certify_sigma: float = 0.5  # Gaussian noise std of the smoothed classifier (0.25 on [0, 1])
+    certify_n0: int = 100  # noisy copies that choose the class
+    certify_n: int = 1000  # noisy copies that bound its probability (Cohen et al. use 100,000)
+    certify_alpha: float = 0.001  # the certificate is wrong with probability at most alpha
+    certify_radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.0])
+    certify_max_samples: int = 100
+    # where min-norm writes min_norm.png and min_norm_distances.csv; None: the checkpoint's parent directory
+    artifact_dir: str | None = None
     batch_size: int = 256
 
 
@@ -403,6 +439,10 @@ def validate(cfg: Config) -> None:
         if isinstance(value, bool):
             setattr(cfg.train, key, value := "true" if value else "false")
         _choice(f"train.{key}", value, ("auto", "true", "false"))
+    _choice("train.robust_term", cfg.train.robust_term, ROBUST_TERMS)
+    _at_least("train.gradreg_strength", cfg.train.gradreg_strength, 0)
+    _at_least("train.gradreg_step", cfg.train.gradreg_step, 0, strict=True)
+    _choice("train.gradreg_norm", cfg.train.gradreg_norm, NORMS)
     _at_least("train.log_every", cfg.train.log_every, 1)
     _at_least("train.checkpoint_every", cfg.train.checkpoint_every, 1)
     _at_least("train.eval_every", cfg.train.eval_every, 0)
@@ -453,14 +493,43 @@ def validate(cfg: Config) -> None:
     for f in e.masking_eps_factors:
         _at_least("eval.masking_eps_factors", f, 0, strict=True)
     _at_least("eval.ece_bins", e.ece_bins, 1)
+    _at_least("eval.ebr_pseudo_count", e.ebr_pseudo_count, 0)
     _choice("eval.fid_extractor", e.fid_extractor, FID_EXTRACTORS)
     _choice("eval.fid_second_extractor", e.fid_second_extractor, SECOND_FID_EXTRACTORS)
     _at_least("eval.fid_samples", e.fid_samples, 2)
     _choice("eval.ood_dataset", e.ood_dataset, OOD_NAMES)
+    if not e.min_norm_runs:
+        raise ConfigError(f"eval.min_norm_runs: empty; list one or more of {', '.join(MIN_NORM_RUNS)}")
+    for r in e.min_norm_runs:
+        _choice("eval.min_norm_runs", r, MIN_NORM_RUNS)
+    _at_least("eval.min_norm_max_samples", e.min_norm_max_samples, 1)
+    _at_least("eval.min_norm_outer_steps", e.min_norm_outer_steps, 1)
+    _at_least("eval.min_norm_inner_steps", e.min_norm_inner_steps, 1)
+    _at_least("eval.min_norm_mu", e.min_norm_mu, 0, strict=True)
+    if not 0 < e.min_norm_mu_decay <= 1:
+        raise ConfigError(f"eval.min_norm_mu_decay: {e.min_norm_mu_decay!r} is out of range; it must be in (0, 1]")
+    _choice("eval.min_norm_reference", e.min_norm_reference, MIN_NORM_REFERENCES)
+    _at_least("eval.min_norm_reference_iterations", e.min_norm_reference_iterations, 1)
+    _at_least("eval.min_norm_curve_points", e.min_norm_curve_points, 2)
+    if not e.certify_methods:
+        raise ConfigError(f"eval.certify_methods: empty; list one or more of {', '.join(CERTIFY_METHODS)}")
+    for m in e.certify_methods:
+        _choice("eval.certify_methods", m, CERTIFY_METHODS)
+    _at_least("eval.certify_sigma", e.certify_sigma, 0, strict=True)
+    _at_least("eval.certify_n0", e.certify_n0, 1)
+    _at_least("eval.certify_n", e.certify_n, 1)
+    if not 0 < e.certify_alpha < 1:
+        raise ConfigError(f"eval.certify_alpha: {e.certify_alpha!r} is out of range; it must be in (0, 1)")
+    if not e.certify_radii:
+        raise ConfigError("eval.certify_radii: empty; list one or more radii >= 0 ([-1, 1] units)")
+    for r in e.certify_radii:
+        _at_least("eval.certify_radii", r, 0)
+    _at_least("eval.certify_max_samples", e.certify_max_samples, 1)
     _at_least("eval.batch_size", e.batch_size, 1)
 
 
-METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "fid", "is", "ood")
+METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "ebr", "min-norm", "certified", "fid", "is",
+                "ood")
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -12,6 +12,7 @@ overstates robustness when gradients are masked; ``masking`` holds the gradient-
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -55,14 +56,18 @@ def evaluate_model(
     gmm=None,
     progress: Progress = lambda s: None,
     seed: int = 0,
+    artifact_dir: str | Path | None = None,
 ) -> dict:
-    """Compute the requested metrics on the test split; returns the figures and a ``protocol`` block."""
+    """Compute the requested metrics on the test split; returns the figures and a ``protocol`` block.
+
+    ``artifact_dir`` (or ``eval.artifact_dir`` when set) receives the files a metric draws (min-norm's
+    plot and per-image CSV); with neither, no files are written."""
     metrics = list(metrics or cfg.eval.metrics)
     for m in metrics:
         if m not in METRIC_NAMES:
             raise ConfigError(f"--metrics: {m!r} is not a metric; choose from {', '.join(METRIC_NAMES)}")
-    from .metrics import (accuracy, energy_scores, expected_calibration_error, ood_auroc, predict_logits,
-                          robust_accuracy)
+    from .metrics import (accuracy, energy_scores, expected_bayes_ratio, expected_calibration_error, ood_auroc,
+                          predict_logits, robust_accuracy)
 
     e = cfg.eval
     device = next(model.parameters()).device
@@ -76,7 +81,7 @@ def evaluate_model(
     out: dict = {"protocol": {"dataset": cfg.data.name, "split": "test", "num_test": len(y),
                               "precision": model.precision}}
     g = torch.Generator().manual_seed(seed)
-    if "accuracy" in metrics or "ece" in metrics:
+    if "accuracy" in metrics or "ece" in metrics or "ebr" in metrics:
         progress("accuracy / calibration")
         logits = predict_logits(model, x, e.batch_size)
         if "accuracy" in metrics:
@@ -84,6 +89,15 @@ def evaluate_model(
         if "ece" in metrics:
             out["ece"] = expected_calibration_error(logits.softmax(1).cpu(), y.cpu(), e.ece_bins)
             out["protocol"]["ece"] = {"bins": e.ece_bins, "binning": "equal-width confidence", "num_samples": len(y)}
+        if "ebr" in metrics:
+            out["ebr"], hist = expected_bayes_ratio(logits.softmax(1).cpu(), y.cpu(), e.ece_bins, e.ebr_pseudo_count)
+            out["protocol"]["ebr"] = {
+                "definition": "E[BR] = sum_b P(b) O(C|b)/O(C), odds of a correct prediction given its confidence bin "
+                              "over the prior odds (Finlay & Oberman 2019)",
+                "uncertainty_metric": "max softmax probability", "bins": e.ece_bins,
+                "binning": "equal-width confidence (b/bins, (b+1)/bins]", "pseudo_count": e.ebr_pseudo_count,
+                "num_samples": len(y), "histogram": hist,
+            }
 
     def subset(max_samples: int) -> tuple[torch.Tensor, str]:
         # A seeded random subset: test files are often sorted by class, so the first n would not be
@@ -134,6 +148,38 @@ def evaluate_model(
         )
         report["subset"] = how
         out["masking"] = report
+    if "min-norm" in metrics:
+        out["min_norm"], out["protocol"]["min_norm"] = _min_norm(model, x, y, cfg, subset, seed, progress,
+                                                                 e.artifact_dir or artifact_dir)
+        # flat scalars beside the block, for train.eval_metrics / MLflow (which keep numbers only)
+        for run, r in out["min_norm"].items():
+            if r["median"] is not None:
+                out[f"min_norm_median_{run.replace('-', '_')}"] = r["median"]
+    if "certified" in metrics:
+        from .certify import certified_report
+
+        sub, how = subset(e.certify_max_samples)
+        out["certified"] = certified_report(
+            model, x[sub], y[sub], sigma=e.certify_sigma, n0=e.certify_n0, n=e.certify_n, alpha=e.certify_alpha,
+            radii=e.certify_radii, methods=e.certify_methods, num_classes=dataset_info(cfg.data.name).num_classes,
+            batch_size=e.batch_size, seed=seed, progress=progress,
+        )
+        for method, block in out["certified"].items():  # flat scalars, as for min-norm
+            for r, acc in zip(block["radii"], block["certified_accuracy"]):
+                out[f"certified_accuracy_{method}_r{r:g}"] = acc
+        out["protocol"]["certified"] = {
+            "norm": "l2", "sigma": e.certify_sigma, "sigma_01": e.certify_sigma / 2,
+            "units": "sigma and radii in the model's [-1, 1] space; *_01 on the [0, 1] scale (half)",
+            "methods": list(e.certify_methods), "num_samples": len(sub), "subset": how, "seed": seed,
+            "test_indices": sub.cpu().tolist(),
+            "smoothing": {"method": "CERTIFY (Cohen et al. 2019): n0 copies choose the class, n copies bound its "
+                                    "probability (one-sided Clopper-Pearson), radius sigma * Phi^-1(p_lower), "
+                                    "abstain if p_lower <= 1/2", "n0": e.certify_n0, "n": e.certify_n,
+                          "alpha": e.certify_alpha, "noise": "N(0, sigma^2 I), not clamped"},
+            "gaussian_average": {"method": "one evaluation: R = sigma/2 (Phi^-1(p_A) - Phi^-1(p_B)) of the softmax, a "
+                                           "certificate only if the model is a Gaussian average at sigma (trained "
+                                           "for it, Campbell et al.); a heuristic radius otherwise"},
+        }
     if "ood" in metrics:
         progress(f"OOD AUROC against {e.ood_dataset}")
         x_out, desc = _ood_images(cfg, len(y), x, g)
@@ -145,6 +191,86 @@ def evaluate_model(
     if "fid" in metrics or "is" in metrics:
         out.update(_fidelity(model, cfg, gmm, metrics, device, progress, seed))
     return out
+
+
+def _min_norm(model, x, y, cfg: Config, subset, seed: int, progress: Progress, artifact_dir) -> tuple[dict, dict]:
+    """``(min_norm block, its protocol)`` (``rjem_ray/minnorm.py``): per run, distances, median, robust-accuracy curve;
+    FAB (pyautoattack) as the reference where ``eval.min_norm_reference`` is fab."""
+    from .minnorm import min_norm_report
+
+    e = cfg.eval
+    sub, how = subset(e.min_norm_max_samples)
+    xs, ys = x[sub], y[sub]
+    reference = None
+    if e.min_norm_reference == "fab":
+        from .autoattack import FAB_NORMS, fab_min_norm
+
+        def reference(norm):
+            if norm not in FAB_NORMS:
+                return None
+            progress(f"min-norm reference: FAB {norm} on {len(ys)} images")
+            return fab_min_norm(model, xs, ys, norm=norm, iterations=e.min_norm_reference_iterations, seed=seed,
+                                batch_size=e.batch_size)
+    runs = min_norm_report(
+        model, xs, ys, runs=e.min_norm_runs, outer_steps=e.min_norm_outer_steps, inner_steps=e.min_norm_inner_steps,
+        mu=e.min_norm_mu, mu_decay=e.min_norm_mu_decay, curve_points=e.min_norm_curve_points, batch_size=e.batch_size,
+        seed=seed, reference=reference, progress=progress,
+    )
+    protocol = {
+        "attacks": "LogBarrier (Finlay et al. 2019), ProxLogBarrier (Pooladian et al. 2019); rjem_ray/minnorm.py",
+        "runs": list(e.min_norm_runs), "outer_steps": e.min_norm_outer_steps, "inner_steps": e.min_norm_inner_steps,
+        "mu": e.min_norm_mu, "mu_decay": e.min_norm_mu_decay, "num_samples": len(ys), "subset": how, "seed": seed,
+        "test_indices": sub.cpu().tolist(), "labels": ys.cpu().tolist(),
+        "units": "L1/L2/Linf distances in the model's [-1, 1] space (fields without suffix) and on the [0, 1] "
+                 "scale (suffix _01, half); L0 counts changed pixels (any channel) on both",
+        "median_over": "images the attack broke (finite, non-zero distance)",
+        "reference": e.min_norm_reference,
+    }
+    if artifact_dir is not None:
+        protocol["files"] = write_min_norm_artifacts(runs, protocol, Path(artifact_dir))
+    return runs, protocol
+
+
+def write_min_norm_artifacts(runs: dict, protocol: dict, directory: Path) -> list[str]:
+    """``min_norm.png`` (robust accuracy vs ε on the [0, 1] scale, one panel per norm, FAB dashed) and
+    ``min_norm_distances.csv`` (one row per image: test index, label, each run's distance in [-1, 1] units)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .minnorm import robust_curve
+
+    directory.mkdir(parents=True, exist_ok=True)
+    norms = list(dict.fromkeys(r["norm"] for r in runs.values()))
+    fig, axes = plt.subplots(1, len(norms), figsize=(4 * len(norms), 3.2), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        for name, r in runs.items():
+            if r["norm"] != norm:
+                continue
+            ax.plot(r["curve"]["eps_01"], r["curve"]["robust_accuracy"], label=r["attack"])
+            if "reference_distances" in r and not any("FAB" in line.get_label() for line in ax.lines):
+                d = torch.tensor([math.inf if v is None else v for v in r["reference_distances"]])
+                ax.plot(r["curve"]["eps_01"], robust_curve(d, r["curve"]["eps"]), "--", label="FAB (pyautoattack)")
+        ax.set_xlabel("ε, changed pixels" if norm == "l0" else f"ε ({norm}, [0, 1] scale)")
+        ax.set_ylabel("robust accuracy (upper bound)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"minimum-norm attacks, {protocol['num_samples']} images", fontsize=9)
+    fig.tight_layout()
+    png = directory / "min_norm.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    path = directory / "min_norm_distances.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["test_index", "label"] + list(runs))
+        cols = [r["distances"] for r in runs.values()]
+        for i, (idx, lab) in enumerate(zip(protocol["test_indices"], protocol["labels"])):
+            w.writerow([idx, lab] + ["inf" if c[i] is None else c[i] for c in cols])
+    return [str(png), str(path)]
 
 
 def seed_images(gmm, n: int, seed: int, batch_size: int) -> torch.Tensor:
@@ -249,7 +375,7 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
     if overrides:
         cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
     gmm = gmm_for_checkpoint(cfg, path) if any(m in (metrics or cfg.eval.metrics) for m in ("fid", "is")) else None
-    result = evaluate_model(model, cfg, metrics, gmm=gmm, progress=progress)
+    result = evaluate_model(model, cfg, metrics, gmm=gmm, progress=progress, artifact_dir=Path(path).resolve().parent)
     if "protocol_fidelity" in result:
         result["protocol"]["fidelity"] = result.pop("protocol_fidelity")
     result["checkpoint"] = str(Path(path).resolve())

@@ -8,6 +8,8 @@ both use batch statistics and update its running averages).
 * accuracy            ``mean[argmax_k f(x)[k] == y]``
 * robust accuracy     ``mean[correct on x and on PGD_r(x) for every restart r]`` (ε in [-1, 1] units)
 * ECE                 ``sum_b |B_b|/N · |acc(B_b) − conf(B_b)|`` over equal-width confidence bins (lo, hi]
+* E[BR]               ``Σ_b P(b) · O(C | b) / O(C)``: expected Bayes ratio of the correctness odds over the
+                      same confidence bins (Finlay & Oberman 2019; ``expected_bayes_ratio``)
 * OOD AUROC           ``P(s_in > s_out) + ½ P(s_in = s_out)`` (scikit-learn's ``roc_auc_score``)
 * energy score        ``−E(x) = logsumexp_k f(x)[k]`` (higher = more in-distribution)
 """
@@ -123,6 +125,28 @@ def robust_accuracy(
     return robust / x.shape[0]
 
 
+def _confidence_bins(probs: Tensor, labels: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(confidence, correct, bin index)`` per sample: confidence = the largest probability, correct =
+    1.0 where its arg-max is the label, bin ``b`` = the equal-width bin ``(b/n_bins, (b+1)/n_bins]`` it
+    falls in (right-closed, so 1.0 is in the last bin). The one binning of ECE and E[BR]."""
+    probs = probs.detach().to("cpu", torch.float64)
+    labels = labels.detach().to("cpu")
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).double()
+    # inner edges k/n computed by division so that k/n itself lands exactly on an edge (right-closed bins)
+    inner_edges = torch.arange(1, n_bins, dtype=torch.float64) / n_bins
+    return conf, correct, torch.bucketize(conf, inner_edges, right=False)
+
+
+def _check_probs(probs: Tensor, labels: Tensor, n_bins: int, name: str) -> None:
+    if probs.dim() != 2 or labels.dim() != 1 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"probs must be [N, K] and labels [N], got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if probs.shape[0] == 0:
+        raise ValueError(f"{name} needs at least one sample")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+
+
 def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 20) -> float:
     """ECE = ``sum_b |B_b|/N · |acc(B_b) − conf(B_b)|`` with ``n_bins`` equal-width bins on (0, 1].
 
@@ -131,23 +155,88 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 20) 
     holds the confidences in ``(b/n_bins, (b+1)/n_bins]`` (right-closed, so 1.0 falls in the last bin);
     empty bins contribute nothing. Unitless, in [0, 1].
     """
-    if probs.dim() != 2 or labels.dim() != 1 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(f"probs must be [N, K] and labels [N], got {tuple(probs.shape)} and {tuple(labels.shape)}")
-    if probs.shape[0] == 0:
-        raise ValueError("expected_calibration_error needs at least one sample")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    probs = probs.detach().to("cpu", torch.float64)
-    labels = labels.detach().to("cpu")
-    conf, pred = probs.max(dim=1)
-    correct = (pred == labels).double()
-    # inner edges k/n computed by division so that k/n itself lands exactly on an edge (right-closed bins)
-    inner_edges = torch.arange(1, n_bins, dtype=torch.float64) / n_bins
-    bins = torch.bucketize(conf, inner_edges, right=False)
+    _check_probs(probs, labels, n_bins, "expected_calibration_error")
+    conf, correct, bins = _confidence_bins(probs, labels, n_bins)
     sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     # |B_b|/N · |acc_b − conf_b| = |sum_acc_b − sum_conf_b| / N
     return ((sum_acc - sum_conf).abs().sum() / conf.shape[0]).item()
+
+
+def confidence_histogram(probs: Tensor, labels: Tensor, n_bins: int = 20) -> dict:
+    """Counts of correct and wrong predictions per equal-width confidence bin (ECE's bins).
+
+    ``{"edges": [0, 1/n, ..., 1], "correct": [c_b], "wrong": [w_b]}``; bin ``b`` is ``(edges[b], edges[b+1]]``.
+    This stored histogram is all :func:`bayes_ratio_from_histogram` needs.
+    """
+    _check_probs(probs, labels, n_bins, "confidence_histogram")
+    _, correct, bins = _confidence_bins(probs, labels, n_bins)
+    c = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    w = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, 1 - correct)
+    return {"edges": [k / n_bins for k in range(n_bins + 1)], "correct": [int(v) for v in c.tolist()],
+            "wrong": [int(v) for v in w.tolist()]}
+
+
+def bayes_ratio_from_histogram(correct: list[int], wrong: list[int], pseudo_count: float = 1.0) -> dict:
+    """Expected Bayes ratio of the correctness odds, from a histogram of an uncertainty metric.
+
+    After Finlay & Oberman 2019 ("Empirical confidence estimates for classification by deep neural
+    networks"): the stored histogram of the softmax confidence gives, for a new prediction whose
+    confidence falls in bin ``b``, the probability ``P(C | b)`` that it is correct. How much knowing
+    ``b`` tells is the Bayes ratio of the event "the prediction is correct" (``C``): posterior odds over
+    prior odds,
+
+        ``BR_b = O(C | b) / O(C)``,  ``O(C | b) = P(C | b) / (1 − P(C | b))``,  ``O(C) = P(C) / (1 − P(C))``,
+
+    which by Bayes' rule is also the likelihood ratio ``P(b | C) / P(b | W)`` (``W``: wrong). Its
+    expectation over the bins a prediction falls in,
+
+        ``E[BR] = Σ_b P(b) · BR_b``,  ``P(b) = n_b / N``,
+
+    equals ``1 + P(C) · χ²(P(· | C) ‖ P(· | W))`` when ``pseudo_count`` is 0: it is 1 for a histogram that
+    tells nothing (every bin has the overall accuracy) and grows as the bins separate right from wrong
+    predictions. Unitless, ≥ 1 without smoothing.
+
+    A bin with no wrong predictions has infinite odds, so the probabilities are estimated with
+    ``pseudo_count`` added to each outcome's count (``pseudo_count = 1``: Laplace's rule of succession),
+    in the bins and in the prior alike: ``O(C | b) = (c_b + a) / (w_b + a)``, ``O(C) = (C + a) / (W + a)``
+    with ``C = Σ c_b``, ``W = Σ w_b``. Empty bins (``n_b = 0``) have ``P(b) = 0`` and add nothing.
+
+    Returns ``{"ebr", "bayes_ratio": [BR_b] (None for empty bins), "posterior_correct": [P(C | b)],
+    "prior_correct": P(C), "pseudo_count"}``. With ``pseudo_count = 0`` and a bin without wrong (or
+    without correct) predictions the ratio is infinite (or 0): the result is ``inf`` then.
+    """
+    if len(correct) != len(wrong) or not correct:
+        raise ValueError(f"correct and wrong must be equal-length, non-empty count lists, got {len(correct)} and {len(wrong)}")
+    if pseudo_count < 0 or any(v < 0 for v in list(correct) + list(wrong)):
+        raise ValueError("counts and pseudo_count must be >= 0")
+    c = torch.tensor(correct, dtype=torch.float64)
+    w = torch.tensor(wrong, dtype=torch.float64)
+    n = c + w
+    total = n.sum()
+    if total == 0:
+        raise ValueError("bayes_ratio_from_histogram needs at least one counted prediction")
+    a = float(pseudo_count)
+    prior_odds = (c.sum() + a) / (w.sum() + a)
+    occupied = n > 0
+    br = (c + a) / (w + a) / prior_odds  # inf where w_b + a = 0
+    ebr = (n[occupied] / total * br[occupied]).sum().item()
+    posterior = (c + a) / (n + 2 * a)
+    return {
+        "ebr": ebr,
+        "bayes_ratio": [b if o else None for b, o in zip(br.tolist(), occupied.tolist())],
+        "posterior_correct": [p if o else None for p, o in zip(posterior.tolist(), occupied.tolist())],
+        "prior_correct": ((c.sum() + a) / (total + 2 * a)).item(),
+        "pseudo_count": a,
+    }
+
+
+def expected_bayes_ratio(probs: Tensor, labels: Tensor, n_bins: int = 20, pseudo_count: float = 1.0) -> tuple[float, dict]:
+    """E[BR] of the softmax-confidence histogram (:func:`bayes_ratio_from_histogram` over
+    :func:`confidence_histogram`); returns ``(E[BR], histogram with its per-bin ratios)``."""
+    hist = confidence_histogram(probs, labels, n_bins)
+    res = bayes_ratio_from_histogram(hist["correct"], hist["wrong"], pseudo_count)
+    return res.pop("ebr"), {**hist, **res}
 
 
 def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:

@@ -12,9 +12,21 @@ trains without normalisation; JEM++ with BatchNorm). ``"group"`` is GroupNorm wi
 statistics, so a network's output on one image never depends on the rest of the batch or on train/eval
 mode. PGD, the Langevin sampler, the loss and evaluation then all see one and the same function, which
 BatchNorm cannot give (batch statistics in training, running statistics in evaluation).
+
+``"farkas"`` trains without normalisation through Farkas layers (Pooladian, Finlay & Oberman 2019,
+"Farkas layers: don't shift the data, fix the geometry"): every convolution (stem, both convolutions of
+each block, projection shortcuts) is a :class:`FarkasConv2d`, whose last output channel is
+``z_C = −(1/k) Σ_{c<C} z_c`` with ``k = √(C − 1)``. At every pixel the weighted channel sum
+``Σ_{c<C} z_c + k z_C`` is then 0; identity shortcuts and sums of such tensors keep it 0, so *every*
+activation's input satisfies it and — a positive combination of negative numbers being negative, Farkas'
+lemma in its simplest form — at least one of its channels is ≥ 0 (> 0 unless all are 0) at every pixel:
+no layer can die entirely, whatever the weights and biases. ``1/k`` keeps the extra channel at the scale
+of the others (a sum of C − 1 roughly independent channels grows like √(C − 1)).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +34,28 @@ from torch import nn
 
 from .energy import joint_energy, marginal_energy
 
-NORMS = ("batch", "group", "none")
+NORMS = ("batch", "group", "none", "farkas")
 GROUP_NORM_GROUPS = 8
+
+
+class FarkasConv2d(nn.Conv2d):
+    """A convolution with ``out_channels − 1`` learned filters and a last channel
+    ``z_C = −Σ_{c<C} z_c / √(C − 1)`` (biases included), so ``Σ_{c<C} z_c + √(C − 1) z_C = 0`` at every pixel
+    (module docstring). ``out_channels`` must be at least 2."""
+
+    def __init__(self, in_channels: int, out_channels: int, *args, **kwargs):
+        if out_channels < 2:
+            raise ValueError(f"a Farkas layer needs at least 2 output channels, got {out_channels}")
+        super().__init__(in_channels, out_channels - 1, *args, **kwargs)
+        self.scale = math.sqrt(out_channels - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().forward(x)
+        return torch.cat([z, -z.sum(1, keepdim=True) / self.scale], 1)
+
+
+def _conv(norm: str) -> type[nn.Conv2d]:
+    return FarkasConv2d if norm == "farkas" else nn.Conv2d
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -34,7 +66,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
         while channels % groups:
             groups //= 2
         return nn.GroupNorm(groups, channels)
-    if kind == "none":
+    if kind in ("none", "farkas"):
         return nn.Identity()
     raise ValueError(f"model.norm must be one of {NORMS}, got {kind!r}")
 
@@ -45,13 +77,14 @@ class PreActBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, norm: str, dropout: float, slope: float):
         super().__init__()
         self.bn1 = _norm(norm, c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True)
+        conv = _conv(norm)
+        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=True)
         self.bn2 = _norm(norm, c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=True)
+        self.conv2 = conv(c_out, c_out, 3, stride=1, padding=1, bias=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.slope = slope
         self.shortcut = (
-            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=True) if stride != 1 or c_in != c_out else None
+            conv(c_in, c_out, 1, stride=stride, bias=True) if stride != 1 or c_in != c_out else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +116,7 @@ class WideResNet(nn.Module):
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.num_classes = num_classes
         self.slope = leak
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, stride=stem_stride, padding=1, bias=True)
+        self.stem = _conv(norm)(in_channels, widths[0], 3, stride=stem_stride, padding=1, bias=True)
         layers: list[nn.Module] = []
         c_in = widths[0]
         for group, stride in zip(range(3), (1, 2, 2)):

@@ -3,7 +3,9 @@
 The step (METHOD.md, "Training"), for a labelled batch ``(x, y)`` in [-1, 1]:
 
 1. augment ``x`` (reflect-pad + crop [+ flip] + Gaussian noise of std ``data.noise_std``);
-2. robust modes: ``x_adv = PGD(x, y)`` (untargeted, ε-ball ∩ [-1, 1]) — the classification input;
+2. robust modes: ``x_adv = PGD(x, y)`` (untargeted, ε-ball ∩ [-1, 1]) — the classification input; or,
+   with ``train.robust_term: gradreg``, the clean ``x`` plus the finite-difference input-gradient
+   penalty ``λ mean_i ((CE(x_i + h d_i) − CE(x_i)) / h)²`` (``rjem_ray/gradreg.py``; no PGD);
 3. energy modes: lease B samples from the replay buffer (5 % re-initialised from the class-conditional
    Gaussian mixture), run SGLD/PYLD on ``E(x)``, write them back;
 4. ``L = CE(f(x_cls), y) + w_px (mean E(x) − mean E(x_q)) + λ (E(x)² + E(x_q)²).mean()``.
@@ -49,6 +51,7 @@ from .config import Config
 from .data import Augmenter, BatchStream, dataset_info
 from .energy import marginal_energy
 from .gmm import ClassConditionalGMM, as_init_fn
+from .gradreg import gradreg_penalty, loss_gradient, steepest_direction
 from .models import build_model
 from .replay_buffer import LocalReplayBuffer, ReplayBuffer
 from .samplers import pyld_update, run_sampler, sgld_update
@@ -155,7 +158,9 @@ class JointForward(nn.Module):
         self.model = model
         self.neg_bn_mode = neg_bn_mode
 
-    def forward(self, x_cls, x_pos=None, x_neg=None):
+    def forward(self, x_cls, x_pos=None, x_neg=None, x_fd=None):
+        """``(f(x_cls), f(x_pos) | None, f(x_neg) | None)``, and ``f(x_fd)`` fourth when ``x_fd`` is given
+        (gradreg's ``x + h d``: batch statistics like ``x_cls``, running statistics frozen)."""
         out_neg = None
         if x_neg is not None:
             # First: the x_cls / x_pos passes move the running statistics, which an eval-mode sampler used.
@@ -164,7 +169,10 @@ class JointForward(nn.Module):
                 out_neg = self.model(x_neg)
         out_cls = self.model(x_cls)
         out_pos = self.model(x_pos) if x_pos is not None else None
-        return out_cls, out_pos, out_neg
+        if x_fd is None:
+            return out_cls, out_pos, out_neg
+        with running_stats_frozen(self.model):
+            return out_cls, out_pos, out_neg, self.model(x_fd)
 
 
 def jem_loss(
@@ -402,8 +410,29 @@ class Learner:
         ``train.fuse_passes`` and BatchNorm in eval mode for both (``attack.bn_mode`` and
         ``train.sampler_bn_mode``)."""
         c = self.cfg
-        return (c.train.fuse_passes and c.robust and c.uses_energy and c.attack.bn_mode == "eval"
+        return (c.train.fuse_passes and self.pgd_term and c.uses_energy and c.attack.bn_mode == "eval"
                 and c.train.sampler_bn_mode == "eval")
+
+    @property
+    def pgd_term(self) -> bool:
+        """Robust mode with PGD's adversarial examples as the classification input."""
+        return self.cfg.robust and self.cfg.train.robust_term == "pgd"
+
+    @property
+    def gradreg_term(self) -> bool:
+        """Robust mode with the finite-difference gradient penalty instead of PGD (``gradreg.py``)."""
+        return self.cfg.robust and self.cfg.train.robust_term == "gradreg"
+
+    def _gradreg_input(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x + h d``, ``d`` the steepest direction of CE at ``x`` (``train.gradreg_norm``), taken on the
+        network in ``attack.bn_mode`` as PGD would be (running statistics by default)."""
+        t = self.cfg.train
+        batch_stats = self.cfg.attack.bn_mode == "train"
+        self.net.train(batch_stats)
+        with running_stats_frozen(self.model) if batch_stats else contextlib.nullcontext():
+            g = loss_gradient(self.net, x, y)
+        self.net.train()
+        return (x + t.gradreg_step * steepest_direction(g, t.gradreg_norm)).detach()
 
     def _attack_and_sample_fused(self, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float):
         a, s = self.cfg.attack, self.cfg.sampler
@@ -448,12 +477,12 @@ class Learner:
         x_cls = x
         eps = 0.0
         x_neg = None
-        if cfg.robust:
+        if self.pgd_term:
             eps = attack_eps(self.step_count, cfg)
             step_size = cfg.attack.step_size * eps / cfg.attack.eps if cfg.attack.eps else 0.0
         if self.fused:
             x_cls, x_neg = self._attack_and_sample_fused(x, y, eps, step_size)
-        elif cfg.robust:
+        elif self.pgd_term:
             batch_stats = cfg.attack.bn_mode == "train"
             self.net.train(batch_stats)
             # train: attack the function the loss will train (batch statistics), running statistics frozen
@@ -465,9 +494,20 @@ class Learner:
             self.net.train()
         if cfg.uses_energy and x_neg is None:
             x_neg = self._sample_negatives()
-        x_pos = x if (cfg.uses_energy and cfg.robust) else None
-        logits_cls, logits_pos, logits_neg = self.joint(x_cls, x_pos, x_neg)
+        x_pos = x if (cfg.uses_energy and self.pgd_term) else None
+        extra = {}
+        if self.gradreg_term:
+            logits_cls, logits_pos, logits_neg, logits_fd = self.joint(x_cls, x_pos, x_neg, self._gradreg_input(x, y))
+        else:
+            logits_cls, logits_pos, logits_neg = self.joint(x_cls, x_pos, x_neg)
         loss, parts = jem_loss(logits_cls, y, logits_pos, logits_neg, cfg.train.energy_weight, cfg.train.energy_l2)
+        if self.gradreg_term:
+            penalty, fd = gradreg_penalty(logits_cls, logits_fd, y, h=cfg.train.gradreg_step,
+                                          strength=cfg.train.gradreg_strength)
+            loss = loss + penalty
+            pen, fd_mean = torch.stack([penalty.detach(), fd.mean()]).tolist()
+            parts["loss"] += pen
+            extra = {"gradreg_penalty": pen, "grad_norm_fd": fd_mean}
         value = parts.pop("loss")
         worst = self.reducer.max(abs(value) if math.isfinite(value) else math.inf)
         if not math.isfinite(worst) or worst > cfg.train.divergence_threshold:
@@ -480,7 +520,7 @@ class Learner:
         loss.backward()
         self.optimizer.step()
         self.step_count += 1
-        return {"loss": value, **parts, "lr": self.lr, "eps": eps}
+        return {"loss": value, **parts, **extra, "lr": self.lr, "eps": eps}
 
     # ------------------------------------------------------------------------------------------ state
 

@@ -92,3 +92,27 @@ def test_malformed_override_and_missing_file():
         apply_overrides({}, ["attack.eps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("tune_configs/nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("eval.ebr_pseudo_count=-1", "eval.ebr_pseudo_count: -1.0 is out of range; it must be >= 0"),
+        ("eval.min_norm_runs=[logbarrier-l0]", "eval.min_norm_runs: 'logbarrier-l0' is not allowed; choose one of"),
+        ("eval.min_norm_runs=[]", "eval.min_norm_runs: empty"),
+        ("eval.min_norm_mu=0", "eval.min_norm_mu: 0.0 is out of range; it must be > 0"),
+        ("eval.min_norm_mu_decay=1.5", "eval.min_norm_mu_decay: 1.5 is out of range; it must be in (0, 1]"),
+        ("eval.min_norm_reference=ddn", "eval.min_norm_reference: 'ddn' is not allowed; choose one of fab, none"),
+        ("eval.min_norm_curve_points=1", "eval.min_norm_curve_points: 1 is out of range; it must be >= 2"),
+        ("eval.metrics=[min_norm]", "eval.metrics: 'min_norm' is not allowed"),
+        ("eval.certify_methods=[smooth]", "eval.certify_methods: 'smooth' is not allowed; choose one of smoothing"),
+        ("eval.certify_sigma=0", "eval.certify_sigma: 0.0 is out of range; it must be > 0"),
+        ("eval.certify_alpha=1", "eval.certify_alpha: 1.0 is out of range; it must be in (0, 1)"),
+        ("eval.certify_n=0", "eval.certify_n: 0 is out of range; it must be >= 1"),
+        ("eval.certify_radii=[-0.5]", "eval.certify_radii: -0.5 is out of range; it must be >= 0"),
+    ],
+)
+def test_related_work_keys_name_the_key_and_what_is_allowed(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("tune_configs/smoke.yaml", [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)

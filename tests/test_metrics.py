@@ -222,3 +222,47 @@ def test_auroc_rejects_nan_and_empty():
         metrics.ood_auroc(torch.tensor([float("nan"), 1.0]), torch.tensor([0.0]))
     with pytest.raises(ValueError):
         metrics.ood_auroc(torch.tensor([]), torch.tensor([0.0]))
+
+
+# ---------------------------------------------------------------- expected Bayes ratio
+
+
+def test_ebr_equals_a_hand_computation_on_a_fixed_histogram():
+    # correct / wrong per bin: N = 16, C = 9, W = 7.
+    correct, wrong = [1, 2, 6], [3, 2, 2]
+    # No smoothing: prior odds 9/7; bin odds 1/3, 1, 3; BR = 7/27, 7/9, 7/3; P(b) = 4/16, 4/16, 8/16.
+    res = metrics.bayes_ratio_from_histogram(correct, wrong, pseudo_count=0)
+    assert res["bayes_ratio"] == pytest.approx([7 / 27, 7 / 9, 7 / 3])
+    assert res["ebr"] == pytest.approx(4 / 16 * 7 / 27 + 4 / 16 * 7 / 9 + 8 / 16 * 7 / 3)  # = 77/54
+    # ... which is 1 + P(C) χ²(P(b|C) ‖ P(b|W)).
+    pc, pw = [c / 9 for c in correct], [w / 7 for w in wrong]
+    chi2 = sum(a * a / b for a, b in zip(pc, pw)) - 1
+    assert res["ebr"] == pytest.approx(1 + 9 / 16 * chi2)
+    # Laplace (pseudo count 1): prior odds 10/8; bin odds 2/4, 3/3, 7/3.
+    res1 = metrics.bayes_ratio_from_histogram(correct, wrong, pseudo_count=1)
+    assert res1["ebr"] == pytest.approx(0.25 * 0.5 / 1.25 + 0.25 * 1 / 1.25 + 0.5 * (7 / 3) / 1.25)
+    assert res1["posterior_correct"] == pytest.approx([2 / 6, 3 / 6, 7 / 10])
+
+
+def test_ebr_is_one_for_an_uninformative_histogram_and_skips_empty_bins():
+    res = metrics.bayes_ratio_from_histogram([3, 0, 6, 9], [1, 0, 2, 3], pseudo_count=0)
+    assert res["ebr"] == pytest.approx(1.0)
+    assert res["bayes_ratio"][1] is None
+    # A bin without wrong predictions has infinite odds unless smoothed.
+    assert metrics.bayes_ratio_from_histogram([5, 5], [5, 0], pseudo_count=0)["ebr"] == float("inf")
+    assert metrics.bayes_ratio_from_histogram([5, 5], [5, 0], pseudo_count=1)["ebr"] > 1
+
+
+def test_expected_bayes_ratio_bins_softmax_confidences_like_ece():
+    # Three classes, predictions = class 0 with confidence 0.35 (bin (0.2, 0.4]) x4, 0.55 (bin (0.4, 0.6]) x4,
+    # 0.9 (bin (0.8, 1]) x8: the histogram of the hand computation above, with two empty bins.
+    p = torch.zeros(16, 3)
+    p[:4] = torch.tensor([0.35, 0.33, 0.32])
+    p[4:8] = torch.tensor([0.55, 0.30, 0.15])
+    p[8:] = torch.tensor([0.90, 0.05, 0.05])
+    labels = torch.tensor([0, 1, 1, 1] + [0, 0, 1, 1] + [0] * 6 + [1] * 2)
+    ebr, hist = metrics.expected_bayes_ratio(p, labels, n_bins=5, pseudo_count=0)
+    assert hist["correct"] == [0, 1, 2, 0, 6] and hist["wrong"] == [0, 3, 2, 0, 2]
+    assert hist["edges"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1])
+    assert ebr == pytest.approx(77 / 54)
+    assert hist["bayes_ratio"][0] is None and hist["bayes_ratio"][3] is None

@@ -56,3 +56,55 @@ def test_group_norm_output_depends_on_the_sample_alone():
     with torch.no_grad():
         # the control: BatchNorm's train-mode output on a sample changes with its batch
         assert not torch.allclose(bn.train()(x)[:3], bn.train()(torch.cat([x[:3], x[3:] * 5]))[:3], atol=1e-3)
+
+
+def _activation_inputs(m: WideResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor a LeakyReLU of the network reads: the inputs of the (identity) norm modules."""
+    seen: list[torch.Tensor] = []
+    hooks = [mod.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
+             for name, mod in m.named_modules() if name.endswith(("bn1", "bn2", "final_norm"))]
+    m(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("channels, stride", [(1, 1), (3, 2)])
+def test_farkas_wrn_keeps_an_active_unit_in_every_layer(channels, stride):
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, 16, 16)
+    nets = {n: WideResNet(depth=16, widen=2, num_classes=10, in_channels=channels, norm=n, stem_stride=stride).eval()
+            for n in ("farkas", "none")}
+    for net in nets.values():
+        with torch.no_grad():  # biases that kill every unit of an ordinary network
+            for mod in net.modules():
+                if isinstance(mod, torch.nn.Conv2d):
+                    mod.bias.fill_(-10.0)
+    farkas = _activation_inputs(nets["farkas"], x)
+    assert len(farkas) == 2 * 6 + 1  # bn1 and bn2 of 2·3 blocks, and the final one
+    for h in farkas:
+        # at every pixel of every image at least one channel is active (pre-activation > 0)
+        assert (h.amax(1) > 0).all()
+    # the same network without Farkas layers has layers with dead pixels under those biases
+    assert any((h.amax(1) <= 0).any() for h in _activation_inputs(nets["none"], x))
+    # the invariant behind it: Σ_{c<C} z_c + √(C−1) z_C = 0 at every pixel
+    for h in farkas:
+        c = h.shape[1]
+        torch.testing.assert_close(h[:, :-1].sum(1) + (c - 1) ** 0.5 * h[:, -1], torch.zeros_like(h[:, 0]),
+                                   atol=1e-3, rtol=0)
+
+
+def test_farkas_wrn_trains_through_build_model_and_keeps_the_stem_linear():
+    from rjem_ray.config import load_config
+    from rjem_ray.data import dataset_info
+    from rjem_ray.models import FarkasConv2d, build_model
+
+    cfg = load_config("tune_configs/smoke.yaml", ["model.norm=farkas"])
+    m = build_model(cfg.model, dataset_info("mnist5k"))
+    assert isinstance(m.stem, FarkasConv2d) and not any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    x, z = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    b = m.stem(torch.zeros_like(x))
+    torch.testing.assert_close(m.stem(x + z) - b, (m.stem(x) - b) + (m.stem(z) - b), atol=1e-5, rtol=1e-5)
+    loss = m(x).logsumexp(1).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())

@@ -424,3 +424,35 @@ def test_inner_loops_never_read_a_tensor_back_to_the_host(loop, monkeypatch):
             sampler_kind="sgld", sampler_steps=4, inner_steps=1, sampler_step_size=1.0, noise_std=0.01)
     monkeypatch.undo()
     assert out.shape == x.shape and not torch.equal(out, x)
+
+
+@pytest.mark.parametrize("mode", ["robust-classifier", "robust-jem"])
+def test_gradreg_term_replaces_pgd_with_the_finite_difference_penalty(digits, gmm, mode, monkeypatch):
+    import rjem_ray.training as training
+
+    def no_pgd(*a, **k):
+        raise AssertionError("gradreg must not run PGD")
+
+    monkeypatch.setattr(training, "pgd", no_pgd)
+    monkeypatch.setattr(training, "attack_and_sample_fused", no_pgd)
+    learner = make_learner(digits, gmm, f"train.mode={mode}", "train.robust_term=gradreg",
+                           "train.gradreg_strength=2.0", "train.gradreg_step=0.05", "attack.bn_mode=eval",
+                           "train.sampler_bn_mode=eval", "train.energy_l2=0", "train.energy_weight=1")
+    assert not learner.fused
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    m = learner.step()
+    assert m["gradreg_penalty"] > 0 and m["grad_norm_fd"] != 0 and m["eps"] == 0.0
+    energy = m["e_pos"] - m["e_neg"] if mode == "robust-jem" else 0.0
+    # the reported loss is CE + penalty (+ the energy terms)
+    assert m["loss"] == pytest.approx(m["ce"] + m["gradreg_penalty"] + energy, abs=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+
+
+def test_gradreg_keys_are_validated():
+    from rjem_ray.config import ConfigError
+
+    for bad, frag in (("train.robust_term=trades", "train.robust_term: 'trades' is not allowed; choose one of pgd"),
+                      ("train.gradreg_step=0", "train.gradreg_step: 0.0 is out of range; it must be > 0"),
+                      ("train.gradreg_norm=l1", "train.gradreg_norm: 'l1' is not allowed")):
+        with pytest.raises(ConfigError, match=frag.replace("(", r"\(")):
+            load_config("tune_configs/smoke.yaml", [bad])

@@ -1,0 +1,84 @@
+"""The opt-in metrics of ``rjem eval`` (ebr, min-norm, certified) as ``evaluate_model`` reports them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
+from rjem_ray.config import Config, load_config
+from rjem_ray.evaluate import evaluate_model
+
+
+def _linear_mnist() -> nn.Module:
+    """A linear classifier of the 28×28 digits (~0.85 test accuracy): 100 full-batch Adam steps, seed 0."""
+    from rjem_ray.data import load_split, to_model_space
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    imgs, labels = load_split("mnist5k", "train")
+    x = to_model_space(imgs)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):
+        loss = nn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_defaults_do_not_include_the_opt_in_metrics():
+    assert not {"ebr", "min-norm", "certified"} & set(Config().eval.metrics)
+
+
+def test_ebr_is_reported_with_its_histogram():
+    cfg = load_config(None, ["eval.ece_bins=10"])
+    out = evaluate_model(_linear_mnist(), cfg, ["ebr"])
+    hist = out["protocol"]["ebr"]["histogram"]
+    n = out["protocol"]["num_test"]
+    assert sum(hist["correct"]) + sum(hist["wrong"]) == n and len(hist["correct"]) == 10
+    assert out["ebr"] > 0 and "ece" not in out
+    json.dumps(out)  # metrics.json must be able to hold it
+
+
+def test_min_norm_reports_distances_curve_reference_and_files(tmp_path):
+    cfg = load_config(None, ["eval.min_norm_max_samples=12", "eval.min_norm_runs=[logbarrier-l2,proxlogbarrier-l0]",
+                             "eval.min_norm_outer_steps=3", "eval.min_norm_inner_steps=5",
+                             "eval.min_norm_reference_iterations=10", "eval.min_norm_curve_points=5"])
+    out = evaluate_model(_linear_mnist(), cfg, ["min-norm"], artifact_dir=tmp_path)
+    runs, proto = out["min_norm"], out["protocol"]["min_norm"]
+    assert set(runs) == {"logbarrier-l2", "proxlogbarrier-l0"}
+    l2 = runs["logbarrier-l2"]
+    assert len(l2["distances"]) == 12 == proto["num_samples"] == len(proto["test_indices"])
+    assert l2["median_01"] == pytest.approx(l2["median"] / 2)
+    assert l2["curve"]["eps_01"] == pytest.approx([e / 2 for e in l2["curve"]["eps"]])
+    acc = l2["curve"]["robust_accuracy"]
+    assert acc == sorted(acc, reverse=True) and acc[-1] == 0.0  # down to the largest finite distance
+    assert "median_ratio" in l2 and l2["reference"]["norm"] == "l2"  # FAB answered for L2 ...
+    assert "reference" not in runs["proxlogbarrier-l0"]  # ... and has no L0
+    assert runs["proxlogbarrier-l0"]["curve"]["eps_01"] == runs["proxlogbarrier-l0"]["curve"]["eps"]
+    files = proto["files"]
+    assert (tmp_path / "min_norm.png").stat().st_size > 0
+    rows = (tmp_path / "min_norm_distances.csv").read_text().splitlines()
+    assert len(rows) == 13 and rows[0].startswith("test_index,label,logbarrier-l2")
+    assert len(files) == 2
+    assert out["min_norm_median_logbarrier_l2"] == l2["median"]
+    json.dumps(out)
+
+
+def test_certified_reports_both_certificates_with_their_protocol():
+    cfg = load_config(None, ["eval.certify_max_samples=6", "eval.certify_n0=10", "eval.certify_n=50",
+                             "eval.certify_radii=[0, 0.5]"])
+    out = evaluate_model(_linear_mnist(), cfg, ["certified"])
+    c, proto = out["certified"], out["protocol"]["certified"]
+    assert set(c) == {"smoothing", "gaussian_average"}
+    for block in c.values():
+        assert len(block["radius"]) == 6 and block["radii_01"] == [0.0, 0.25]
+        acc = block["certified_accuracy"]
+        assert acc[0] >= acc[1]
+    assert proto["sigma_01"] == proto["sigma"] / 2 and proto["smoothing"]["n"] == 50
+    assert out["certified_accuracy_smoothing_r0.5"] == c["smoothing"]["certified_accuracy"][1]
+    json.dumps(out)

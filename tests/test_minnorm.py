@@ -1,0 +1,133 @@
+"""LogBarrier / ProxLogBarrier (rjem_ray/minnorm.py) on a small digit classifier, against PGD and FAB."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
+from rjem_ray import minnorm
+from rjem_ray.attacks import pgd
+
+from digit_models import digits_14, train_digit_mlp
+
+N = 32
+# L∞ LogBarrier moves little from its margin-ascent start on this nearly linear model (module docstring);
+# measured about 1.5 % above PGD's bisected radius here, so it is held to 3 %. L2 is held to PGD exactly.
+LINF_TOLERANCE = 1.03
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.manual_seed(0)
+    model = train_digit_mlp()
+    x, y = digits_14("test")
+    sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:N]
+    return model, x[sub], y[sub]
+
+
+def _wrong(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) != y
+
+
+def _pgd_min_radius(model, x, y, norm: str, hi: float, bisections: int = 8, steps: int = 30) -> torch.Tensor:
+    """Per image, the smallest ε (bisection) at which PGD-``steps`` misclassifies; inf if not at ``hi``."""
+    out = torch.full((len(y),), math.inf)
+    for i in range(len(y)):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+
+        def fooled(eps):
+            xa = pgd(model, xi, yi, eps=eps, steps=steps, step_size=2.5 * eps / steps, norm=norm, random_start=False)
+            return bool(_wrong(model, xa, yi))
+
+        if not fooled(hi):
+            continue
+        lo, up = 0.0, hi
+        for _ in range(bisections):
+            mid = (lo + up) / 2
+            lo, up = (lo, mid) if fooled(mid) else (mid, up)
+        out[i] = up
+    return out
+
+
+@pytest.mark.parametrize("norm,hi,tol", [("l2", 8.0, 1.0), ("linf", 1.0, LINF_TOLERANCE)])
+def test_logbarrier_misclassifies_and_is_no_larger_than_pgd(digits, norm, hi, tol):
+    model, x, y = digits
+    x_adv, d = minnorm.min_norm_attack(model, x, y, attack="logbarrier", norm=norm,
+                                       generator=torch.Generator().manual_seed(0))
+    attacked = torch.isfinite(d) & (d > 0)
+    assert attacked.sum() >= N * 0.8
+    assert _wrong(model, x_adv[attacked], y[attacked]).all()
+    assert (x_adv >= -1).all() and (x_adv <= 1).all()
+    torch.testing.assert_close(d[attacked], minnorm.distance(x_adv - x, norm)[attacked])
+    p = _pgd_min_radius(model, x, y, norm, hi)
+    both = attacked & torch.isfinite(p)  # the same success: images both attacks broke
+    assert both.sum() >= N * 0.8
+    assert d[both].median() <= tol * p[both].median()
+
+
+def test_prox_logbarrier_l0_changes_at_most_the_pixels_it_reports(digits):
+    model, x, y = digits
+    x_adv, d = minnorm.min_norm_attack(model, x, y, attack="proxlogbarrier", norm="l0",
+                                       generator=torch.Generator().manual_seed(0))
+    attacked = torch.isfinite(d) & (d > 0)
+    assert attacked.sum() >= N * 0.8
+    assert _wrong(model, x_adv[attacked], y[attacked]).all()
+    changed = (x_adv != x).flatten(1).sum(1).double()  # one channel: entries = pixels
+    assert (changed[attacked] <= d[attacked]).all()
+    assert (changed[~attacked] == 0).all()
+    assert d[attacked].median() < x[0].numel() / 4  # sparse: far fewer than all pixels
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+def test_prox_logbarrier_misclassifies_in_every_norm(digits, norm):
+    model, x, y = digits
+    x_adv, d = minnorm.min_norm_attack(model, x[:8], y[:8], attack="proxlogbarrier", norm=norm, outer_steps=4,
+                                       inner_steps=10, generator=torch.Generator().manual_seed(0))
+    attacked = torch.isfinite(d) & (d > 0)
+    assert attacked.any() and _wrong(model, x_adv[attacked], y[:8][attacked]).all()
+
+
+def test_l0_prox_keeps_whole_pixels_of_colour_images():
+    v = torch.zeros(1, 3, 2, 2)
+    v[0, :, 0, 0] = torch.tensor([0.5, 0.5, 0.5])  # ‖v_p‖² = 0.75
+    v[0, 0, 1, 1] = 0.6  # ‖v_p‖² = 0.36
+    out = minnorm.prox(v, torch.tensor([0.25]), "l0")  # keep iff ‖v_p‖² > 2t = 0.5
+    assert torch.equal(out[0, :, 0, 0], v[0, :, 0, 0]) and out[0, :, 1, 1].abs().sum() == 0
+    assert minnorm.distance(out, "l0").item() == 1
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+def test_prox_minimises_its_objective(norm):
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(4, 1, 3, 3, generator=g)
+    t = torch.tensor([0.1, 0.5, 1.0, 3.0])
+    u = minnorm.prox(v, t, norm)
+
+    def obj(w):
+        return minnorm.distance(w, norm) + (w - v).flatten(1).pow(2).sum(1) / (2 * t)
+
+    for _ in range(50):
+        w = u + 0.05 * torch.randn(u.shape, generator=g)
+        assert (obj(u) <= obj(w) + 1e-6).all()
+
+
+def test_robust_curve_counts_distances_above_eps():
+    d = torch.tensor([0.0, 0.1, 0.3, math.inf])
+    assert minnorm.robust_curve(d, [0.0, 0.1, 0.2, 5.0]) == [0.75, 0.5, 0.5, 0.25]
+
+
+def test_fab_reference_is_not_better_than_logbarrier_by_much(digits):
+    from rjem_ray.autoattack import fab_min_norm
+
+    model, x, y = digits
+    _, d = minnorm.min_norm_attack(model, x, y, attack="logbarrier", norm="l2",
+                                   generator=torch.Generator().manual_seed(0))
+    d_fab, proto = fab_min_norm(model, x, y, norm="l2", iterations=50)
+    both = torch.isfinite(d) & torch.isfinite(d_fab) & (d > 0)
+    assert both.sum() >= N * 0.8
+    assert d[both].median() <= 1.05 * d_fab[both].median()
+    assert proto["norm"] == "l2" and proto["iterations"] == 50
