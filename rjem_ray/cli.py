@@ -210,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy, robust accuracy (AutoAttack), PGD robust accuracy, gradient-masking "
                                     "report, ECE, OOD AUROC, FID and IS of a checkpoint")
     e.add_argument("checkpoint", help=MODEL_HELP)
-    e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,fid,is,ood (default "
-                                     "eval.metrics; robust = PGD, autoattack = the robust accuracy)")
+    # the names are config.METRIC_NAMES (spelled out: importing config would import torch for --help)
+    e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,ebr,min-norm,certified,fid,"
+                                     "is,ood (default eval.metrics; robust = PGD, autoattack = the robust accuracy; "
+                                     "ebr, min-norm and certified are opt-in)")
     e.add_argument("--json", help="merge the results into this JSON file")
     add_device(e)
     add_set(e)

@@ -1,5 +1,6 @@
 """The `rjem` command line end to end: a tiny train -> sample -> eval round trip, and its errors."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -195,3 +196,13 @@ def test_console_script_prints_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "rjem train: error: sampler.steps: 0 is out of range; it must be >= 1"
+
+
+def test_eval_help_names_every_metric():
+    from rjem_ray.cli import build_parser
+    from rjem_ray.config import METRIC_NAMES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    (metrics,) = [a for a in sub.choices["eval"]._actions if "--metrics" in a.option_strings]
+    listed = metrics.help.split("comma list of ", 1)[1].split(" ", 1)[0].split(",")
+    assert listed == list(METRIC_NAMES)
