@@ -54,6 +54,7 @@ from typing import Any
 
 import yaml
 
+from . import storage
 from .config import Config, ConfigError, _build, apply_overrides, dump_config, read_yaml, with_tracking_env
 from .devices import default_device
 from .search_space import KINDS, Param, apply_params, base_point, num_trials, param_space, parse_search
@@ -538,7 +539,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
             num_workers=cfg.trainer.num_workers, use_gpu=ctx.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=str(trial_dir / "ray"),
+            **storage.ray_storage(_trial_storage(cfg, trial_dir)),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_callback_classes()[1](ctx.metric)],
@@ -561,6 +562,14 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     if gmm is not None:
         save_checkpoint_gmm(ckpt, gmm)
     sample_grid(ckpt, cfg, trial_dir / "samples.png", ctx.seed)
+
+
+def _trial_storage(cfg: Config, trial_dir: Path) -> str | Path:
+    """Ray Train's storage of a train trial: ``trial_dir/ray``, or ``STORAGE/trials/<trial>`` when
+    ``trainer.storage_path`` is set (a URI such as s3://bucket/prefix; ``storage.py``)."""
+    if not cfg.trainer.storage_path:
+        return trial_dir / "ray"
+    return storage.join(storage.normalize(cfg.trainer.storage_path), "trials", trial_dir.name)
 
 
 @functools.cache
@@ -767,7 +776,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
     from .ray_setup import cluster_has_gpus, ensure_ray
 
     out = Path(out_dir or Path("runs") / "tune" / sweep.name).resolve()
-    exp_path = out / "ray" / sweep.name
+    from .train_driver import storage_root
+
+    root = storage_root(sweep.cfg, out)  # OUT/ray, or trainer.storage_path (Tune state in remote storage)
+    exp_path = storage.join(root, sweep.name)
     state_file = out / "sweep.json"
     restorable = tune.Tuner.can_restore(str(exp_path))
     state: dict = {}
@@ -847,7 +859,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
                 reuse_actors=sweep.scope == "sample",
             ),
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=str(out / "ray"),
+                name=sweep.name, **storage.ray_storage(root),
                 failure_config=tune.FailureConfig(max_failures=st.max_failures),
                 callbacks=all_callbacks,
             ),
@@ -904,7 +916,9 @@ def _trial_statuses(exp_path: Path) -> dict[str, str]:
 
 
 def _rows(sweep: Sweep, out: Path, results) -> tuple[list[dict], bool]:
-    statuses = _trial_statuses(out / "ray" / sweep.name)
+    from .train_driver import storage_root
+
+    statuses = _trial_statuses(storage.join(storage_root(sweep.cfg, out), sweep.name))
     rows = []
     for res in results:
         if not res.path:  # created but never started (an interrupted sweep): counted as missing below
@@ -1013,7 +1027,7 @@ def _grid_for_stopped(sweep: Sweep, out: Path, row: dict, child, use_gpu: bool) 
     trial_dir = out / "trials" / row["trial_id"]
     grid = trial_dir / "samples.png"
     try:
-        ckpt = latest_checkpoint(trial_dir / "ray")
+        ckpt = latest_checkpoint(_trial_storage(sweep.cfg, trial_dir))
         if ckpt is not None and not grid.exists():
             cfg = Config.from_dict(apply_params(sweep.cfg.to_dict(), {p.key: row[p.key] for p in sweep.params}))
             task = ray.remote(sample_grid).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
