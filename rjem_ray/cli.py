@@ -46,9 +46,8 @@ def check_writable(path: str | Path, flag: str, directory: bool) -> None:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train_driver import run_training
-
     from .storage import is_uri
+    from .train_driver import run_training
 
     cfg = load_config(args.config, args.set)
     if is_uri(args.out):
@@ -178,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="experiment YAML, e.g. tune_configs/demo.yaml")
     add_set(t)
     t.add_argument("--out", help="output directory (default runs/NAME)")
-    t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint directory; or a URI "
-                                             "(s3://...) of a checkpoint or of a trainer.storage_path")
+    t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint "
+                                                   "directory; or a URI (s3://...) of a checkpoint or of a "
+                                                   "trainer.storage_path")
     t.add_argument("--fresh", action="store_true",
                    help="start from step 0 even if --out holds an earlier run (by default rerunning continues it)")
     t.set_defaults(func=cmd_train)

@@ -171,7 +171,8 @@ CONTINUE_KEYS = ("model", "data.name", "train.mode", "optim.name", "buffer.size"
 
 
 def storage_root(cfg: Config, out: Path) -> str | Path:
-    """Ray's storage path for the run of ``OUT``: ``trainer.storage_path`` (a local ``Path`` or a URI), else ``OUT/ray``."""
+    """Ray's storage path for the run of ``OUT``: ``trainer.storage_path`` (a local ``Path`` or a URI), else
+    ``OUT/ray``."""
     return storage.normalize(cfg.trainer.storage_path) if cfg.trainer.storage_path else out / "ray"
 
 
@@ -207,14 +208,14 @@ def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
         from .search_space import get_dotted
 
         old, new = yaml.safe_load(previous) or {}, cfg.to_dict()
-        where = run_dir if cfg.trainer.storage_path else out
+        where, other = (run_dir, "trainer.storage_path") if cfg.trainer.storage_path else (out, "--out")
         for key in CONTINUE_KEYS:
             was, now = get_dotted(old, key, None), get_dotted(new, key, None)
             if was != now:
                 raise ConfigError(
                     f"{key}: {where} holds a run with {key} = {was!r} and this command asks for "
                     f"{now!r}, which cannot continue it; add --fresh to start over (the earlier run "
-                    f"is kept aside) or give another --out")
+                    f"is kept aside) or give another {other}")
     return True
 
 
@@ -457,7 +458,8 @@ def resolve_resume(resume: str | Path) -> str | Path:
     for candidate in (uri, storage.join(uri, "checkpoint")):
         if storage.is_file(storage.join(candidate, STATE_FILE)):
             return candidate
-    latest = latest_checkpoint_path(uri) or latest_checkpoint_path(storage.join(uri, RUN_NAME))
+    # A storage path's own run first, then a run directory's checkpoints (or the runs under it).
+    latest = latest_checkpoint_path(storage.join(uri, RUN_NAME)) or latest_checkpoint_path(uri)
     if latest is None:
         raise FileNotFoundError(f"--resume {resume!r} holds no checkpoint (no {STATE_FILE} in it, nor a Ray "
                                 "Train run with a complete checkpoint-* under it)")

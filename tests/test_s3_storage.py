@@ -100,7 +100,8 @@ def test_uri_and_path_forms_are_kept_apart(tmp_path):
     assert storage.name("s3://b/p/checkpoint-00000003/") == "checkpoint-00000003"
     assert storage.ray_storage("s3://b/p") == {"storage_path": "s3://b/p"}  # Ray resolves pyarrow's own schemes
     fsspec_only = storage.ray_storage("memory://bucket/p")  # a scheme pyarrow lacks: handed over as a filesystem
-    assert fsspec_only["storage_path"] == "/bucket/p" and type(fsspec_only["storage_filesystem"]).__name__ == "PyFileSystem"
+    assert fsspec_only["storage_path"] == "/bucket/p"
+    assert type(fsspec_only["storage_filesystem"]).__name__ == "PyFileSystem"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -117,16 +118,18 @@ def test_helpers_read_list_move_and_download_the_same_way_locally_and_on_s3(wher
     storage.write_text(storage.join(run, "checkpoint-00000009", "rank-1.pt"), "no state.pt: an incomplete upload")
     storage.write_text(storage.join(run, "other", "x.txt"), "x")
     assert storage.is_dir(run) and storage.is_file(storage.join(run, "checkpoint-00000006", "state.pt"))
-    assert storage.subdirs(run, "checkpoint-") == ["checkpoint-00000003", "checkpoint-00000006", "checkpoint-00000009"]
+    assert storage.subdirs(run, "checkpoint-") == [f"checkpoint-{s:08d}" for s in (3, 6, 9)]
     # The newest *complete* checkpoint, from the run directory or from the storage path above it.
     assert latest_checkpoint_path(run) == storage.join(run, "checkpoint-00000006")
     assert latest_checkpoint_path(base) == storage.join(run, "checkpoint-00000006")
-    assert resolve_resume(base if where == "s3" else run / "checkpoint-00000006") == storage.join(run, "checkpoint-00000006")
+    latest = storage.join(run, "checkpoint-00000006")
+    assert resolve_resume(base if where == "s3" else latest) == latest
     with storage.local_copy(storage.join(run, "checkpoint-00000006")) as d:
         assert (Path(d) / "state.pt").read_text() == "state 6"
     aside = storage.join(base, "train-replaced")
     storage.move(run, aside)
-    assert not storage.is_dir(run) and storage.read_text(storage.join(aside, "checkpoint-00000003", "state.pt")) == "state 3"
+    assert not storage.is_dir(run)
+    assert storage.read_text(storage.join(aside, "checkpoint-00000003", "state.pt")) == "state 3"
 
 
 def test_an_unwritable_bucket_is_one_line_naming_the_key(s3):
