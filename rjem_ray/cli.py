@@ -25,8 +25,13 @@ def _progress(prefix: str):
     return say
 
 
-def check_writable(path: Path, flag: str, directory: bool) -> None:
-    """Fail before any work when ``path`` (a directory, or a file's directory) cannot be written."""
+def check_writable(path: str | Path, flag: str, directory: bool) -> None:
+    """Fail before any work when ``path`` (a directory, or a file's directory; or a storage URI) cannot be written."""
+    from . import storage
+
+    if storage.is_uri(path):
+        return storage.check_writable(str(path), flag)
+    path = storage.local_path(path) if storage.scheme(path) == "file" else Path(path)
     target = path if directory else path.parent
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -55,11 +60,17 @@ def model_store(args, config: str | None = None) -> tuple[str, str]:
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .storage import is_uri
     from .train_driver import run_training
 
     cfg = load_config(args.config, args.set)
+    if is_uri(args.out):
+        raise ValueError(f"--out {args.out!r}: OUT is a local directory; put the checkpoints in remote storage "
+                         f"with --set trainer.storage_path={args.out}")
     out = Path(args.out or f"runs/{cfg.name}")
     check_writable(out, "--out", directory=True)
+    if cfg.trainer.storage_path:
+        check_writable(cfg.trainer.storage_path, "trainer.storage_path", directory=True)
     outcome = run_training(cfg, out, resume=args.resume, fresh=args.fresh)
     print(f"[rjem] done: checkpoint {outcome.checkpoint}, samples {out / 'samples'}, metrics {out / 'metrics.json'}")
     if outcome.run_id:
@@ -188,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="experiment YAML, e.g. tune_configs/demo.yaml")
     add_set(t)
     t.add_argument("--out", help="output directory (default runs/NAME)")
-    t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint directory")
+    t.add_argument("--resume", metavar="RUN", help="continue a stopped run: its OUT directory or a checkpoint "
+                                                   "directory; or a URI (s3://...) of a checkpoint or of a "
+                                                   "trainer.storage_path")
     t.add_argument("--fresh", action="store_true",
                    help="start from step 0 even if --out holds an earlier run (by default rerunning continues it)")
     t.set_defaults(func=cmd_train)

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .storage import check_storage_path
+
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the key and what is allowed."""
@@ -177,6 +179,9 @@ class TrainerConfig:
     cpus_per_worker: float = 1.0
     sync_batchnorm: bool = False
     max_failures: int = 0
+    # Where Ray keeps the run's checkpoints (and a sweep's Tune state): None = OUT/ray; a directory, or a URI
+    # such as s3://bucket/prefix (rjem_ray/storage.py). One run per storage path: rerunning continues it.
+    storage_path: str | None = None
 
 
 @dataclass
@@ -451,6 +456,9 @@ def validate(cfg: Config) -> None:
     _at_least("trainer.num_workers", cfg.trainer.num_workers, 1)
     _at_least("trainer.cpus_per_worker", cfg.trainer.cpus_per_worker, 0, strict=True)
     _at_least("trainer.max_failures", cfg.trainer.max_failures, -1)
+    bad_storage = check_storage_path("trainer.storage_path", cfg.trainer.storage_path)
+    if bad_storage:
+        raise ConfigError(bad_storage)
     if cfg.train.batch_size % cfg.trainer.num_workers:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} is the global batch and must be divisible by "

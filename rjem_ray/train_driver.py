@@ -2,7 +2,9 @@
 
 Outputs under ``OUT``: ``config.yaml``, ``checkpoint/`` (the final — or last good — checkpoint with the
 Gaussian mixture beside it), ``samples/{energy,pgd,combined}.png`` and ``metrics.json``; Ray's own run
-directory (every reported checkpoint) is ``OUT/ray/``. The MLflow run is created here, rank 0 logs step
+directory (every reported checkpoint) is ``OUT/ray/train``, or ``STORAGE/train`` where
+``trainer.storage_path`` names another place (a directory or a URI such as ``s3://bucket/prefix``,
+``storage.py``). The MLflow run is created here, rank 0 logs step
 metrics into it, and the artifacts are logged here at the end.
 
 When the replay buffer is shared (``buffer.shared``; by default with more than one worker) the driver
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import copy_checkpoint, load_state, verify_checkpoint
+from . import storage
+from .checkpoint import STATE_FILE, copy_checkpoint, load_state, verify_checkpoint
 from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM
@@ -155,42 +158,64 @@ def _run_tags(cfg: Config) -> dict[str, str]:
     }
 
 
-# One Ray Train run per output directory, OUT/ray/train: running the same command again (a resubmitted
-# job, a restarted driver) continues that run from its latest checkpoint through Ray's own restoration.
+# One Ray Train run per output directory, OUT/ray/train (or per trainer.storage_path, STORAGE/train): running
+# the same command again (a resubmitted job, a restarted driver) continues that run from its latest checkpoint
+# through Ray's own restoration.
 RUN_NAME = "train"
+# With trainer.storage_path the run's config is kept in its run directory too: a driver on another machine
+# (whose OUT is new) checks what it continues against it.
+STORED_CONFIG = "rjem-config.yaml"
 RUN_FILE = "mlflow_run.json"  # OUT's MLflow run, closed as KILLED by a rerun if its driver died
 # What a continued run cannot change: the weights, optimiser state and replay buffer must fit.
 CONTINUE_KEYS = ("model", "data.name", "train.mode", "optim.name", "buffer.size")
 
 
-def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
-    """Ready ``OUT/ray/train`` for this command; returns whether an earlier run there will be continued.
+def storage_root(cfg: Config, out: Path) -> str | Path:
+    """Ray's storage path for the run of ``OUT``: ``trainer.storage_path`` (a local ``Path`` or a URI), else
+    ``OUT/ray``."""
+    return storage.normalize(cfg.trainer.storage_path) if cfg.trainer.storage_path else out / "ray"
 
-    ``fresh`` moves an earlier run aside (``OUT/ray/train-replaced-TIMESTAMP``, nothing is deleted). Without
+
+def _previous_config(cfg: Config, out: Path, run_dir: str | Path) -> str | None:
+    """The YAML of the config that ran last in ``run_dir``: its stored copy, else ``OUT/config.yaml``."""
+    stored = storage.join(run_dir, STORED_CONFIG)
+    if cfg.trainer.storage_path and storage.is_file(stored):
+        return storage.read_text(stored)
+    previous = out / "config.yaml"
+    return previous.read_text() if previous.is_file() else None
+
+
+def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
+    """Ready ``STORAGE/train`` (``OUT/ray/train`` by default) for this command; returns whether an earlier run
+    there will be continued.
+
+    ``fresh`` moves an earlier run aside (``STORAGE/train-replaced-TIMESTAMP``, nothing is deleted). Without
     it, a config that changed what the run's checkpoints hold (``CONTINUE_KEYS``) is refused in one line.
     """
-    run_dir = out / "ray" / RUN_NAME
-    if not run_dir.is_dir():
+    root = storage_root(cfg, out)
+    run_dir = storage.join(root, RUN_NAME)
+    if not storage.is_dir(run_dir):
         return False
     if fresh:
-        aside = run_dir.with_name(f"{RUN_NAME}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(run_dir, aside)
+        aside = storage.join(root, f"{RUN_NAME}-replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        storage.move(run_dir, aside)
         print(f"[rjem] --fresh: the earlier run moved to {aside}; starting from step 0", flush=True)
         return False
-    previous = out / "config.yaml"
-    if previous.is_file():
+    previous = _previous_config(cfg, out, run_dir)
+    if previous is not None:
         import yaml
 
         from .search_space import get_dotted
 
-        old, new = yaml.safe_load(previous.read_text()) or {}, cfg.to_dict()
+        old, new = yaml.safe_load(previous) or {}, cfg.to_dict()
+        where, other = (run_dir, "trainer.storage_path") if cfg.trainer.storage_path else (out, "--out")
         for key in CONTINUE_KEYS:
             was, now = get_dotted(old, key, None), get_dotted(new, key, None)
             if was != now:
                 raise ConfigError(
-                    f"{key}: {out} holds a run with {key} = {was!r} and this command asks for "
+                    f"{key}: {where} holds a run with {key} = {was!r} and this command asks for "
                     f"{now!r}, which cannot continue it; add --fresh to start over (the earlier run "
-                    f"is kept aside) or give another --out")
+                    f"is kept aside) or give another {other}")
     return True
 
 
@@ -220,12 +245,14 @@ def _close_stale_run(out: Path, tracker) -> None:
 
 def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = None, samples: bool = True,
                  fresh: bool = False, run_id: str | None = None, callbacks: list | None = None) -> TrainOutcome:
-    """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``).
+    """Train ``cfg`` on Ray Train; ``resume`` continues from a checkpoint dir (or a previous ``OUT``; a URI
+    names a stored checkpoint, or a run or storage path whose latest checkpoint is taken).
 
-    An earlier run in the same ``OUT`` is continued from its latest checkpoint (``fresh`` starts over).
-    ``run_id`` logs into that open MLflow run instead of creating one (a sweep's trial: its child run); its
-    creator logged its params and closes it. ``callbacks`` are Ray Train callbacks of the trainer's
-    ``RunConfig`` (a sweep's trial: the one that forwards its evaluation reports to Tune).
+    An earlier run in the same ``OUT`` (or ``trainer.storage_path``) is continued from its latest checkpoint
+    (``fresh`` starts over). ``run_id`` logs into that open MLflow run instead of creating one (a sweep's
+    trial: its child run); its creator logged its params and closes it. ``callbacks`` are Ray Train
+    callbacks of the trainer's ``RunConfig`` (a sweep's trial: the one that forwards its evaluation reports
+    to Tune).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -238,13 +265,13 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     resume_dir = None
     resume_buffer = None
     if resume is not None:
-        resume_dir = Path(resume).resolve()
-        if (resume_dir / "checkpoint").is_dir():
-            resume_dir = resume_dir / "checkpoint"
+        resume_dir = resolve_resume(resume)
         # Fail now, with a clear message, if it is not a checkpoint or any of its files is damaged.
-        resume_buffer = verify_checkpoint(resume_dir).get("buffer")
+        with storage.local_copy(resume_dir) as d:
+            resume_buffer = verify_checkpoint(d).get("buffer")
     continuing = prepare_run_dir(cfg, out, fresh)
-    run_dir = out / "ray" / RUN_NAME
+    root = storage_root(cfg, out)
+    run_dir = storage.join(root, RUN_NAME)
 
     # Fail fast on the driver (missing data directory, unknown files) before any worker starts.
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
@@ -263,7 +290,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     if found is not None:
         # Ray hands its latest checkpoint to the workers (it wins over --resume); a shared buffer's shards
         # start from that checkpoint's snapshot.
-        print(f"[rjem] continuing the run in {run_dir} from its latest checkpoint ({Path(found.path).name}); "
+        print(f"[rjem] continuing the run in {run_dir} from its latest checkpoint ({storage.name(found.path)}); "
               "--fresh starts over", flush=True)
         if shared:
             with found.as_directory() as d:
@@ -273,6 +300,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     del resume_buffer
 
     dump_config(cfg, out / "config.yaml")
+    if cfg.trainer.storage_path:
+        storage.write_text(storage.join(run_dir, STORED_CONFIG), (out / "config.yaml").read_text())
     owns_run = run_id is None  # a run given by the caller stays the caller's to close
     if owns_run:
         tracker = tracker_for(cfg, tags=_run_tags(cfg))
@@ -309,7 +338,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
-            storage_path=str(out / "ray"),
+            **storage.ray_storage(root),
             failure_config=ray.train.FailureConfig(max_failures=cfg.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=train_logging_config(),
@@ -406,13 +435,50 @@ def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:
     atomic_torch_save(gmm.state_dict(), ckpt_dir / GMM_FILE)
 
 
-def latest_checkpoint(ray_dir: Path):
-    """The newest complete checkpoint of a Ray Train run directory (or of the runs under ``ray_dir``)."""
+def latest_checkpoint_path(ray_dir: str | Path) -> str | Path | None:
+    """The newest complete checkpoint directory of a Ray Train run directory (or of the runs under
+    ``ray_dir``), in ``ray_dir``'s form (a ``Path`` or a URI); None when there is none."""
+    found = [storage.join(ray_dir, n) for n in storage.subdirs(ray_dir, "checkpoint-")]
+    if not found:
+        found = [storage.join(ray_dir, run, n) for run in storage.subdirs(ray_dir)
+                 for n in storage.subdirs(storage.join(ray_dir, run), "checkpoint-")]
+    found = sorted((p for p in found if storage.is_file(storage.join(p, STATE_FILE))),
+                   key=lambda p: (storage.name(p), str(p)))
+    return found[-1] if found else None
+
+
+def checkpoint_at(path: str | Path):
+    """A ``ray.train.Checkpoint`` of the directory at ``path``; ``as_directory`` downloads a remote one."""
     import ray.train
 
-    found = list(ray_dir.glob("checkpoint-*")) or list(ray_dir.glob("*/checkpoint-*"))
-    found = sorted((p for p in found if (p / "state.pt").is_file()), key=lambda p: (p.name, str(p)))
-    return ray.train.Checkpoint.from_directory(str(found[-1])) if found else None
+    if not storage.is_uri(path):
+        return ray.train.Checkpoint.from_directory(str(path))
+    fs, fs_path = storage.filesystem(path)
+    return ray.train.Checkpoint(fs_path, filesystem=fs)
+
+
+def latest_checkpoint(ray_dir: str | Path):
+    """The newest complete checkpoint of a Ray Train run directory (or of the runs under ``ray_dir``)."""
+    path = latest_checkpoint_path(ray_dir)
+    return checkpoint_at(path) if path is not None else None
+
+
+def resolve_resume(resume: str | Path) -> str | Path:
+    """The checkpoint directory ``--resume`` names: a checkpoint, or ``OUT`` (its ``checkpoint/``); a URI may
+    also name a run or storage path, whose latest checkpoint is taken."""
+    if not storage.is_uri(resume):
+        path = storage.local_path(resume)
+        return path / "checkpoint" if (path / "checkpoint").is_dir() else path
+    uri = storage.normalize(resume)
+    for candidate in (uri, storage.join(uri, "checkpoint")):
+        if storage.is_file(storage.join(candidate, STATE_FILE)):
+            return candidate
+    # A storage path's own run first, then a run directory's checkpoints (or the runs under it).
+    latest = latest_checkpoint_path(storage.join(uri, RUN_NAME)) or latest_checkpoint_path(uri)
+    if latest is None:
+        raise FileNotFoundError(f"--resume {resume!r} holds no checkpoint (no {STATE_FILE} in it, nor a Ray "
+                                "Train run with a complete checkpoint-* under it)")
+    return latest
 
 
 def root_message(error: BaseException) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .checkpoint import atomic_torch_save, load_state, save_checkpoint
 from .config import Config
 from .data import load_split, shard_indices
@@ -138,8 +139,9 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             buffer_restored = _restore(learner, d, rank, log)
         resumed_from = "ray-checkpoint"
-    elif config.get("resume_from"):
-        buffer_restored = _restore(learner, config["resume_from"], rank, log)
+    elif config.get("resume_from"):  # a local checkpoint directory or a URI (downloaded on this worker)
+        with storage.local_copy(config["resume_from"]) as d:
+            buffer_restored = _restore(learner, d, rank, log)
         resumed_from = config["resume_from"]
     if buffer is not None:
         if rank == 0 and not buffer_restored:

@@ -28,9 +28,10 @@ def _trial_statuses(exp_path: Path) -> dict[str, str]:
 def rank_trials(sweep: Sweep, out: Path, results) -> tuple[list[dict], bool]:
     """One row per started trial of Tune's ``results``, ranked and numbered; and whether the sweep is
     unfinished (trials missing or interrupted)."""
-    from ..train_driver import root_message
+    from .. import storage
+    from ..train_driver import root_message, storage_root
 
-    statuses = _trial_statuses(out / "ray" / sweep.name)
+    statuses = _trial_statuses(storage.join(storage_root(sweep.cfg, out), sweep.name))
     rows = []
     for res in results:
         if not res.path:  # created but never started (an interrupted sweep): counted as missing below

@@ -56,7 +56,11 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
         raise ValueError("callbacks: a resumed sweep runs with the callbacks of its first start (Tune restores them)")
 
     out = Path(out_dir or Path("runs") / "tune" / sweep.name).resolve()
-    exp_path = out / "ray" / sweep.name
+    from .. import storage
+    from ..train_driver import storage_root
+
+    root = storage_root(sweep.cfg, out)  # OUT/ray, or trainer.storage_path (Tune state in remote storage)
+    exp_path = storage.join(root, sweep.name)
     state_file = out / "sweep.json"
     restorable = tune.Tuner.can_restore(str(exp_path))
     state: dict = {}
@@ -139,7 +143,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
                 reuse_actors=sweep.scope == "sample",
             ),
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=str(out / "ray"),
+                name=sweep.name, **storage.ray_storage(root),
                 failure_config=tune.FailureConfig(max_failures=st.max_failures),
                 callbacks=all_callbacks,
             ),
@@ -193,12 +197,16 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
             parent.finish("FINISHED" if best is not None else "FAILED")
         if best is not None and sweep.settings.register_as:  # the best trial's model: models:/NAME/VERSION
             from ..tracking import client_for, register_run_model, store_uris
-            from ..train_driver import latest_checkpoint
+            from .. import storage
+            from ..train_driver import latest_checkpoint_path
+            from .trials import trial_storage
 
             trial = out / "trials" / best["trial_id"]  # a trial stopped by ASHA has only its Ray checkpoints
-            ckpt = trial / "checkpoint" if (trial / "checkpoint").is_dir() else latest_checkpoint(trial / "ray").path
-            version = register_run_model(client_for(*store_uris(sweep.cfg.tracking)), best["run_id"],
-                                         sweep.settings.register_as, ckpt)
+            stored = trial / "checkpoint" if (trial / "checkpoint").is_dir() else (
+                latest_checkpoint_path(trial_storage(sweep.cfg, trial)))
+            with storage.local_copy(stored) as ckpt:
+                version = register_run_model(client_for(*store_uris(sweep.cfg.tracking)), best["run_id"],
+                                             sweep.settings.register_as, ckpt)
             progress(f"[rjem] the best trial's model is models:/{version.name}/{version.version}")
     if interrupted:
         progress(f"[rjem] the sweep was interrupted; continue it with the same command and --resume --out {out}")
@@ -215,11 +223,12 @@ def _grid_for_stopped(sweep: Sweep, out: Path, row: dict, child, use_gpu: bool) 
     import ray
 
     from ..train_driver import latest_checkpoint
+    from .trials import trial_storage
 
     trial_dir = out / "trials" / row["trial_id"]
     grid = trial_dir / "samples.png"
     try:
-        ckpt = latest_checkpoint(trial_dir / "ray")
+        ckpt = latest_checkpoint(trial_storage(sweep.cfg, trial_dir))
         if ckpt is not None and not grid.exists():
             cfg = Config.from_dict(apply_params(sweep.cfg.to_dict(), {p.key: row[p.key] for p in sweep.params}))
             task = ray.remote(sample_grid).options(num_cpus=1, num_gpus=1 if use_gpu else 0)

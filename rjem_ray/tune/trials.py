@@ -23,6 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import storage
 from ..config import Config
 from ..devices import default_device
 from ..search_space import apply_params
@@ -104,18 +105,29 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
 
     The MLflow run is the trial's child run (its id in ``trial_dir/mlflow_run.json``, written by the driver's
     ``SweepRuns``, which also closes it); without one (tracking off, or MLflow unreachable) the trial logs
-    nothing. Ray Train's run lives in ``trial_dir/ray/train``: a trial restarted by ``--resume`` reuses it,
+    nothing. Ray Train's run lives in ``trial_storage(cfg, trial_dir)/train`` (``trial_dir/ray/train``, or
+    ``STORAGE/trials/<trial>/train`` with ``trainer.storage_path``): a trial restarted by ``--resume`` reuses it,
     so Train V2 continues from the trial's last checkpoint instead of step 0. The final checkpoint (with
     its Gaussian mixture) is ``trial_dir/checkpoint``.
     """
     from ..train_driver import RUN_FILE, run_training
 
+    cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
     run_file = trial_dir / RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
     if run_id is None:
         cfg.tracking.enabled = False  # never a stray top-level run: a sweep's runs are children of its parent
     outcome = run_training(cfg, trial_dir, samples=False, run_id=run_id, callbacks=[eval_reports(ctx.metric)])
     sample_grid(outcome.checkpoint, cfg, trial_dir / "samples.png", ctx.seed)
+
+
+def trial_storage(cfg: Config, trial_dir: Path) -> str | Path:
+    """Ray Train's storage of a train trial: ``trial_dir/ray``, or ``STORAGE/trials/<trial>`` when the sweep's
+    ``trainer.storage_path`` is set (a URI such as s3://bucket/prefix; ``storage.py``), so trials never share
+    one run directory."""
+    if not cfg.trainer.storage_path:
+        return trial_dir / "ray"
+    return storage.join(storage.normalize(cfg.trainer.storage_path), "trials", trial_dir.name)
 
 
 @functools.cache
