@@ -499,6 +499,15 @@ def test_kid_is_an_objective_minimised_like_fid(fake_checkpoint):
         assert sweep.metric == "kid" and sweep.mode == "min" and sweep.worst == math.inf
 
 
+def test_related_work_metrics_are_objectives_of_a_train_sweep():
+    """E[BR] and a minimum-norm median are maximised and need their eval metric in train.eval_metrics."""
+    for metric, needs in (("ebr", "ebr"), ("min_norm_median_proxlogbarrier_linf", "min-norm")):
+        sweep = load_sweep(CONFIGS / "tune-smoke-train.yaml", [f"tune.metric={metric}", f"train.eval_metrics=[{needs}]"])
+        assert sweep.mode == "max" and sweep.worst == -math.inf
+        with pytest.raises(ConfigError, match=f"add '{needs}'"):
+            load_sweep(CONFIGS / "tune-smoke-train.yaml", [f"tune.metric={metric}", "train.eval_metrics=[accuracy]"])
+
+
 def test_a_resumed_sweep_takes_no_new_callbacks(fake_checkpoint, tmp_path):
     sweep = load_sweep(CONFIGS / "tune-smoke-sample.yaml", [f"checkpoint={fake_checkpoint}"])
     with pytest.raises(ValueError, match="callbacks of its first start"):

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, _build, apply_overrides, read_yaml, with_tracking_env
+from ..config import MIN_NORM_RUNS, Config, ConfigError, _build, apply_overrides, read_yaml, with_tracking_env
 from ..search_space import KINDS, Param, base_point, num_trials, parse_search
 
 SCOPES = ("sample", "train")
@@ -32,13 +32,18 @@ SWEEP_KEYS = ("scope", "base", "checkpoint", "search", "tune")
 # Objective name → default mode, and the train.eval_metrics entry that produces it. KID comes with FID (the eval
 # metric fid computes both from the same samples). robust_accuracy is AutoAttack's (eval metric autoattack);
 # pgd_robust_accuracy is PGD's (eval metric robust), the cheap training-time signal.
+# The related-work metrics (issue 7): E[BR] (larger: confidence separates right from wrong better) and each
+# minimum-norm run's median distance (larger: more robust), as evaluate.py reports them at the top level.
+MIN_NORM_MEDIANS = tuple(f"min_norm_median_{run.replace('-', '_')}" for run in MIN_NORM_RUNS)
 METRIC_MODES = {"fid": "min", "kid": "min", "inception_score": "max", "accuracy": "max", "robust_accuracy": "max",
-                "pgd_robust_accuracy": "max", "ece": "min", "ood_auroc": "max"}
+                "pgd_robust_accuracy": "max", "ece": "min", "ood_auroc": "max", "ebr": "max",
+                **{m: "max" for m in MIN_NORM_MEDIANS}}
 EVAL_METRIC_OF = {"fid": "fid", "kid": "fid", "inception_score": "is", "accuracy": "accuracy",
-                  "robust_accuracy": "autoattack", "pgd_robust_accuracy": "robust", "ece": "ece", "ood_auroc": "ood"}
+                  "robust_accuracy": "autoattack", "pgd_robust_accuracy": "robust", "ece": "ece", "ood_auroc": "ood",
+                  "ebr": "ebr", **{m: "min-norm" for m in MIN_NORM_MEDIANS}}
 # What a trial's MLflow run and trials.csv carry when the trial reports it.
 FIGURES = ("fid", "kid", "kid_std", "inception_score", "inception_score_std", "accuracy", "robust_accuracy",
-           "pgd_robust_accuracy", "ece", "ood_auroc")
+           "pgd_robust_accuracy", "ece", "ood_auroc", "ebr", *MIN_NORM_MEDIANS)
 SAMPLE_METRICS = ("fid", "kid", "inception_score")
 # Sample scope: the model is fixed, only these sections may be overridden by the sweep file.
 SAMPLE_SECTIONS = ("name", "cache_dir", "data", "generate", "eval", "tracking")
