@@ -263,6 +263,7 @@ _MODEL_CODE = '''\
 """rjem-ray classifier: images [N, C, H, W] float32 in [-1, 1] -> logits [N, K]."""
 import mlflow.models
 import mlflow.pyfunc
+import numpy as np
 
 
 class RjemClassifier(mlflow.pyfunc.PythonModel):
@@ -271,8 +272,8 @@ class RjemClassifier(mlflow.pyfunc.PythonModel):
 
         self.model, self.cfg = load_model(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
+    # np.ndarray: a type hint MLflow passes through unconverted (the signature is the logged one)
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch
 
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
