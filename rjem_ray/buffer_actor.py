@@ -98,8 +98,8 @@ def split_batch(
     to 0 and stay bounded, so over ``T`` calls shard ``j`` hands out ``T · B · size_j / N`` slots up to a
     constant: every slot of the logical buffer has the same lease rate, whatever the shard sizes (a plain
     rotation of the remainder does not: with sizes 5, 3, 2 and ``B = 4`` it leases the small shard's
-    slots at 0.42× the rate of the others). Each count is ``floor`` or ``floor + 1`` of ``B · size_j / N``,
-    which :func:`check_capacity` relies on.
+    slots at 0.42× the rate B / N every slot should have, the largest shard's at 1.17×). Each count is
+    ``floor`` or ``floor + 1`` of ``B · size_j / N``, which :func:`check_capacity` relies on.
 
     Returns ``(counts int64 [K] summing to batch, the new deficit float64 [K])``; pass the deficit back
     on the next call (``None`` starts from zeros).
