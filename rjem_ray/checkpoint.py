@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, first_line
 
 STATE_FILE = "state.pt"
 GMM_FILE = "gmm.pt"
@@ -70,18 +70,13 @@ def _state_path(path: str | Path) -> Path:
     return p
 
 
-def _first_line(exc: BaseException) -> str:
-    """``exc``'s message up to its first line break (torch's messages run over many lines)."""
-    return (str(exc).strip().splitlines() or [""])[0]
-
-
 def _torch_load(p: Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)``; a corrupt, truncated or foreign file is a :class:`CheckpointError`."""
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise CheckpointError(f"{str(p)!r} is not a readable rjem checkpoint: {type(exc).__name__}: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -123,7 +118,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         raise
     except Exception as exc:
         raise CheckpointError(f"{str(directory / STATE_FILE)!r} holds weights that do not fit its config: "
-                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+                              f"{type(exc).__name__}: {first_line(exc)}") from None
     gmm = load_gmm_state(directory)
     if gmm is not None:
         try:

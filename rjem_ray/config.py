@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the key and what is allowed."""
 
 
+def first_line(exc: BaseException, fallback: str = "") -> str:
+    """``exc``'s message up to its first line break, for a one-line error (torch's, pyarrow's and MLflow's
+    messages run over many lines); ``fallback`` when the message is empty."""
+    return (str(exc).strip().splitlines() or [fallback])[0]
+
+
 MODES = ("classifier", "robust-classifier", "jempp", "robust-jem")
 GEN_MODES = ("energy", "pgd", "combined")
 CONTRAST_CENTERS = ("floor", "class-mean", "image-mean")

@@ -28,6 +28,8 @@ import warnings
 import torch
 from torch import nn
 
+from .config import first_line
+
 __all__ = ["PRECISIONS", "SWITCHES", "FastNet", "resolve_precision", "resolve_switch", "autocast_context"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -96,8 +98,7 @@ class FastNet(nn.Module):
         try:
             return self._fn(x)
         except Exception as exc:  # compilation happens at the first call (and at recompiles)
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"[rjem] torch.compile failed ({type(exc).__name__}: {first}); running eager",
+            warnings.warn(f"[rjem] torch.compile failed ({type(exc).__name__}: {first_line(exc)[:200]}); running eager",
                           RuntimeWarning, stacklevel=3)
             object.__setattr__(self, "_fn", self.net)
             self.compiled = False

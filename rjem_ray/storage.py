@@ -176,6 +176,8 @@ def check_writable(uri: str, key: str) -> None:
     A probe object is written under ``uri`` and deleted; the error is one line naming ``key`` and ``uri``.
     (Local directories: ``cli.check_writable``.)
     """
+    from .config import first_line  # config imports this module: at call time, not at import
+
     probe = join(uri, f".rjem-write-probe-{uuid.uuid4().hex}")
     try:
         fs, fs_path = filesystem(probe)
@@ -183,8 +185,7 @@ def check_writable(uri: str, key: str) -> None:
             fh.write(b"")
         fs.delete_file(fs_path)
     except Exception as exc:  # pyarrow raises OSError for S3 errors, ImportError for a missing fsspec backend
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{key} {uri!r} cannot be written ({first}); check that the bucket exists and the "
+        raise ValueError(f"{key} {uri!r} cannot be written ({first_line(exc, type(exc).__name__)}); check that the bucket exists and the "
                          "credentials in the environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                          "AWS_ENDPOINT_URL; or an instance profile)") from None
 

@@ -425,6 +425,7 @@ def resolve_checkpoint(path_or_uri: str, tracking_uri: str, registry_uri: str | 
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     from .checkpoint import STATE_FILE, CheckpointError
+    from .config import first_line
 
     if dst is None:  # removed when the process exits
         import atexit
@@ -444,8 +445,8 @@ def resolve_checkpoint(path_or_uri: str, tracking_uri: str, registry_uri: str | 
                                                          tracking_uri=tracking_uri,
                                                          registry_uri=registry_uri or tracking_uri))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path_or_uri!r}: MLflow cannot find this model in {tracking_uri} ({first}); give "
+        raise CheckpointError(f"{path_or_uri!r}: MLflow cannot find this model in {tracking_uri} "
+                              f"({first_line(exc, type(exc).__name__)}); give "
                               "models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory (the store is "
                               "tracking.tracking_uri, MLFLOW_TRACKING_URI or --set tracking.tracking_uri=...)") from None
     if (local / STATE_FILE).is_file():  # e.g. runs:/RUN_ID/checkpoint, the plain artifact
