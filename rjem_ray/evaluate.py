@@ -49,6 +49,28 @@ def fid_extractor_for(cfg: Config) -> str:
     return "reference-classifier" if dataset_info(cfg.data.name).channels == 1 else "inception"
 
 
+def fid_feature_space(cfg: Config, extractor: str, train_imgs, train_labels,
+                      progress: Progress = lambda s: None) -> dict:
+    """The ``fidelity_metrics`` keywords that fix ``extractor``'s feature space for ``cfg``'s dataset.
+
+    ``extractor``, its ``weights_path`` (``eval.inception_weights``, or the dataset's plain or robust
+    reference classifier, trained once and cached under ``cache_dir``), and where the training split's
+    reference statistics are cached (``cache_dir/fidelity``, ``DATASET-train-EXTRACTOR``): every FID/KID of
+    the project (``rjem eval``, the sweeps) uses these names, so the statistics are computed once.
+    """
+    if extractor == "inception":
+        weights = cfg.eval.inception_weights
+    else:
+        from .fidelity import load_or_train_reference_classifier
+
+        progress(f"{extractor} for FID (trained once per dataset, cached)")
+        weights = str(load_or_train_reference_classifier(
+            Path(cfg.cache_dir), cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes,
+            kind=extractor))
+    return {"extractor": extractor, "weights_path": weights, "cache_root": str(Path(cfg.cache_dir) / "fidelity"),
+            "reference_cache_name": f"{cfg.data.name}-train-{extractor}"}
+
+
 def evaluate_model(
     model,
     cfg: Config,
@@ -293,20 +315,11 @@ def second_fid_extractor_for(cfg: Config) -> str | None:
 
 
 def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed: int) -> dict:
-    from .fidelity import fidelity_metrics, load_or_train_reference_classifier
+    from .fidelity import fidelity_metrics
     from .generate import generate
 
     e = cfg.eval
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
-    cache = Path(cfg.cache_dir)
-
-    def weights_for(extractor: str):
-        if extractor == "inception":
-            return e.inception_weights
-        progress(f"{extractor} for FID (trained once per dataset, cached)")
-        return str(load_or_train_reference_classifier(
-            cache, cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes, kind=extractor))
-
     if gmm is None:
         from .prior import load_train_gmm
 
@@ -317,22 +330,17 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
                         precision=model.precision, progress=progress)
     samples = to_uint8(x_gen)
     extractor = fid_extractor_for(cfg)
+    spaces = {extractor: fid_feature_space(cfg, extractor, train_imgs, train_labels, progress)}
     progress(f"FID/KID/IS with the {extractor} extractor")
-    res = fidelity_metrics(
-        samples, train_imgs, extractor=extractor, weights_path=weights_for(extractor),
-        cache_root=str(cache / "fidelity"), device=device, reference_cache_name=f"{cfg.data.name}-train-{extractor}",
-        fid="fid" in metrics, kid="fid" in metrics, isc="is" in metrics,
-    )
+    res = fidelity_metrics(samples, train_imgs, **spaces[extractor], device=device,
+                           fid="fid" in metrics, kid="fid" in metrics, isc="is" in metrics)
     out = {k: v for k, v in res.items() if k != "protocol"}
     proto = dict(res.get("protocol", {}))
     second = second_fid_extractor_for(cfg) if "fid" in metrics else None
     if second is not None:
+        spaces[second] = fid_feature_space(cfg, second, train_imgs, train_labels, progress)
         progress(f"FID/KID with the {second} extractor")
-        res2 = fidelity_metrics(
-            samples, train_imgs, extractor=second, weights_path=weights_for(second),
-            cache_root=str(cache / "fidelity"), device=device, reference_cache_name=f"{cfg.data.name}-train-{second}",
-            fid=True, kid=True, isc=False,
-        )
+        res2 = fidelity_metrics(samples, train_imgs, **spaces[second], device=device, fid=True, kid=True, isc=False)
         out.update(fid_2=res2["fid"], kid_2=res2["kid"], kid_2_std=res2["kid_std"])
         proto["second_extractor"] = res2["protocol"]
     if "fid" in metrics:
@@ -343,11 +351,8 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
         for suffix, name in (("", extractor), ("_2", second)):
             if name is None:
                 continue
-            r = fidelity_metrics(
-                to_uint8(seeds), train_imgs, extractor=name, weights_path=weights_for(name),
-                cache_root=str(cache / "fidelity"), device=device, reference_cache_name=f"{cfg.data.name}-train-{name}",
-                fid=True, kid=True, isc=False,
-            )
+            r = fidelity_metrics(to_uint8(seeds), train_imgs, **spaces[name], device=device, fid=True, kid=True,
+                                 isc=False)
             out[f"fid{suffix}_seeds"], out[f"kid{suffix}_seeds"] = r["fid"], r["kid"]
     s = cfg.generate.sampler
     proto.update({

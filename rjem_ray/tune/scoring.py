@@ -1,43 +1,21 @@
 """What a trial is scored with: the FID/KID/IS protocol of the sweep, and the preparation done once per sweep.
 
-Every figure is computed by ``fidelity.fidelity_metrics`` against the training split, with the extractor of
-``evaluate.fid_extractor_for`` and the reference statistics cached under the names ``evaluate_model`` uses,
-so a sweep's FID or KID is the one ``rjem eval`` reports for the same knobs.
+Every figure is computed by ``fidelity.fidelity_metrics`` against the training split in the feature space of
+``evaluate.fid_feature_space`` (the extractor, its weights and the reference-statistics cache ``rjem eval``
+uses), so a sweep's FID or KID is the one ``rjem eval`` reports for the same knobs.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from ..config import Config
 from ..devices import default_device
 
 
-def fid_reference(cfg: Config) -> dict:
-    """Where FID's reference statistics live for ``cfg`` — the same names ``evaluate_model`` uses, so
-    the statistics are computed once per dataset and extractor and shared by every trial and eval."""
-    from ..evaluate import fid_extractor_for
+def feature_space(cfg: Config, train_imgs, train_labels) -> dict:
+    """The sweep's FID/KID feature space: ``evaluate.fid_feature_space`` of the extractor ``rjem eval`` uses."""
+    from ..evaluate import fid_extractor_for, fid_feature_space
 
-    extractor = fid_extractor_for(cfg)
-    return {
-        "extractor": extractor,
-        "cache_root": str(Path(cfg.cache_dir) / "fidelity"),
-        "cache_name": f"{cfg.data.name}-train-{extractor}",
-        "weights": cfg.eval.inception_weights,
-    }
-
-
-def reference_weights(cfg: Config, train_imgs, train_labels) -> str | None:
-    """The extractor's weights file: the dataset's reference classifier (trained once, cached) or Inception's."""
-    from ..data import dataset_info
-
-    ref = fid_reference(cfg)
-    if ref["extractor"] != "reference-classifier":
-        return ref["weights"]
-    from ..fidelity import load_or_train_reference_classifier
-
-    return str(load_or_train_reference_classifier(
-        Path(cfg.cache_dir), cfg.data.name, train_imgs, train_labels, dataset_info(cfg.data.name).num_classes))
+    return fid_feature_space(cfg, fid_extractor_for(cfg), train_imgs, train_labels)
 
 
 def score_samples(x, cfg: Config, metrics: tuple[str, ...] = ("fid", "kid", "is")) -> dict:
@@ -53,11 +31,8 @@ def score_samples(x, cfg: Config, metrics: tuple[str, ...] = ("fid", "kid", "is"
     from ..fidelity import fidelity_metrics
 
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
-    ref = fid_reference(cfg)
     res = fidelity_metrics(
-        to_uint8(x), train_imgs, extractor=ref["extractor"],
-        weights_path=reference_weights(cfg, train_imgs, train_labels),
-        cache_root=ref["cache_root"], reference_cache_name=ref["cache_name"],
+        to_uint8(x), train_imgs, **feature_space(cfg, train_imgs, train_labels),
         fid="fid" in metrics, kid="kid" in metrics, isc="is" in metrics, isc_splits=min(10, len(x)),
     )
     proto = dict(res.pop("protocol"))
@@ -83,15 +58,13 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
     from ..fidelity import fidelity_metrics
 
-    ref = fid_reference(cfg)
+    space = feature_space(cfg, train_imgs, train_labels)
     warm = fidelity_metrics(  # a few real test images as "samples": what is cached is the reference side
-        test_imgs[:64], train_imgs, extractor=ref["extractor"],
-        weights_path=reference_weights(cfg, train_imgs, train_labels),
-        cache_root=ref["cache_root"], reference_cache_name=ref["cache_name"], fid=True, kid=True, isc=False)
+        test_imgs[:64], train_imgs, **space, fid=True, kid=True, isc=False)
     protocol = {
-        "extractor": ref["extractor"], "num_samples": cfg.eval.fid_samples,
+        "extractor": space["extractor"], "num_samples": cfg.eval.fid_samples,
         "reference_set": f"{cfg.data.name} train split ({len(train_imgs)} images)",
-        "reference_cache": ref["cache_name"], "weights": warm["protocol"]["weights"],
+        "reference_cache": space["reference_cache_name"], "weights": warm["protocol"]["weights"],
     }
     e = cfg.eval
     pgd = {"attack": "PGD, untargeted, random start", "norm": "linf", "eps": e.robust_eps,
