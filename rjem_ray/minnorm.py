@@ -22,12 +22,14 @@ otherwise the step length halves (backtracking), and it grows by ``GROW`` after 
 ``d(δ_start)`` (the distance of the starting point) makes ``μ`` unitless. Every iterate is misclassified,
 so the attack's output always is; the smallest-distance iterate is returned.
 
-* **LogBarrier** (``logbarrier``; L2, L∞): gradient steps ``δ ← Π(δ − t ∇Φ/‖∇Φ‖_2)`` (``Π``: clamp to
-  the box). L2 descends ``d = ‖δ‖_2``. L∞ is not smooth; it is written in epigraph form, the barrier
+* **LogBarrier** (``logbarrier``; L2, L∞): L2 takes gradient steps ``δ ← Π(δ − t ∇Φ/‖∇Φ‖_2)`` on
+  ``d = ‖δ‖_2`` (``Π``: clamp to the box). L∞ is not smooth; it is written in epigraph form, the barrier
   method's own way: minimise ``τ`` over ``(δ, τ)`` subject to ``c > 0`` and ``|δ_i| < τ``, i.e.
-  ``Φ_μ = τ − μ d(δ_start) [log c + (1/n) Σ_i log(τ² − δ_i²)]``, with ``τ`` one more coordinate of the
-  step. On nearly linear models its start (the margin-ascent one) is already close to the optimum and
-  the barrier steps move little; the measured gap to PGD is in the tests (about 2 %).
+  ``Φ_μ = τ − μ d(δ_start) [log c + (1/n) Σ_i log(τ² − δ_i²)]``, with ``τ`` one more coordinate, and the
+  steps are L∞'s steepest descent ``(δ, τ) ← (Π(δ − t sign ∇_δ Φ), τ − t sign ∂_τ Φ)`` (every coordinate
+  moves by ``t``, first ``t`` a tenth of ``‖δ_start‖_∞``). An L2-normalised step over the ``n + 1``
+  coordinates moves each entry by about ``t/√n`` and ``τ`` hardly at all: measured on the demo
+  checkpoint, that variant never left its start (median ×1.25 FAB's, against ×1.09 with sign steps).
 * **ProxLogBarrier** (``proxlogbarrier``; L0, L1, L2, L∞): proximal-gradient steps
   ``δ ← Π(prox_{t d}(δ − t ∇B))`` on the barrier ``B = −μ d(δ_start) log c`` alone, with the closed-form
   proximal operators: L0 — keep a pixel's change ``v_p`` (all its channels) iff ``‖v_p‖²_2 > 2t``, else 0
@@ -240,9 +242,10 @@ def min_norm_attack(
     delta = start - xa
     scale = distance(delta, norm).clamp_min(_FLOOR)  # d(δ_start): makes μ unitless
     best, best_d = delta.clone(), distance(delta, norm)
-    step = 0.1 * distance(delta, "l2").clamp_min(_FLOOR)  # first step length: a tenth of the way back
     prox_step = attack == "proxlogbarrier"
     epigraph = attack == "logbarrier" and norm == "linf"
+    # first step length: a tenth of the way back (per entry for the L∞ sign steps, in L2 otherwise)
+    step = 0.1 * distance(delta, "linf" if epigraph else "l2").clamp_min(_FLOOR)
     n_entries = xa[0].numel()
     # L∞ LogBarrier: the epigraph variable τ ≥ |δ_i| (one more coordinate, started just above the start)
     tau = distance(delta, "linf") * 1.01 + 1e-6
@@ -277,12 +280,13 @@ def min_norm_attack(
                 # proximal gradient: step length t on the barrier, threshold t in the distance's prox
                 t = step / grad.flatten(1).norm(dim=1).clamp_min(_FLOOR)
                 trial = prox(delta - _view(t, delta) * grad, t, norm)
+            elif epigraph:
+                # steepest descent in L∞'s own geometry: every coordinate of (δ, τ) moves by the step length
+                trial = delta - _view(step, delta) * grad.sign()
+                tau_trial = tau - step * grads[1].sign()
             else:
-                sq = grad.flatten(1).pow(2).sum(1) + (grads[1] ** 2 if epigraph else 0)
-                gnorm = sq.sqrt().clamp_min(_FLOOR)
+                gnorm = grad.flatten(1).norm(dim=1).clamp_min(_FLOOR)
                 trial = delta - _view(step / gnorm, delta) * grad
-                if epigraph:
-                    tau_trial = tau - step * grads[1] / gnorm
             trial = (xa + trial).clamp(-1, 1) - xa
             phi_new, feasible, _ = phi_and_grad(trial, tau_trial, mu_k, False)
             ok = feasible & (phi_new <= phi)
