@@ -131,24 +131,81 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def eval_artifact_dir(source: str, checkpoint_dir: str) -> Path:
+    """``evaluate.default_artifact_dir`` of a checkpoint directory; for a ``models:/``/``runs:/`` URI (whose
+    download is removed at exit) ``./rjem-eval/<the URI as one folder name>`` in the working directory."""
+    import re
+
+    from .evaluate import default_artifact_dir
+    from .tracking import MODEL_URI_SCHEMES
+
+    if str(source).startswith(MODEL_URI_SCHEMES):
+        return Path.cwd() / "rjem-eval" / re.sub(r"[^A-Za-z0-9._@-]+", "_", str(source)).strip("_")
+    return default_artifact_dir(checkpoint_dir)
+
+
+def eval_store(args, source: str, state: dict, store: tuple[str, str]) -> dict | None:
+    """Where ``rjem eval`` logs its run, or None when tracking is off (``--set tracking.enabled=false``).
+
+    The checkpoint's own tracking section, under MLflow's environment variables and ``--set tracking.*``;
+    without an explicit store (``--set tracking.tracking_uri`` or MLFLOW_TRACKING_URI) the store of the
+    training run when it is known (``tracking.training_run_of``), and the run nests under it there."""
+    from .checkpoint import config_from_state
+    from .config import Config, apply_overrides, with_tracking_env
+    from .tracking import store_uris, training_run_of
+
+    sets = [s for s in (args.set or []) if s.split("=", 1)[0].strip().startswith("tracking.")]
+    t = Config.from_dict(apply_overrides(with_tracking_env(config_from_state(state).to_dict()), sets)).tracking
+    if not t.enabled:
+        return None
+    uri, registry = store_uris(t)
+    explicit = os.environ.get("MLFLOW_TRACKING_URI") or any(
+        s.split("=", 1)[0].strip() == "tracking.tracking_uri" for s in sets)
+    run = training_run_of(source, args.checkpoint, *(store if store[0] else (uri, registry)))
+    if run and not explicit and run[0] != uri:
+        uri = run[0]
+        registry = registry if t.registry_uri else uri
+    return {"tracking_uri": uri, "registry_uri": registry, "experiment": t.experiment,
+            "artifact_location": t.artifact_location, "parent": run[1] if run and run[0] == uri else None}
+
+
 def cmd_eval(args) -> int:
-    from .checkpoint import verify_checkpoint
+    from .checkpoint import config_from_state, verify_checkpoint
+    from .config import Config, apply_overrides, first_line
     from .evaluate import evaluate_checkpoint
-    from .tracking import resolve_checkpoint
+    from .tracking import drawn_files, log_evaluation, resolve_checkpoint
     from .train_driver import merge_json
 
-    args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args))
-    verify_checkpoint(args.checkpoint)
+    source = args.checkpoint
+    store = model_store(args)
+    args.checkpoint = resolve_checkpoint(source, *store)
+    state = verify_checkpoint(args.checkpoint)
     if args.json:
         check_writable(Path(args.json), "--json", directory=False)
+    tracking = eval_store(args, source, state, store)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"), device=args.device)
+    result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"), device=args.device,
+                                 artifact_dir=eval_artifact_dir(source, args.checkpoint))
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         merge_json(path, result)
         print(f"[eval] wrote {path}")
+    if tracking is not None:
+        cfg = Config.from_dict(apply_overrides(config_from_state(state).to_dict(), args.set))
+        params = {"checkpoint": source, "checkpoint_step": int(state.get("step", 0)),
+                  "metrics": ",".join(metrics or cfg.eval.metrics), "set": " ".join(args.set or []) or "-",
+                  "eval": cfg.to_dict()["eval"]}
+        try:
+            run_id = log_evaluation(tracking["tracking_uri"], tracking["registry_uri"], tracking["experiment"],
+                                    tracking["artifact_location"], result, params, drawn_files(result),
+                                    parent=tracking["parent"], tags={"rjem.checkpoint": source})
+            nested = f", a child of the training run {tracking['parent']}" if tracking["parent"] else ""
+            print(f"[eval] MLflow run {run_id} ({tracking['tracking_uri']}{nested})")
+        except Exception as exc:  # the figures are printed and in --json; the store's failure is one line
+            print(f"[eval] warning: not logged to MLflow {tracking['tracking_uri']} "
+                  f"({type(exc).__name__}: {first_line(exc)}); --set tracking.enabled=false skips it", flush=True)
     summary = {k: result[k] for k in ("accuracy", "robust_accuracy", "pgd_robust_accuracy", "ece", "ood_auroc", "fid",
                                       "inception_score") if k in result}
     print(json.dumps(summary, indent=2) if args.json else text)

@@ -252,7 +252,8 @@ class EvalConfig:
     certify_alpha: float = 0.001  # the certificate is wrong with probability at most alpha
     certify_radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.0])
     certify_max_samples: int = 100
-    # where min-norm writes min_norm.png and min_norm_distances.csv; None: the checkpoint's parent directory
+    # where min-norm writes min_norm.png and min_norm_distances.csv; None: PARENT/eval-NAME beside the checkpoint
+    # PARENT/NAME (rjem eval also logs them to its MLflow run, under eval/)
     artifact_dir: str | None = None
     batch_size: int = 256
 

@@ -367,10 +367,21 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
     return {**out, "protocol_fidelity": proto}
 
 
+def default_artifact_dir(checkpoint_dir: str | Path) -> Path:
+    """Where ``rjem eval`` writes the files a metric draws when ``eval.artifact_dir`` is not set: a folder of
+    their own per checkpoint, ``PARENT/eval-NAME`` beside the checkpoint directory ``PARENT/NAME``, so two
+    checkpoints of one folder do not overwrite each other's (``rjem eval`` of a ``models:/``/``runs:/`` URI,
+    whose download is temporary, passes ``./rjem-eval/<URI>`` instead; ``cli.eval_artifact_dir``)."""
+    d = Path(checkpoint_dir).resolve()
+    return d.parent / f"eval-{d.name}"
+
+
 def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, overrides: list[str] | None = None,
-                        progress: Progress = lambda s: None, device: str | torch.device | None = None) -> dict:
+                        progress: Progress = lambda s: None, device: str | torch.device | None = None,
+                        artifact_dir: str | Path | None = None) -> dict:
     """``rjem eval``: the checkpoint's model on ``device`` (None/"auto": the GPU this process was given,
-    else CPU; ``devices.resolve_device``), every metric computed there."""
+    else CPU; ``devices.resolve_device``), every metric computed there. Drawn files go to ``eval.artifact_dir``,
+    else ``artifact_dir``, else :func:`default_artifact_dir` of the checkpoint."""
     from .checkpoint import load_model
     from .config import apply_overrides
     from .devices import resolve_device
@@ -380,7 +391,8 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
     if overrides:
         cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
     gmm = gmm_for_checkpoint(cfg, path) if any(m in (metrics or cfg.eval.metrics) for m in ("fid", "is")) else None
-    result = evaluate_model(model, cfg, metrics, gmm=gmm, progress=progress, artifact_dir=Path(path).resolve().parent)
+    result = evaluate_model(model, cfg, metrics, gmm=gmm, progress=progress,
+                            artifact_dir=artifact_dir or default_artifact_dir(path))
     if "protocol_fidelity" in result:
         result["protocol"]["fidelity"] = result.pop("protocol_fidelity")
     result["checkpoint"] = str(Path(path).resolve())

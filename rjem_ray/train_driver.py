@@ -31,6 +31,7 @@ from .config import Config, ConfigError, dump_config
 from .data import load_split
 from .gmm import ClassConditionalGMM
 from .prior import gmm_for_checkpoint, load_train_gmm
+from .tracking import RUN_FILE
 from .training import DivergenceError
 
 
@@ -165,7 +166,6 @@ RUN_NAME = "train"
 # With trainer.storage_path the run's config is kept in its run directory too: a driver on another machine
 # (whose OUT is new) checks what it continues against it.
 STORED_CONFIG = "rjem-config.yaml"
-RUN_FILE = "mlflow_run.json"  # OUT's MLflow run, closed as KILLED by a rerun if its driver died
 # What a continued run cannot change: the weights, optimiser state and replay buffer must fit.
 CONTINUE_KEYS = ("model", "data.name", "train.mode", "optim.name", "buffer.size")
 

@@ -107,7 +107,8 @@ def _argv(command: str, ckpt, tmp_path, cache_dir) -> list[str]:
     if command == "sample":
         return ["sample", str(ckpt), "--mode", "pgd", "--n", "2", "--out", str(tmp_path / "s.png")]
     if command == "eval":
-        return ["eval", str(ckpt), "--metrics", "accuracy", "--json", str(tmp_path / "m.json")]
+        return ["eval", str(ckpt), "--metrics", "accuracy", "--json", str(tmp_path / "m.json"),
+                "--set", "tracking.enabled=false"]
     return ["train", "tune_configs/smoke.yaml", "--out", str(tmp_path / "run"), "--resume", str(ckpt),
             "--set", "tracking.enabled=false", "--set", f"cache_dir={cache_dir}"]
 

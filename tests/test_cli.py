@@ -40,8 +40,8 @@ def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained, monk
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("cli-test")
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1  # exactly one MLflow run per training run
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rjem.kind") != "eval"]
+    assert len(runs) == 1  # exactly one MLflow run per training run (`rjem eval` runs are its children)
     r = runs[0]
     assert r.info.status == "FINISHED"
     assert r.data.params["attack.eps"] == "0.6" and r.data.params["train.mode"] == "robust-jem"
@@ -121,6 +121,47 @@ def test_eval_writes_every_metric_with_its_protocol(trained, tmp_path, cache_dir
     assert printed == m["warnings"]  # one line per warning
     assert p["ece"]["bins"] == 20
     assert p["fidelity"]["extractor"] == "reference-classifier" and p["fidelity"]["num_samples"] == 50
+
+
+@pytest.mark.slow
+def test_eval_logs_a_child_run_of_the_training_run_with_its_drawn_files(trained, tmp_path, cache_dir, capsys):
+    """`rjem eval OUT/checkpoint` finds the training run (OUT/mlflow_run.json) and logs beside it: a child run
+    with the figures as metrics, eval.json and the min-norm plot; the plot's local copy goes to OUT/eval-checkpoint
+    (one folder per checkpoint), and a second checkpoint of the same folder does not overwrite it."""
+    from mlflow.tracking import MlflowClient
+
+    run, uri, _ = trained
+    sets = ["--set", f"cache_dir={cache_dir}", "--set", "eval.min_norm_max_samples=4", "--set",
+            "eval.min_norm_runs=[logbarrier-l2]", "--set", "eval.min_norm_outer_steps=2", "--set",
+            "eval.min_norm_inner_steps=3", "--set", "eval.min_norm_reference=none"]
+    assert main(["eval", str(run / "checkpoint"), "--metrics", "accuracy,ece,min-norm"] + sets) == 0
+    training = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    mine = f"tags.mlflow.parentRunId = '{training}' and params.metrics = 'accuracy,ece,min-norm'"
+    (child,) = client.search_runs([client.get_run(training).info.experiment_id], filter_string=mine)
+    assert f"MLflow run {child.info.run_id}" in capsys.readouterr().out
+    assert child.info.status == "FINISHED" and child.info.run_name == "eval"
+    assert child.data.tags["rjem.kind"] == "eval" and child.data.tags["rjem.checkpoint"] == str(run / "checkpoint")
+    printed = json.loads(Path(client.download_artifacts(child.info.run_id, "eval.json", str(tmp_path))).read_text())
+    assert child.data.metrics["accuracy"] == pytest.approx(printed["accuracy"])
+    assert child.data.metrics["min_norm_median_logbarrier_l2"] == pytest.approx(printed["min_norm_median_logbarrier_l2"])
+    assert child.data.params["metrics"] == "accuracy,ece,min-norm" and child.data.params["eval.min_norm_max_samples"] == "4"
+    assert "protocol" in printed and printed["protocol"]["min_norm"]["num_samples"] == 4
+    logged = {a.path for a in client.list_artifacts(child.info.run_id, "eval")}
+    assert logged == {"eval/min_norm.png", "eval/min_norm_distances.csv"}
+    local = run / "eval-checkpoint"
+    assert sorted(p.name for p in local.iterdir()) == ["min_norm.png", "min_norm_distances.csv"]
+    # a second checkpoint in the same folder draws into its own folder, and tracking can be switched off
+    import shutil
+
+    shutil.copytree(run / "checkpoint", run / "checkpoint-copy")
+    before = (local / "min_norm_distances.csv").read_bytes()
+    assert main(["eval", str(run / "checkpoint-copy"), "--metrics", "min-norm", "--set", "tracking.enabled=false"]
+                + sets + ["--set", "eval.min_norm_max_samples=2"]) == 0
+    assert (local / "min_norm_distances.csv").read_bytes() == before
+    assert len((run / "eval-checkpoint-copy" / "min_norm_distances.csv").read_text().splitlines()) == 3
+    assert len(client.search_runs([client.get_run(training).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{training}' and params.metrics = 'min-norm'")) == 0
 
 
 @pytest.mark.slow
@@ -206,3 +247,15 @@ def test_eval_help_names_every_metric():
     (metrics,) = [a for a in sub.choices["eval"]._actions if "--metrics" in a.option_strings]
     listed = metrics.help.split("comma list of ", 1)[1].split(" ", 1)[0].split(",")
     assert listed == list(METRIC_NAMES)
+
+
+def test_eval_draws_into_one_folder_per_checkpoint(tmp_path, monkeypatch):
+    from rjem_ray.cli import eval_artifact_dir
+
+    monkeypatch.chdir(tmp_path)
+    a, b = eval_artifact_dir(str(tmp_path / "out" / "checkpoint"), str(tmp_path / "out" / "checkpoint")), \
+        eval_artifact_dir("out/checkpoint_000002", "out/checkpoint_000002")
+    assert a == tmp_path / "out" / "eval-checkpoint" and b == tmp_path / "out" / "eval-checkpoint_000002"
+    # a model URI's checkpoint is a temporary download: its files go to the working directory instead
+    assert eval_artifact_dir("models:/demo/3", "/tmp/rjem-model-x/checkpoint") == tmp_path / "rjem-eval" / "models_demo_3"
+    assert eval_artifact_dir("runs:/abc/model", "/tmp/x/checkpoint") == tmp_path / "rjem-eval" / "runs_abc_model"

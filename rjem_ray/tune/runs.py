@@ -79,7 +79,8 @@ def _sweep_runs_class():
     instance is pickled into Tune's state with the run config; a resumed sweep gets it back from there."""
     from ray.tune import Callback
 
-    from ..train_driver import RUN_FILE, root_message
+    from ..tracking import RUN_FILE
+    from ..train_driver import root_message
 
     class SweepRuns(Callback):
         """Driver side: one MLflow child run per trial under the sweep's parent run.

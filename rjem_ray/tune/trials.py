@@ -110,7 +110,8 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     so Train V2 continues from the trial's last checkpoint instead of step 0. The final checkpoint (with
     its Gaussian mixture) is ``trial_dir/checkpoint``.
     """
-    from ..train_driver import RUN_FILE, run_training
+    from ..tracking import RUN_FILE
+    from ..train_driver import run_training
 
     cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
     run_file = trial_dir / RUN_FILE
