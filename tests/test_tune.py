@@ -423,7 +423,7 @@ def fake_checkpoint(tmp_path) -> Path:
 
 
 def test_shipped_sweeps_load(fake_checkpoint):
-    for name in ("tune-smoke-sample", "tune-cifar10-sample", "tune-demo-sample"):
+    for name in ("tune-smoke-sample", "tune-cifar10-sample", "tune-demo-sample", "tune-demo-energy"):
         sweep = load_sweep(CONFIGS / f"{name}.yaml", [f"checkpoint={fake_checkpoint}"])
         assert sweep.scope == "sample" and sweep.metric == "fid" and sweep.mode == "min"
         assert all(p.key.startswith("generate.") for p in sweep.params)
