@@ -144,23 +144,20 @@ def eval_artifact_dir(source: str, checkpoint_dir: str) -> Path:
     return default_artifact_dir(checkpoint_dir)
 
 
-def eval_store(args, source: str, state: dict, store: tuple[str, str]) -> dict | None:
+def eval_store(args, source: str, cfg, store: tuple[str, str]) -> dict | None:
     """Where ``rjem eval`` logs its run, or None when tracking is off (``--set tracking.enabled=false``).
 
-    The checkpoint's own tracking section, under MLflow's environment variables and ``--set tracking.*``;
+    ``cfg``'s tracking section (the checkpoint's own, under MLflow's environment variables and ``--set``);
     without an explicit store (``--set tracking.tracking_uri`` or MLFLOW_TRACKING_URI) the store of the
     training run when it is known (``tracking.training_run_of``), and the run nests under it there."""
-    from .checkpoint import config_from_state
-    from .config import Config, apply_overrides, with_tracking_env
     from .tracking import store_uris, training_run_of
 
-    sets = [s for s in (args.set or []) if s.split("=", 1)[0].strip().startswith("tracking.")]
-    t = Config.from_dict(apply_overrides(with_tracking_env(config_from_state(state).to_dict()), sets)).tracking
+    t = cfg.tracking
     if not t.enabled:
         return None
     uri, registry = store_uris(t)
     explicit = os.environ.get("MLFLOW_TRACKING_URI") or any(
-        s.split("=", 1)[0].strip() == "tracking.tracking_uri" for s in sets)
+        s.split("=", 1)[0].strip() == "tracking.tracking_uri" for s in args.set or [])
     run = training_run_of(source, args.checkpoint, *(store if store[0] else (uri, registry)))
     if run and not explicit and run[0] != uri:
         uri = run[0]
@@ -171,7 +168,7 @@ def eval_store(args, source: str, state: dict, store: tuple[str, str]) -> dict |
 
 def cmd_eval(args) -> int:
     from .checkpoint import config_from_state, verify_checkpoint
-    from .config import Config, apply_overrides, first_line
+    from .config import Config, apply_overrides, first_line, with_tracking_env
     from .evaluate import evaluate_checkpoint
     from .tracking import drawn_files, log_evaluation, resolve_checkpoint
     from .train_driver import merge_json
@@ -182,7 +179,10 @@ def cmd_eval(args) -> int:
     state = verify_checkpoint(args.checkpoint)
     if args.json:
         check_writable(Path(args.json), "--json", directory=False)
-    tracking = eval_store(args, source, state, store)
+    # the effective config: the checkpoint's, MLflow's variables, then --set (evaluate_checkpoint applies the same
+    # --set to the model's config)
+    cfg = Config.from_dict(apply_overrides(with_tracking_env(config_from_state(state).to_dict()), args.set))
+    tracking = eval_store(args, source, cfg, store)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"), device=args.device,
                                  artifact_dir=eval_artifact_dir(source, args.checkpoint))
@@ -193,7 +193,6 @@ def cmd_eval(args) -> int:
         merge_json(path, result)
         print(f"[eval] wrote {path}")
     if tracking is not None:
-        cfg = Config.from_dict(apply_overrides(config_from_state(state).to_dict(), args.set))
         params = {"checkpoint": source, "checkpoint_step": int(state.get("step", 0)),
                   "metrics": ",".join(metrics or cfg.eval.metrics), "set": " ".join(args.set or []) or "-",
                   "eval": cfg.to_dict()["eval"]}

@@ -510,15 +510,11 @@ def drawn_files(result: dict[str, Any]) -> list[str]:
             for f in block.get("files") or []]
 
 
-def numeric_results(result: dict[str, Any]) -> dict[str, float]:
-    """The figures of an evaluation result that MLflow can hold as metrics: every top-level number
-    (``accuracy``, ``robust_accuracy``, ``fid``, ``min_norm_median_*``, ...) and the masking block's numbers
-    as ``masking.*``; the protocol blocks are logged whole as ``eval.json``."""
-    out = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for k, v in flatten(result.get("masking") or {}, "masking.").items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
+def result_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """What of an evaluation result goes to MLflow as metrics: its top-level fields and the masking block's as
+    ``masking.*`` (``Tracker.log_metrics`` keeps the numbers: ``accuracy``, ``robust_accuracy``, ``fid``,
+    ``min_norm_median_*``, ...); the protocol blocks are logged whole as ``eval.json``."""
+    return {**result, **flatten(result.get("masking") or {}, "masking.")}
 
 
 def log_evaluation(tracking_uri: str, registry_uri: str | None, experiment: str, artifact_location: str | None,
@@ -528,13 +524,10 @@ def log_evaluation(tracking_uri: str, registry_uri: str | None, experiment: str,
 
     The run is a child of ``parent`` (the training run, :func:`training_run_of`) and lives in its
     experiment when that run is in this store; otherwise a run of ``experiment``. It holds ``params``,
-    :func:`numeric_results` as metrics, the whole result with every protocol block as ``eval.json``,
+    :func:`result_metrics` as metrics, the whole result with every protocol block as ``eval.json``,
     and ``files`` (those the metrics drew: the min-norm plot and per-image distances) under ``eval/``.
     A re-evaluation is a new run beside the earlier ones, so settings can be compared.
     """
-    import json
-    import tempfile
-
     client = client_for(tracking_uri, registry_uri)
     if parent:
         try:
@@ -547,11 +540,8 @@ def log_evaluation(tracking_uri: str, registry_uri: str | None, experiment: str,
                              parent_run_id=parent, registry_uri=registry_uri)
     try:
         tracker.log_params(params)
-        tracker.log_metrics(numeric_results(result))
-        with tempfile.TemporaryDirectory(prefix="rjem-eval-") as d:
-            path = Path(d) / "eval.json"
-            path.write_text(json.dumps(result, indent=2, sort_keys=True))
-            tracker.log_artifact(path)
+        tracker.log_metrics(result_metrics(result))
+        tracker.client.log_dict(tracker.run_id, result, "eval.json")
         for f in files:
             tracker.log_artifact(f, "eval")
     except BaseException:
