@@ -156,6 +156,11 @@ class TrainConfig:
     # the loss raises the energy the sampler lowered; running statistics never updated by x_q):
     # train (default) = the negative batch's own statistics; eval = running statistics. See training.py.
     sampler_bn_mode: str = "train"
+    # which training passes update BatchNorm's running statistics (what evaluation, PGD in eval mode and
+    # generation normalise with): classification (default) = only the classification batch x_cls (x_adv in
+    # robust modes) | classification+positive = x_cls and the clean positive batch x_pos of robust-jem (the
+    # earlier behaviour: running statistics then average two distributions; docs/RESULTS.md). training.py
+    bn_running_stats: str = "classification"
     # autocast of the network's passes (rjem_ray/speed.py): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16;
     # weights, optimiser state, images and Langevin iterates stay fp32 in every case
     precision: str = "auto"
@@ -445,6 +450,7 @@ def validate(cfg: Config) -> None:
     _at_least("train.max_rollbacks", cfg.train.max_rollbacks, 0)
     _between("train.rollback_lr_factor", cfg.train.rollback_lr_factor, 0.0, 1.0)
     _choice("train.sampler_bn_mode", cfg.train.sampler_bn_mode, ("train", "eval"))
+    _choice("train.bn_running_stats", cfg.train.bn_running_stats, ("classification", "classification+positive"))
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     for key in ("channels_last", "compile"):
         value = getattr(cfg.train, key)

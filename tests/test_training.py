@@ -154,6 +154,34 @@ def test_negative_samples_do_not_move_batchnorm_running_statistics():
     assert all(b.momentum == 0.1 for b in model.modules() if isinstance(b, torch.nn.BatchNorm2d))
 
 
+def test_running_statistics_follow_the_classification_batch_unless_asked(digits, gmm):
+    """train.bn_running_stats: by default only x_cls (x_adv in robust-jem) updates the running statistics;
+    the clean positive batch is normalised by its own statistics but leaves them alone."""
+    def wrn():
+        torch.manual_seed(0)
+        return WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").train()
+
+    def bn_stats(m):
+        return [t.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)
+                for t in (b.running_mean, b.running_var)]
+
+    x_cls, x_pos = torch.randn(8, 1, 12, 12) * 2 + 1, torch.randn(8, 1, 12, 12)
+    default, both, cls_only, plain = wrn(), wrn(), wrn(), wrn()
+    out_cls, out_pos, _ = JointForward(default)(x_cls, x_pos, None)
+    JointForward(both, pos_updates_running_stats=True)(x_cls, x_pos, None)
+    cls_only(x_cls)
+    assert all(torch.allclose(a, b) for a, b in zip(bn_stats(default), bn_stats(cls_only)))
+    assert not all(torch.allclose(a, b) for a, b in zip(bn_stats(both), bn_stats(cls_only)))
+    # the positive batch is still seen on its own batch statistics (train mode), as a plain pass sees it
+    assert torch.allclose(out_pos, plain(x_pos), atol=1e-5)
+    assert all(b.momentum == 0.1 for b in default.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    # the key reaches the Learner, and a bad value is refused by name
+    assert not make_learner(digits, gmm).joint.pos_updates_running_stats
+    assert make_learner(digits, gmm, "train.bn_running_stats=classification+positive").joint.pos_updates_running_stats
+    with pytest.raises(Exception, match="train.bn_running_stats"):
+        make_learner(digits, gmm, "train.bn_running_stats=positive")
+
+
 def _bn_state(model):
     # running_mean/var only: num_batches_tracked also counts frozen (momentum 0) passes, and is unused
     # by a BatchNorm with a momentum
