@@ -246,6 +246,9 @@ class EvalConfig:
     min_norm_inner_steps: int = 20  # feasible steps per barrier weight
     min_norm_mu: float = 0.1  # first barrier weight, unitless (relative to the start's distance)
     min_norm_mu_decay: float = 0.5
+    # the barrier also runs from a targeted start toward each of this many most likely wrong classes, keeping
+    # the closest result (1 + targets runs per image; 0: the untargeted start only); rjem_ray/minnorm.py
+    min_norm_targets: int = 3
     min_norm_reference: str = "fab"  # fab (pyautoattack's FAB, L1/L2/Linf runs) | none
     min_norm_reference_iterations: int = 100
     min_norm_curve_points: int = 21  # eps grid of the robust-accuracy curve, 0 .. the largest finite distance
@@ -526,6 +529,7 @@ def validate(cfg: Config) -> None:
     _at_least("eval.min_norm_max_samples", e.min_norm_max_samples, 1)
     _at_least("eval.min_norm_outer_steps", e.min_norm_outer_steps, 1)
     _at_least("eval.min_norm_inner_steps", e.min_norm_inner_steps, 1)
+    _at_least("eval.min_norm_targets", e.min_norm_targets, 0)
     _at_least("eval.min_norm_mu", e.min_norm_mu, 0, strict=True)
     if not 0 < e.min_norm_mu_decay <= 1:
         raise ConfigError(f"eval.min_norm_mu_decay: {e.min_norm_mu_decay!r} is out of range; it must be in (0, 1]")

@@ -235,13 +235,16 @@ def _min_norm(model, x, y, cfg: Config, subset, seed: int, progress: Progress, a
                                 batch_size=e.batch_size)
     runs = min_norm_report(
         model, xs, ys, runs=e.min_norm_runs, outer_steps=e.min_norm_outer_steps, inner_steps=e.min_norm_inner_steps,
-        mu=e.min_norm_mu, mu_decay=e.min_norm_mu_decay, curve_points=e.min_norm_curve_points, batch_size=e.batch_size,
-        seed=seed, reference=reference, progress=progress,
+        mu=e.min_norm_mu, mu_decay=e.min_norm_mu_decay, targets=e.min_norm_targets, curve_points=e.min_norm_curve_points,
+        batch_size=e.batch_size, seed=seed, reference=reference, progress=progress,
     )
     protocol = {
         "attacks": "LogBarrier (Finlay et al. 2019), ProxLogBarrier (Pooladian et al. 2019); rjem_ray/minnorm.py",
         "runs": list(e.min_norm_runs), "outer_steps": e.min_norm_outer_steps, "inner_steps": e.min_norm_inner_steps,
-        "mu": e.min_norm_mu, "mu_decay": e.min_norm_mu_decay, "num_samples": len(ys), "subset": how, "seed": seed,
+        "mu": e.min_norm_mu, "mu_decay": e.min_norm_mu_decay,
+        "targets": e.min_norm_targets, "starts": "the untargeted start (noise / margin ascent, bisected) and a targeted "
+                   "margin-ascent start toward each of the `targets` most likely wrong classes; the closest result kept",
+        "num_samples": len(ys), "subset": how, "seed": seed,
         "test_indices": sub.cpu().tolist(), "labels": ys.cpu().tolist(),
         "units": "L1/L2/Linf distances in the model's [-1, 1] space (fields without suffix) and on the [0, 1] "
                  "scale (suffix _01, half); L0 counts changed pixels (any channel) on both",

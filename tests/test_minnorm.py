@@ -162,3 +162,39 @@ def test_barrier_steps_reach_the_closed_form_minimum_from_a_far_start(monkeypatc
     assert _wrong(model, x_adv, y).all()
     assert (d <= 1.05 * d_star).all(), (d / d_star).tolist()
     assert (d >= 0.999 * d_star).all()  # no point closer than the minimum: the distance is measured honestly
+
+
+def test_targeted_starts_find_a_closer_boundary_than_the_region_the_untargeted_start_is_in(monkeypatch):
+    """Three linear classes: from x = 0 (class 0) the most likely wrong class 1 is 1.0 away (L2) and the less
+    likely class 2 only 0.2 away, in an orthogonal direction. Started in class 1's half-space, the barrier
+    stays there (reaching class 2 would mean leaving the misclassified region or moving farther first), so
+    ``targets = 0`` reports ≈ 1.0; ``targets = 2`` adds a targeted start toward class 2 and must report the
+    closed-form 0.2 (within 5 %), never less."""
+    n = 64
+    u = torch.zeros(n)
+    u[0] = 1.0
+    v = torch.zeros(n)
+    v[1] = 1.0
+    lin = torch.nn.Linear(n, 3)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[1] = u  # f1 - f0 = -1 + u·x: distance 1.0
+        lin.weight[2] = 10 * v  # f2 - f0 = -2 + 10 v·x: distance 0.2
+        lin.bias.copy_(torch.tensor([0.0, -1.0, -2.0]))
+    model = torch.nn.Sequential(torch.nn.Flatten(), lin)
+    x, y = torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)
+
+    def class_1_start(model_, x0, y_, norm_, tries, bisection_steps, generator):
+        return x0 + 1.5 * u.view_as(x0[0]), torch.ones(len(y_), dtype=torch.bool)
+
+    monkeypatch.setattr(minnorm, "_start", class_1_start)
+    _, d0 = minnorm.min_norm_attack(model, x, y, attack="logbarrier", norm="l2", outer_steps=15)
+    x_adv, d2 = minnorm.min_norm_attack(model, x, y, attack="logbarrier", norm="l2", outer_steps=15, targets=2)
+    assert d0.item() > 0.95
+    assert 0.2 * 0.999 <= d2.item() <= 0.2 * 1.05
+    assert model(x_adv).argmax(1).item() == 2
+    # the proximal variant takes the same starts
+    _, dp = minnorm.min_norm_attack(model, x, y, attack="proxlogbarrier", norm="l2", outer_steps=15, targets=2)
+    assert dp.item() <= 0.2 * 1.05
+    with pytest.raises(ValueError, match="targets"):
+        minnorm.min_norm_attack(model, x, y, targets=-1)
