@@ -202,7 +202,10 @@ class GenerateConfig:
     mode: str = "combined"
     n: int = 100
     conditional: bool = True  # E(x, c) for a requested class; False samples E(x)
-    pgd_eps: float = 0.5  # targeted-PGD budget, [-1, 1] units
+    # targeted-PGD ball: linf (the paper: sign steps, budget per pixel) | l2 (normalised-gradient steps,
+    # budget per image: the change goes where the gradient is, not to every pixel alike); generate.py
+    pgd_norm: str = "linf"
+    pgd_eps: float = 0.5  # targeted-PGD budget, [-1, 1] units (per pixel for linf, per image for l2)
     pgd_steps: int = 40
     pgd_step_size: float = 0.05
     contrast: float = 0.7  # κ: x ← m + κ (x − m) before Langevin (combined mode)
@@ -487,6 +490,7 @@ def validate(cfg: Config) -> None:
     g = cfg.generate
     _choice("generate.mode", g.mode, GEN_MODES)
     _at_least("generate.n", g.n, 1)
+    _choice("generate.pgd_norm", g.pgd_norm, ("linf", "l2"))
     _at_least("generate.pgd_eps", g.pgd_eps, 0)
     _at_least("generate.pgd_steps", g.pgd_steps, 1)
     _at_least("generate.pgd_step_size", g.pgd_step_size, 0)

@@ -361,7 +361,7 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
     proto.update({
         "generation_mode": cfg.generate.mode, "conditional": cfg.generate.conditional,
         "classes": "cycled 0..K-1", "reference_set": f"{cfg.data.name} train split ({len(train_imgs)} images)",
-        "pgd_eps": cfg.generate.pgd_eps, "pgd_steps": cfg.generate.pgd_steps, "contrast": cfg.generate.contrast,
+        "pgd_norm": cfg.generate.pgd_norm, "pgd_eps": cfg.generate.pgd_eps, "pgd_steps": cfg.generate.pgd_steps, "contrast": cfg.generate.contrast,
         "contrast_center": cfg.generate.contrast_center,
         "sampler": f"{s.kind} steps={s.steps} inner={s.inner_steps} lr={s.step_size} noise={s.noise_std} "
                    f"outer_lr={s.outer_step_size}",

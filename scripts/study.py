@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         f"FID/KID/IS: {e.fid_samples} class-cycled samples per mode against the {cfg.data.name} training split, in the "
         "plain reference classifier's features (`fid`) and the adversarially trained one's (`fid_2`); the seeds row "
         "is the Gaussian-mixture draws the modes start from, with no model",
-        f"generation: pgd ε {cfg.generate.pgd_eps}, {cfg.generate.pgd_steps} steps; contrast κ {cfg.generate.contrast} "
+        f"generation: pgd {cfg.generate.pgd_norm} ε {cfg.generate.pgd_eps}, {cfg.generate.pgd_steps} steps; contrast κ {cfg.generate.contrast} "
         f"about the {cfg.generate.contrast_center}; sampler {cfg.generate.sampler.kind} {cfg.generate.sampler.steps}×"
         f"{cfg.generate.sampler.inner_steps} lr {cfg.generate.sampler.step_size}",
         f"ECE {e.ece_bins} bins; OOD AUROC with score −E(x) against {e.ood_dataset}",

@@ -51,6 +51,34 @@ def test_pgd_mode_raises_the_target_logit_and_respects_its_ball(setup):
     assert (x - seeds).abs().max() <= 0.5 + 1e-5
 
 
+def test_l2_pgd_mode_leaves_pixels_of_small_gradient_still_where_linf_moves_them(setup):
+    """generate.pgd_norm: a linear model that reads a central 8x8 patch (weights ~1) and the rest of the
+    image only faintly (1e-4). L∞ sign steps move the faint pixels by the full budget anyway (the
+    salt-and-pepper background); L2 steps follow the gradient, so they stay put, inside the L2 ball."""
+    _, gmm = setup
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(10, 1, 28, 28, generator=g) * 1e-4
+    w[:, :, 10:18, 10:18] = torch.randn(10, 1, 8, 8, generator=g)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10, bias=False)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(w.flatten(1))
+    outside = torch.ones(1, 1, 28, 28, dtype=torch.bool)
+    outside[:, :, 10:18, 10:18] = False
+    seeds, _ = gmm.sample(16, classes=torch.full((16,), 4, dtype=torch.long), generator=torch.Generator().manual_seed(2))
+    moved = {}
+    for norm, eps in (("linf", 0.5), ("l2", 4.0)):
+        cfg = gen_cfg(batch_size=16, pgd_norm=norm, pgd_eps=eps, pgd_steps=20, pgd_step_size=2.5 * eps / 20)
+        x, _ = generate(model, gmm, cfg, mode="pgd", n=16, classes=4, generator=torch.Generator().manual_seed(2))
+        delta = x - seeds
+        moved[norm] = delta.abs()[outside.expand_as(delta)]
+        if norm == "l2":
+            assert delta.flatten(1).norm(dim=1).max() <= eps + 1e-4
+        with torch.no_grad():
+            assert (model(x)[:, 4] - model(seeds)[:, 4]).mean() > 0.5
+    assert (moved["linf"] > 0.2).float().mean() > 0.3  # the speckle: a third or more of the faint pixels
+    assert moved["l2"].max() < 0.01
+
+
 def test_energy_mode_lowers_the_conditional_energy(setup):
     model, gmm = setup
     seeds, _ = gmm.sample(16, classes=torch.full((16,), 2, dtype=torch.long), generator=torch.Generator().manual_seed(9))
