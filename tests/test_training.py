@@ -204,15 +204,14 @@ def test_loss_sees_the_negatives_with_the_energy_the_sampler_lowered(digits, gmm
         model.train()
         e_batch = marginal_energy(copy.deepcopy(model)(x_q))  # the negative batch's own statistics
         data_only = copy.deepcopy(model)
-        data_only(x_cls)
-        data_only(x_pos)
+        data_only(x_cls)  # x_pos leaves the running statistics alone (train.bn_running_stats default)
         before = _bn_state(model)
         _, _, logits_neg = learner.joint(x_cls, x_pos, x_q)
     expected, other = (e_eval, e_batch) if bn_mode == "eval" else (e_batch, e_eval)
     assert (expected - other).abs().max() > 1e-2  # the two views differ, so a mode leak would show
     torch.testing.assert_close(marginal_energy(logits_neg), expected, atol=1e-5, rtol=0)
     after = _bn_state(model)
-    # the negative pass moved no running statistic; the data passes (x_cls, x_pos) did
+    # the negative pass moved no running statistic; the classification pass (x_cls) did
     assert all(torch.equal(a, b) for a, b in zip(after, _bn_state(data_only)))
     assert not all(torch.equal(a, b) for a, b in zip(after, before))
     assert all(m.training for m in model.modules())
