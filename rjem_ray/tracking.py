@@ -220,7 +220,18 @@ class Tracker:
         ds = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=name,
                                     source=str(Path(source).resolve()) if source else None)
         tag = InputTag(key="mlflow.data.context", value=split)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[tag])])
+        inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[tag])]
+        # A dataset is stored once per experiment, looked up by (name, digest) and inserted when absent: runs
+        # that log the same dataset at the same moment (the trials of a sweep) race between the lookup and the
+        # insert, and the loser gets a unique-constraint error. The retry finds the winner's row and links to it.
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as e:  # noqa: BLE001 - re-raised unless it is the insert race
+                if attempt + 1 == DATASET_ATTEMPTS or not _is_unique_violation(e):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def log_model(self, ckpt_dir: str | Path, registered_model_name: str | None = None, example=None,
                   step: int = 0):
@@ -229,6 +240,16 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+DATASET_ATTEMPTS = 4
+_UNIQUE_VIOLATION = ("unique constraint", "integrityerror", "duplicate entry", "duplicate key")
+
+
+def _is_unique_violation(error: BaseException) -> bool:
+    """Whether ``error`` (from MLflow, local store or server) is a database unique-constraint violation."""
+    text = str(error).lower()
+    return any(marker in text for marker in _UNIQUE_VIOLATION)
 
 
 def tracker_for(cfg, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> Tracker | None:

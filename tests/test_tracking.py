@@ -21,6 +21,74 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
 
 
+def _race_once(tracker, other):
+    """``tracker.client.log_inputs`` that loses the insert race once: ``other`` logs the same dataset between
+    this call's lookup and its insert, so the insert breaks the (experiment, name, digest) key."""
+    from mlflow.exceptions import MlflowException
+
+    real, calls = tracker.client.log_inputs, []
+
+    def log_inputs(run_id, datasets=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:
+            other.log_dataset("digits", IMAGES, LABELS)
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        return real(run_id, datasets=datasets, models=models)
+
+    tracker.client.log_inputs = log_inputs
+    return calls
+
+
+IMAGES = [[[[0, 1], [2, 3]]]] * 3
+LABELS = [0, 1, 2]
+
+
+def test_runs_that_log_one_dataset_at_once_share_it(tmp_path):
+    # The trials of a sweep log the same dataset into one experiment at the same moment; CI saw one lose the
+    # race between MLflow's lookup and its insert and fail a healthy trial.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    a, b = (Tracker.create(uri, "race", (tmp_path / "art").as_uri(), run_name=n) for n in "ab")
+    calls = _race_once(b, a)
+    b.log_dataset("digits", IMAGES, LABELS)
+    assert len(calls) == 2
+    client = MlflowClient(tracking_uri=uri)
+    inputs = [client.get_run(t.run_id).inputs.dataset_inputs for t in (a, b)]
+    assert [len(i) for i in inputs] == [1, 1]
+    assert inputs[0][0].dataset.digest == inputs[1][0].dataset.digest  # one stored dataset, linked twice
+    assert inputs[1][0].tags[0].value == "train"
+
+
+def test_other_dataset_errors_are_not_retried(tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    import rjem_ray.tracking as tracking
+
+    t = Tracker.create(f"sqlite:///{tmp_path}/mlflow.db", "errors", (tmp_path / "art").as_uri())
+    calls = []
+
+    def broken(run_id, datasets=None, models=None):
+        calls.append(run_id)
+        raise MlflowException("Run 'x' not found")
+
+    t.client.log_inputs = broken
+    with pytest.raises(MlflowException, match="not found"):
+        t.log_dataset("digits", IMAGES, LABELS)
+    assert len(calls) == 1
+
+    def always_racing(run_id, datasets=None, models=None):  # a store that never settles still raises
+        calls.append(run_id)
+        raise MlflowException("UNIQUE constraint failed: datasets.experiment_id")
+
+    calls.clear()
+    t.client.log_inputs = always_racing
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        t.log_dataset("digits", IMAGES, LABELS)
+    assert len(calls) == tracking.DATASET_ATTEMPTS
+
+
 @pytest.fixture
 def no_mlflow_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -141,7 +209,8 @@ tracker = Tracker(uri, run_id)
 while not go.exists():  # every writer starts logging at the same moment
     time.sleep(0.05)
 for step in range(steps):
-    tracker.log_metrics({f"writer{index}/value": index * 1000 + step, "shared/step": step}, step=step)
+    tracker.log_metrics({f"writer{index}/value": index * 1000 + step, "shared/value": index * 1000 + step}, step=step)
+tracker.log_dataset("digits", [[[[0, 1], [2, 3]]]] * 3, [0, 1, 2])  # every writer, one dataset, same moment
 tracker.set_tags({f"writer{index}": "done"})
 out.write_text(f"artifact of writer {index}")
 tracker.log_artifact(out, "writers")
@@ -175,7 +244,11 @@ def test_many_processes_log_through_one_server(mlflow_server, tmp_path):
         history = client.get_metric_history(tracker.run_id, f"writer{i}/value")
         assert sorted((m.step, m.value) for m in history) == [(s, i * 1000 + s) for s in range(steps)]
         assert run.data.tags[f"writer{i}"] == "done"
-    assert len(client.get_metric_history(tracker.run_id, "shared/step")) == n_writers * steps
+    # One key from many processes: every value arrives. (The values differ per writer: MLflow stores two
+    # identical (key, value, step, millisecond) rows once, which CI saw as a "lost" point.)
+    shared = sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, "shared/value"))
+    assert shared == sorted((s, i * 1000 + s) for i in range(n_writers) for s in range(steps))
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits"]
     names = sorted(f.path for f in client.list_artifacts(tracker.run_id, "writers"))
     assert names == [f"writers/writer{i}.txt" for i in range(n_writers)]
     # Uploaded through the server into its --artifacts-destination, not written by the clients elsewhere.
