@@ -64,6 +64,10 @@ def _rank(rank: int, mode: str, init: str, start: dict, out: str) -> None:
     learner.model.load_state_dict(start)
     params = _one_step(learner, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
     torch.save(params, f"{out}/rank{rank}.pt")
+    # both ranks done before either tears gloo down: destroying a group while the peer still uses it can
+    # end a rank in std::terminate (SIGABRT); CI saw both ranks abort once, not reproduced here
+    dist.barrier()
+    del learner
     dist.destroy_process_group()
 
 
