@@ -245,8 +245,9 @@ def min_norm_attack(
     ``targets = K > 0`` runs the barrier ``K`` more times per image, each from a targeted-ascent start
     toward one of the ``K`` wrong classes with the largest logits at ``x`` (:func:`_targeted_start`),
     and keeps the closest result: the barrier stays in the misclassified region it starts in, and the
-    nearest boundary is often not the one the untargeted start reaches (on the demo checkpoint, L2 median
-    ×1.19 FAB's with ``targets = 0``, ×1.06 with 3; docs/RESULTS.md). It costs ``1 + K`` runs.
+    nearest boundary is often not the one the untargeted start reaches (LogBarrier L2 median over FAB's on
+    100 test digits of the 2026-12-03 demo checkpoint: ×1.19 with ``targets = 0``, ×1.06 with 3; on the
+    2026-12-04 one ×1.11 with 3; docs/RESULTS.md). It costs ``1 + K`` runs.
     """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
