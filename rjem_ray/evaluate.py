@@ -243,7 +243,8 @@ def _min_norm(model, x, y, cfg: Config, subset, seed: int, progress: Progress, a
         "runs": list(e.min_norm_runs), "outer_steps": e.min_norm_outer_steps, "inner_steps": e.min_norm_inner_steps,
         "mu": e.min_norm_mu, "mu_decay": e.min_norm_mu_decay,
         "targets": e.min_norm_targets, "starts": "the untargeted start (noise / margin ascent, bisected) and a targeted "
-                   "margin-ascent start toward each of the `targets` most likely wrong classes; the closest result kept",
+                   "margin-ascent start toward each of the `targets` most likely wrong classes; the closest result kept; "
+                   "L0's ascent moves the 1 % of entries of largest gradient (sparse), the others' are L2 / sign steps",
         "num_samples": len(ys), "subset": how, "seed": seed,
         "test_indices": sub.cpu().tolist(), "labels": ys.cpu().tolist(),
         "units": "L1/L2/Linf distances in the model's [-1, 1] space (fields without suffix) and on the [0, 1] "

@@ -198,3 +198,42 @@ def test_targeted_starts_find_a_closer_boundary_than_the_region_the_untargeted_s
     assert dp.item() <= 0.2 * 1.05
     with pytest.raises(ValueError, match="targets"):
         minnorm.min_norm_attack(model, x, y, targets=-1)
+
+
+def test_sparse_ascent_moves_the_entries_of_largest_gradient_the_box_lets_move():
+    n = 300  # k = ceil(1 % of 300) = 3 entries per step
+    g = torch.zeros(1, 1, 10, 30)
+    gf = g.view(-1)
+    gf[0], gf[1], gf[2], gf[3], gf[4] = 9.0, -8.0, 7.0, -6.0, 5.0
+    x = torch.zeros_like(g)
+    x.view(-1)[0] = 1.0  # already at the box's top: the largest gradient entry cannot move up
+    step = minnorm._ascent_step(g, x, "l0").view(-1)
+    moved = step.nonzero().squeeze(1).tolist()
+    assert moved == [1, 2, 3] and math.ceil(minnorm.SPARSE_ASCENT_FRACTION * n) == 3
+    assert step[1] == -minnorm.SPARSE_ASCENT_STEP and step[2] == minnorm.SPARSE_ASCENT_STEP
+    for norm in ("l1", "l2"):  # the others keep the dense L2 step
+        dense = minnorm._ascent_step(g, x, norm)
+        assert (dense != 0).sum() == 5 and dense.norm() == pytest.approx(minnorm.START_ASCENT_STEP * math.sqrt(n))
+
+
+def test_the_l0_start_changes_the_one_pixel_a_linear_model_needs():
+    """Two linear classes whose weight difference ``w`` has one dominant entry large enough that moving it
+    alone within the box crosses the boundary: the L0 minimum is that one pixel. The sparse margin ascent
+    finds it; the dense L2 ascent, bisected, changes every pixel (64), and ProxLogBarrier L0 started there
+    must threshold them all away."""
+    torch.manual_seed(0)
+    n = 64
+    lin = torch.nn.Linear(n, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[1] = torch.rand(n) * 0.5
+        lin.weight[1, 5] = 4.0
+        lin.bias.copy_(torch.tensor([0.0, -1.0]))  # f1 - f0 = -1 + w·x: crossed by x_5 = 0.25 alone
+    model = torch.nn.Sequential(torch.nn.Flatten(), lin)
+    x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    start, found = minnorm._start(model, x, y, "l0", 1, 20, torch.Generator().manual_seed(0))
+    assert found.all() and _wrong(model, start, y).all()
+    assert minnorm.distance(start - x, "l0").tolist() == [1.0, 1.0]
+    assert (start - x).view(2, -1).nonzero()[:, 1].tolist() == [5, 5]
+    x_adv, d = minnorm.min_norm_attack(model, x, y, attack="proxlogbarrier", norm="l0")
+    assert _wrong(model, x_adv, y).all() and d.tolist() == [1.0, 1.0]
