@@ -247,7 +247,9 @@ class EvalConfig:
     min_norm_max_samples: int = 100
     min_norm_outer_steps: int = 10  # barrier weights mu, mu*decay, ...
     min_norm_inner_steps: int = 20  # feasible steps per barrier weight
-    min_norm_mu: float = 0.1  # first barrier weight, unitless (relative to the start's distance)
+    # first barrier weight, unitless (relative to the start's distance); None: per norm, minnorm.MU_DEFAULT
+    # (3 for L1/L2/L∞, 0.3 for L0: measured on the demo checkpoint); a number applies to every run
+    min_norm_mu: float | None = None
     min_norm_mu_decay: float = 0.5
     # the barrier also runs from a targeted start toward each of this many most likely wrong classes, keeping
     # the closest result (1 + targets runs per image; 0: the untargeted start only); rjem_ray/minnorm.py
@@ -534,7 +536,8 @@ def validate(cfg: Config) -> None:
     _at_least("eval.min_norm_outer_steps", e.min_norm_outer_steps, 1)
     _at_least("eval.min_norm_inner_steps", e.min_norm_inner_steps, 1)
     _at_least("eval.min_norm_targets", e.min_norm_targets, 0)
-    _at_least("eval.min_norm_mu", e.min_norm_mu, 0, strict=True)
+    if e.min_norm_mu is not None:
+        _at_least("eval.min_norm_mu", e.min_norm_mu, 0, strict=True)
     if not 0 < e.min_norm_mu_decay <= 1:
         raise ConfigError(f"eval.min_norm_mu_decay: {e.min_norm_mu_decay!r} is out of range; it must be in (0, 1]")
     _choice("eval.min_norm_reference", e.min_norm_reference, MIN_NORM_REFERENCES)

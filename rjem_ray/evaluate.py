@@ -218,7 +218,7 @@ def evaluate_model(
 def _min_norm(model, x, y, cfg: Config, subset, seed: int, progress: Progress, artifact_dir) -> tuple[dict, dict]:
     """``(min_norm block, its protocol)`` (``rjem_ray/minnorm.py``): per run, distances, median, robust-accuracy curve;
     FAB (pyautoattack) as the reference where ``eval.min_norm_reference`` is fab."""
-    from .minnorm import min_norm_report
+    from .minnorm import MU_DEFAULT, min_norm_report
 
     e = cfg.eval
     sub, how = subset(e.min_norm_max_samples)
@@ -241,7 +241,7 @@ def _min_norm(model, x, y, cfg: Config, subset, seed: int, progress: Progress, a
     protocol = {
         "attacks": "LogBarrier (Finlay et al. 2019), ProxLogBarrier (Pooladian et al. 2019); rjem_ray/minnorm.py",
         "runs": list(e.min_norm_runs), "outer_steps": e.min_norm_outer_steps, "inner_steps": e.min_norm_inner_steps,
-        "mu": e.min_norm_mu, "mu_decay": e.min_norm_mu_decay,
+        "mu": e.min_norm_mu if e.min_norm_mu is not None else {"per norm": dict(MU_DEFAULT)}, "mu_decay": e.min_norm_mu_decay,
         "targets": e.min_norm_targets, "starts": "the untargeted start (noise / margin ascent, bisected) and a targeted "
                    "margin-ascent start toward each of the `targets` most likely wrong classes; the closest result kept; "
                    "L0's ascent moves the 1 % of entries of largest gradient (sparse), the others' are L2 / sign steps",

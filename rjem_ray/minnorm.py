@@ -52,7 +52,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ATTACKS", "NORMS", "LOGBARRIER_NORMS", "PROX_NORMS", "SCALE_TO_01", "margin", "distance",
+__all__ = ["ATTACKS", "NORMS", "LOGBARRIER_NORMS", "PROX_NORMS", "SCALE_TO_01", "MU_DEFAULT", "margin", "distance",
            "prox", "min_norm_attack", "robust_curve"]
 
 LOGBARRIER_NORMS = ("l2", "linf")
@@ -62,6 +62,13 @@ ATTACKS = {"logbarrier": LOGBARRIER_NORMS, "proxlogbarrier": PROX_NORMS}
 # A distance in [-1, 1] units times this factor is the distance on the [0, 1] pixel scale (u = (x + 1)/2).
 SCALE_TO_01 = {"l0": 1.0, "l1": 0.5, "l2": 0.5, "linf": 0.5}
 GROW = 1.2  # step-length growth after an accepted step
+# First barrier weight μ by norm when none is given (unitless; it then decays by mu_decay per outer step).
+# Measured on the demo checkpoint (100 test digits against FAB's median, docs/RESULTS.md): μ 0.1 -> 3 moved
+# the medians L2 ×1.08 -> ×0.94-0.96, L∞ ×1.03-1.08 -> ×0.98-1.05, L1 ×1.30 -> ×1.00 (10: ×0.97); a large
+# first μ keeps the early iterates inside the misclassified region, where the steps reshape δ freely,
+# before the decay brings them to the boundary. L0 went the other way (median 14 pixels at 0.1, 13 at
+# 0.3, 15 at 1, 17 at 3).
+MU_DEFAULT = {"l0": 0.3, "l1": 3.0, "l2": 3.0, "linf": 3.0}
 START_ASCENT_STEP = 0.02  # margin-ascent start: L2 step a·√n, [-1, 1] units per entry
 START_ASCENT_STEPS = 100
 # L0 margin-ascent start: each step moves the SPARSE_ASCENT_FRACTION of entries with the largest |∇c|
@@ -154,7 +161,7 @@ def _ascent_step(g: Tensor, xa: Tensor, norm: str) -> Tensor:
     along ``sign(g)`` move by ``SPARSE_ASCENT_STEP`` each, so the start changes few pixels where the dense
     L2 start changes all of them. Measured on the demo checkpoint (100 test digits, docs/RESULTS.md): the
     sparse start lowers ProxLogBarrier's median L0 from 17 to 14 pixels, but raises its L1 median (×1.34
-    FAB's against ×1.30 from the L2 start), so L1 keeps the L2 step.
+    FAB's against ×1.30 from the L2 start), so L1 keeps the L2 step (both at μ 0.1, before MU_DEFAULT).
     """
     if norm == "linf":
         return START_ASCENT_STEP * g.sign()
@@ -250,7 +257,7 @@ def min_norm_attack(
     norm: str = "l2",
     outer_steps: int = 10,
     inner_steps: int = 20,
-    mu: float = 0.1,
+    mu: float | None = None,
     mu_decay: float = 0.5,
     init_tries: int = 10,
     bisection_steps: int = 15,
@@ -262,8 +269,8 @@ def min_norm_attack(
     ``x_adv`` (``x``'s shape, in [−1, 1]) is misclassified wherever ``d`` is finite and non-zero; ``d``
     is ``distance(x_adv − x, norm)`` in [−1, 1] units (L0: changed pixels), 0 where ``x`` is already
     misclassified (``x_adv = x``) and ``inf`` where no misclassified start was found (``x_adv = x``).
-    ``mu`` is the first barrier weight (unitless, relative to the start's distance), ``mu_decay`` its
-    factor per outer step. The model's mode is the caller's; only input gradients are taken.
+    ``mu`` is the first barrier weight (unitless, relative to the start's distance; ``None``:
+    :data:`MU_DEFAULT` of ``norm``), ``mu_decay`` its factor per outer step. The model's mode is the caller's; only input gradients are taken.
 
     ``targets = K > 0`` runs the barrier ``K`` more times per image, each from a targeted-ascent start
     toward one of the ``K`` wrong classes with the largest logits at ``x`` (:func:`_targeted_start`),
@@ -278,6 +285,8 @@ def min_norm_attack(
         raise ValueError(f"{attack} supports the norms {', '.join(ATTACKS[attack])}, got {norm!r}")
     if outer_steps < 1 or inner_steps < 1 or init_tries < 1 or bisection_steps < 0 or targets < 0:
         raise ValueError("outer_steps, inner_steps and init_tries must be >= 1, bisection_steps and targets >= 0")
+    if mu is None:
+        mu = MU_DEFAULT[norm]
     if not mu > 0 or not 0 < mu_decay <= 1:
         raise ValueError(f"mu must be > 0 and mu_decay in (0, 1], got {mu} and {mu_decay}")
     x0 = x.detach()
@@ -396,7 +405,7 @@ def min_norm_report(
     runs: list[str],
     outer_steps: int = 10,
     inner_steps: int = 20,
-    mu: float = 0.1,
+    mu: float | None = None,
     mu_decay: float = 0.5,
     targets: int = 0,
     curve_points: int = 21,
@@ -433,7 +442,7 @@ def min_norm_report(
         eps = [top * i / (curve_points - 1) for i in range(curve_points)]
         k = SCALE_TO_01[norm]
         entry = {
-            "attack": attack, "norm": norm,
+            "attack": attack, "norm": norm, "mu": MU_DEFAULT[norm] if mu is None else mu,
             "unit": "changed pixels" if norm == "l0" else "model input space [-1, 1]",
             "unit_01": "changed pixels" if norm == "l0" else "[0, 1] pixel scale (half)",
             "median": d[broke].median().item() if broke.any() else None,

@@ -237,3 +237,26 @@ def test_the_l0_start_changes_the_one_pixel_a_linear_model_needs():
     assert (start - x).view(2, -1).nonzero()[:, 1].tolist() == [5, 5]
     x_adv, d = minnorm.min_norm_attack(model, x, y, attack="proxlogbarrier", norm="l0")
     assert _wrong(model, x_adv, y).all() and d.tolist() == [1.0, 1.0]
+
+
+def test_the_first_barrier_weight_defaults_per_norm_and_a_number_applies_to_all(monkeypatch, digits):
+    model, x, y = digits
+    seen = []
+    real = minnorm._barrier
+
+    def spy(*args, **kw):
+        seen.append(kw["mu"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(minnorm, "_barrier", spy)
+    for norm in ("l0", "l2"):
+        minnorm.min_norm_attack(model, x[:2], y[:2], attack="proxlogbarrier", norm=norm, outer_steps=1, inner_steps=1)
+    minnorm.min_norm_attack(model, x[:2], y[:2], attack="proxlogbarrier", norm="l0", mu=2.0, outer_steps=1, inner_steps=1)
+    assert seen == [minnorm.MU_DEFAULT["l0"], minnorm.MU_DEFAULT["l2"], 2.0]
+    assert minnorm.MU_DEFAULT["l0"] != minnorm.MU_DEFAULT["l2"]
+    report = minnorm.min_norm_report(model, x[:2], y[:2], runs=["proxlogbarrier-l0", "logbarrier-linf"], outer_steps=1,
+                                     inner_steps=1)
+    assert [report[r]["mu"] for r in ("proxlogbarrier-l0", "logbarrier-linf")] == [minnorm.MU_DEFAULT["l0"],
+                                                                                    minnorm.MU_DEFAULT["linf"]]
+    with pytest.raises(ValueError, match="mu must be > 0"):
+        minnorm.min_norm_attack(model, x[:2], y[:2], mu=0.0)
