@@ -130,48 +130,37 @@ def test_run_loop_stops_after_max_rollbacks(digits, gmm):
         run_loop(learner, lambda m, s: None, log=lambda s: None)
 
 
+def _wrn():
+    torch.manual_seed(0)
+    return WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").train()
+
+
 def test_negative_samples_do_not_move_batchnorm_running_statistics():
-    def wrn():
-        torch.manual_seed(0)
-        return WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").train()
-
-    def bn_stats(m):
-        return [t.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)
-                for t in (b.running_mean, b.running_var)]
-
     x, x_neg = torch.randn(8, 1, 12, 12), torch.randn(8, 1, 12, 12) * 5 + 3
-    model, data_only = wrn(), wrn()
+    model, data_only = _wrn(), _wrn()
     _, _, out_neg = JointForward(model)(x, None, x_neg)
     data_only(x)
     assert out_neg.shape == (8, 10)
     # running statistics are exactly those of the data pass alone ...
-    assert all(torch.allclose(a, b) for a, b in zip(bn_stats(model), bn_stats(data_only)))
+    assert all(torch.allclose(a, b) for a, b in zip(_bn_state(model), _bn_state(data_only)))
     # ... although a plain pass of the same samples would have moved them, and momentum is restored
-    moved = wrn()
+    moved = _wrn()
     moved(x)
     moved(x_neg)
-    assert not all(torch.allclose(a, b) for a, b in zip(bn_stats(moved), bn_stats(data_only)))
+    assert not all(torch.allclose(a, b) for a, b in zip(_bn_state(moved), _bn_state(data_only)))
     assert all(b.momentum == 0.1 for b in model.modules() if isinstance(b, torch.nn.BatchNorm2d))
 
 
 def test_running_statistics_follow_the_classification_batch_unless_asked(digits, gmm):
     """train.bn_running_stats: by default only x_cls (x_adv in robust-jem) updates the running statistics;
     the clean positive batch is normalised by its own statistics but leaves them alone."""
-    def wrn():
-        torch.manual_seed(0)
-        return WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").train()
-
-    def bn_stats(m):
-        return [t.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)
-                for t in (b.running_mean, b.running_var)]
-
     x_cls, x_pos = torch.randn(8, 1, 12, 12) * 2 + 1, torch.randn(8, 1, 12, 12)
-    default, both, cls_only, plain = wrn(), wrn(), wrn(), wrn()
+    default, both, cls_only, plain = _wrn(), _wrn(), _wrn(), _wrn()
     out_cls, out_pos, _ = JointForward(default)(x_cls, x_pos, None)
     JointForward(both, pos_updates_running_stats=True)(x_cls, x_pos, None)
     cls_only(x_cls)
-    assert all(torch.allclose(a, b) for a, b in zip(bn_stats(default), bn_stats(cls_only)))
-    assert not all(torch.allclose(a, b) for a, b in zip(bn_stats(both), bn_stats(cls_only)))
+    assert all(torch.allclose(a, b) for a, b in zip(_bn_state(default), _bn_state(cls_only)))
+    assert not all(torch.allclose(a, b) for a, b in zip(_bn_state(both), _bn_state(cls_only)))
     # the positive batch is still seen on its own batch statistics (train mode), as a plain pass sees it
     assert torch.allclose(out_pos, plain(x_pos), atol=1e-5)
     assert all(b.momentum == 0.1 for b in default.modules() if isinstance(b, torch.nn.BatchNorm2d))
