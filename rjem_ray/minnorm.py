@@ -69,6 +69,11 @@ GROW = 1.2  # step-length growth after an accepted step
 # before the decay brings them to the boundary. L0 went the other way (median 14 pixels at 0.1, 13 at
 # 0.3, 15 at 1, 17 at 3).
 MU_DEFAULT = {"l0": 0.3, "l1": 3.0, "l2": 3.0, "linf": 3.0}
+
+
+def first_mu(norm: str, mu: float | None = None) -> float:
+    """The first barrier weight a run of ``norm`` uses: ``mu``, or :data:`MU_DEFAULT` where it is None."""
+    return MU_DEFAULT[norm] if mu is None else mu
 START_ASCENT_STEP = 0.02  # margin-ascent start: L2 step a·√n, [-1, 1] units per entry
 START_ASCENT_STEPS = 100
 # L0 margin-ascent start: each step moves the SPARSE_ASCENT_FRACTION of entries with the largest |∇c|
@@ -270,7 +275,8 @@ def min_norm_attack(
     is ``distance(x_adv − x, norm)`` in [−1, 1] units (L0: changed pixels), 0 where ``x`` is already
     misclassified (``x_adv = x``) and ``inf`` where no misclassified start was found (``x_adv = x``).
     ``mu`` is the first barrier weight (unitless, relative to the start's distance; ``None``:
-    :data:`MU_DEFAULT` of ``norm``), ``mu_decay`` its factor per outer step. The model's mode is the caller's; only input gradients are taken.
+    :data:`MU_DEFAULT` of ``norm``), ``mu_decay`` its factor per outer step. The model's mode is the
+    caller's; only input gradients are taken.
 
     ``targets = K > 0`` runs the barrier ``K`` more times per image, each from a targeted-ascent start
     toward one of the ``K`` wrong classes with the largest logits at ``x`` (:func:`_targeted_start`),
@@ -285,8 +291,7 @@ def min_norm_attack(
         raise ValueError(f"{attack} supports the norms {', '.join(ATTACKS[attack])}, got {norm!r}")
     if outer_steps < 1 or inner_steps < 1 or init_tries < 1 or bisection_steps < 0 or targets < 0:
         raise ValueError("outer_steps, inner_steps and init_tries must be >= 1, bisection_steps and targets >= 0")
-    if mu is None:
-        mu = MU_DEFAULT[norm]
+    mu = first_mu(norm, mu)
     if not mu > 0 or not 0 < mu_decay <= 1:
         raise ValueError(f"mu must be > 0 and mu_decay in (0, 1], got {mu} and {mu_decay}")
     x0 = x.detach()
@@ -442,7 +447,7 @@ def min_norm_report(
         eps = [top * i / (curve_points - 1) for i in range(curve_points)]
         k = SCALE_TO_01[norm]
         entry = {
-            "attack": attack, "norm": norm, "mu": MU_DEFAULT[norm] if mu is None else mu,
+            "attack": attack, "norm": norm, "mu": first_mu(norm, mu),
             "unit": "changed pixels" if norm == "l0" else "model input space [-1, 1]",
             "unit_01": "changed pixels" if norm == "l0" else "[0, 1] pixel scale (half)",
             "median": d[broke].median().item() if broke.any() else None,
