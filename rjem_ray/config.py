@@ -1,8 +1,10 @@
 """One typed configuration for every command, loaded from YAML with dotted ``--set`` overrides.
 
 Units: every ε and step size is in the model's input space [-1, 1] (0.1 there is 12.75/255 on the usual
-[0, 1] scale). Batch sizes are global (summed over all Ray Train workers); ``optim.lr`` is the learning
-rate for that global batch — nothing is rescaled behind the user's back.
+[0, 1] scale). How batch, learning rate, buffer and schedules follow ``trainer.num_workers`` is
+``trainer.scaling`` (``rjem_ray/scaling.py``): under ``weak`` (the default) ``train.batch_size`` and
+``buffer.size`` are per worker and ``optim.lr`` is scaled by ``optim.lr_scaling``; under ``strong`` they are
+global and nothing is rescaled. Step-valued keys count reference steps of ``train.batch_size`` images.
 
 ``load_config(path, overrides)`` is the edge: it reads YAML, applies ``key.sub=value`` overrides (values
 parsed as YAML scalars), rejects unknown keys and out-of-range values with a :class:`ConfigError` that
@@ -20,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .ddp import GRAD_COMPRESSIONS
+from .scaling import LR_SCALINGS, SCALINGS
 from .storage import check_storage_path
 
 
@@ -83,11 +87,14 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = 0.1  # for the global batch
+    lr: float = 0.1  # weak scaling: for one worker's batch, times the lr rule; strong: for the global batch
+    # weak scaling's learning-rate rule for N workers: linear (× N) | sqrt (× √N) | none | auto (linear for
+    # sgd, sqrt for adam); rjem_ray/scaling.py
+    lr_scaling: str = "auto"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # constant | cosine | step
-    warmup_steps: int = 0  # linear learning-rate warm-up
+    warmup_steps: int = 0  # linear learning-rate warm-up, reference steps (scaling.py)
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of train.steps (step schedule)
     gamma: float = 0.2  # step-schedule decay factor
 
@@ -127,14 +134,13 @@ BUFFER_SHARED = ("auto", "true", "false")
 
 @dataclass
 class BufferConfig:
-    size: int = 10000  # slots of the whole buffer (split over the workers, or over the shard actors when shared)
+    size: int = 10000  # slots per worker under weak scaling; of the whole buffer under strong
     reinit_freq: float = 0.05
     gmm_max_mb: int = 256  # memory bound for the class-conditional Gaussian mixture factors
-    # One buffer shared by all workers, sharded over Ray actors (rjem_ray/buffer_actor.py): auto = shared
-    # when trainer.num_workers > 1; true; false = a private buffer of size / num_workers per worker.
-    # YAML booleans are accepted and normalised to "true"/"false".
+    # Where each worker's slots live (rjem_ray/buffer_actor.py): true = in a shard actor the worker creates on
+    # its own node (survives the worker's process; draws reinitialisations off the step); false = inside the
+    # worker process; auto = true when trainer.num_workers > 1. YAML booleans are normalised to "true"/"false".
     shared: Literal["auto", "true", "false"] | bool = "auto"
-    shards: int = 0  # shard actors of the shared buffer; 0 = one per alive node (each pinned to its node)
 
     def is_shared(self, num_workers: int) -> bool:
         """Whether ``num_workers`` training workers use the shared (actor-sharded) buffer."""
@@ -145,8 +151,8 @@ class BufferConfig:
 @dataclass
 class TrainConfig:
     mode: str = "robust-jem"
-    steps: int = 1000  # optimiser steps
-    batch_size: int = 64  # global, split evenly across workers
+    steps: int = 1000  # reference steps of batch_size images (weak scaling: N per optimiser step on N workers)
+    batch_size: int = 64  # weak scaling: per worker; strong: global, split evenly across workers
     energy_weight: float = 1.0  # w_px
     energy_l2: float = 0.0  # weight of (E(x_pos)^2 + E(x_q)^2).mean()
     divergence_threshold: float = 1e8  # |loss| above this (or non-finite) counts as divergence
@@ -186,6 +192,16 @@ class TrainConfig:
 @dataclass
 class TrainerConfig:
     num_workers: int = 1
+    # weak (batch_size and buffer.size per worker, lr scaled by optim.lr_scaling) | strong (global batch);
+    # rjem_ray/scaling.py
+    scaling: str = "weak"
+    # elastic training (Ray Train's num_workers=(min, max)): > 0 lets a run continue on as few as this many
+    # workers when nodes are lost, and grow back up to num_workers; 0 = a fixed worker group
+    min_workers: int = 0
+    # one GPU type per DDP job: Ray's accelerator type (A100, H100, A10G, ...) every worker must run on; None: any
+    accelerator_type: str | None = None
+    # DDP gradient all-reduce: none (fp32) | bf16 (compressed to bfloat16, half the bytes; torch's bf16 hook)
+    grad_compression: str = "none"
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
     sync_batchnorm: bool = False
@@ -426,6 +442,7 @@ def validate(cfg: Config) -> None:
     _at_least("optim.lr", cfg.optim.lr, 0, strict=True)
     _between("optim.momentum", cfg.optim.momentum, 0.0, 1.0)
     _at_least("optim.weight_decay", cfg.optim.weight_decay, 0)
+    _choice("optim.lr_scaling", cfg.optim.lr_scaling, LR_SCALINGS)
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _at_least("optim.warmup_steps", cfg.optim.warmup_steps, 0)
     for m in cfg.optim.milestones:
@@ -444,11 +461,6 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg.buffer.shared, bool):
         cfg.buffer.shared = "true" if cfg.buffer.shared else "false"
     _choice("buffer.shared", cfg.buffer.shared, BUFFER_SHARED)
-    _at_least("buffer.shards", cfg.buffer.shards, 0)
-    if cfg.buffer.shards > cfg.buffer.size:
-        raise ConfigError(
-            f"buffer.shards: {cfg.buffer.shards} is out of range; it must be at most buffer.size ({cfg.buffer.size})"
-        )
     _choice("train.mode", cfg.train.mode, MODES)
     _at_least("train.steps", cfg.train.steps, 1)
     _at_least("train.batch_size", cfg.train.batch_size, 1)
@@ -475,16 +487,29 @@ def validate(cfg: Config) -> None:
     for m in cfg.train.eval_metrics:
         _choice("train.eval_metrics", m, METRIC_NAMES)
     _at_least("trainer.num_workers", cfg.trainer.num_workers, 1)
+    _choice("trainer.scaling", cfg.trainer.scaling, SCALINGS)
+    _at_least("trainer.min_workers", cfg.trainer.min_workers, 0)
+    if cfg.trainer.min_workers > cfg.trainer.num_workers:
+        raise ConfigError(f"trainer.min_workers: {cfg.trainer.min_workers} is out of range; it must be at most "
+                          f"trainer.num_workers ({cfg.trainer.num_workers}), or 0 for a fixed worker group")
+    _choice("trainer.grad_compression", cfg.trainer.grad_compression, GRAD_COMPRESSIONS)
+    if cfg.trainer.accelerator_type is not None and not cfg.trainer.accelerator_type.strip():
+        raise ConfigError("trainer.accelerator_type: empty; name a GPU type (A100, H100, A10G, ...) or leave it null")
     _at_least("trainer.cpus_per_worker", cfg.trainer.cpus_per_worker, 0, strict=True)
     _at_least("trainer.max_failures", cfg.trainer.max_failures, -1)
     bad_storage = check_storage_path("trainer.storage_path", cfg.trainer.storage_path)
     if bad_storage:
         raise ConfigError(bad_storage)
-    if cfg.train.batch_size % cfg.trainer.num_workers:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} is the global batch and must be divisible by "
-            f"trainer.num_workers ({cfg.trainer.num_workers})"
-        )
+    if cfg.trainer.scaling == "strong":
+        sizes = range(cfg.trainer.min_workers or cfg.trainer.num_workers, cfg.trainer.num_workers + 1)
+        bad = [n for n in sizes if cfg.train.batch_size % n]
+        if bad:
+            raise ConfigError(
+                f"train.batch_size: {cfg.train.batch_size} is the global batch under trainer.scaling=strong and must "
+                f"be divisible by every worker count the run may have ({bad[0]} does not divide it; "
+                f"trainer.num_workers {cfg.trainer.num_workers}, trainer.min_workers {cfg.trainer.min_workers}); "
+                "use trainer.scaling=weak, or a batch divisible by each"
+            )
     if cfg.uses_energy and cfg.buffer.size < cfg.train.batch_size:
         raise ConfigError(
             f"buffer.size: {cfg.buffer.size} must be at least train.batch_size ({cfg.train.batch_size})"

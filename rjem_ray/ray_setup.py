@@ -66,6 +66,23 @@ def train_logging_config():
     return ray.train.LoggingConfig(log_level="INFO" if os.environ.get("RJEM_DEBUG") else "WARNING")
 
 
+def scaling_config(cfg, use_gpu: bool):
+    """Ray Train's ``ScalingConfig`` for ``cfg``: ``trainer.num_workers`` workers of ``trainer.cpus_per_worker``
+    CPUs (and one GPU each with ``use_gpu``, of ``trainer.accelerator_type`` when set), packed onto as few
+    nodes as possible; elastic ``(trainer.min_workers, trainer.num_workers)`` when ``trainer.min_workers`` > 0."""
+    import ray.train
+
+    t = cfg.trainer
+    resources = {"CPU": t.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    num_workers = (t.min_workers, t.num_workers) if 0 < t.min_workers < t.num_workers else t.num_workers
+    return ray.train.ScalingConfig(
+        num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy="PACK",
+        accelerator_type=t.accelerator_type if use_gpu else None,
+    )
+
+
 def cluster_has_gpus() -> bool:
     import ray
 
