@@ -21,6 +21,7 @@ from .config import Config, ConfigError, first_line
 
 STATE_FILE = "state.pt"
 GMM_FILE = "gmm.pt"
+BUFFER_FILE = "buffer-{rank}.pt"  # worker RANK's replay-buffer part (a LocalReplayBuffer state)
 FORMAT = "rjem-checkpoint-v1"
 
 
@@ -126,10 +127,36 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         except Exception as exc:
             raise CheckpointError(f"{str(directory / GMM_FILE)!r} is not a Gaussian-mixture state: "
                                   f"{type(exc).__name__}: {exc}") from None
-    for f in sorted(directory.glob("rank-*.pt")):
+    for f in sorted(directory.glob("rank-*.pt")) + sorted(directory.glob("buffer-*.pt")):
         if not isinstance(_torch_load(f), dict):
-            raise CheckpointError(f"{str(f)!r} is not an rjem rank file (expected a dict)")
+            raise CheckpointError(f"{str(f)!r} is not an rjem rank or buffer file (expected a dict)")
     return state
+
+
+def _rank_of(f: Path) -> int:
+    return int(f.stem.split("-", 1)[1])
+
+
+def buffer_parts(path: str | Path) -> list[dict]:
+    """The replay-buffer parts a checkpoint holds, one ``LocalReplayBuffer`` state per saved worker in rank
+    order (``replay_buffer.regroup`` lays them out for another worker count); ``[]`` when it holds none.
+
+    Read from ``buffer-<rank>.pt``; a checkpoint written before those files existed keeps rank 0's part in
+    ``state.pt`` and the others' in ``rank-<K>.pt``, or one shared snapshot's shard states in ``state.pt``.
+    """
+    directory = _state_path(path).parent
+    files = sorted(directory.glob("buffer-*.pt"), key=_rank_of)
+    if files:
+        return [_torch_load(f) for f in files]
+    buf = load_state(directory).get("buffer")
+    if not isinstance(buf, dict):
+        return []
+    if "shards" in buf:
+        return list(buf["shards"])
+    if "buffer" not in buf:
+        return []
+    ranks = sorted(directory.glob("rank-*.pt"), key=_rank_of)
+    return [buf] + [b for b in (_torch_load(f).get("buffer") for f in ranks) if isinstance(b, dict) and "buffer" in b]
 
 
 def config_from_state(state: dict[str, Any]) -> Config:

@@ -1,4 +1,4 @@
-"""Datasets, pixel scaling, training augmentation and sharded minibatch streams.
+"""Datasets, pixel scaling, training augmentation and the run's stream of training batches.
 
 Units: images on disk and in memory are ``uint8`` in [0, 255], NCHW. The model sees ``float32`` in
 **[-1, 1]** (``x / 127.5 - 1``, i.e. ``Normalize(0.5, 0.5)`` on the [0, 1] scale). Every noise std or
@@ -279,115 +279,89 @@ class Augmenter:
 # ----------------------------------------------------------------------------------------------- sharding & batches
 
 
-def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
-    """Indices of ``range(n)`` owned by ``rank``: ``rank, rank + world_size, ...`` (strided).
+class ImageStream:
+    """One worker's part of a run's single sequence of training images, the same for any worker count.
 
-    Shards are disjoint, cover ``range(n)``, and differ in size by at most 1. Strided rather than
-    contiguous so that class-sorted data (mnist5k) gives every rank every class.
-    """
-    if int(world_size) != world_size or world_size < 1:
-        raise DataError(f"world_size must be an integer >= 1; got {world_size!r}")
-    if int(rank) != rank or not 0 <= rank < world_size:
-        raise DataError(f"rank must be an integer in [0, {world_size}); got {rank!r}")
-    if int(n) != n or n < 0:
-        raise DataError(f"n must be an integer >= 0; got {n!r}")
-    return np.arange(int(rank), int(n), int(world_size), dtype=np.int64)
+    The sequence is the epochs' permutations end to end: epoch ``e`` is ``randperm(n)`` drawn from a
+    ``torch.Generator`` seeded with ``seed · 1,000,003 + e``, so image ``i`` of the sequence (``i`` counted
+    from the run's start, over all workers) is ``perm_{i // n}[i mod n]``. Global step ``t`` consumes images
+    ``[p, p + W·b)`` with ``p = t·W·b`` for ``W`` workers of batch ``b``, and worker ``r`` takes the ``r``-th
+    run of ``b`` of them. Every image appears once per epoch across all workers, and the position ``p``
+    (images consumed by the run) is the stream's whole state: a run continued on another number of workers
+    (or another scaling) reads on from the same image. Batches crossing an epoch boundary take the tail of
+    one permutation and the head of the next (no image dropped or repeated within an epoch).
 
-
-class BatchStream:
-    """Infinite iterator of shuffled minibatches ``(x float32 [-1, 1], y int64)`` over in-memory tensors.
-
-    Each epoch is a fresh permutation drawn from the stream's own ``torch.Generator(seed)``. With
-    ``drop_last`` the incomplete tail of each epoch is skipped; otherwise it is yielded as a smaller
-    batch, so every sample appears exactly once per epoch. :meth:`state_dict` holds the epoch, the
-    position inside it and the generator state from before that epoch's permutation (ints and a
-    ``uint8`` tensor only, loadable with ``torch.load(weights_only=True)``), so a resumed stream yields
-    exactly the batches the original would have.
+    Yields ``(x float32 [b, C, H, W] in [-1, 1], y int64 [b])``.
     """
 
-    def __init__(
-        self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, drop_last: bool = True
-    ):
+    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
         if images_uint8.dtype != torch.uint8:
-            raise DataError(f"BatchStream expects uint8 images; got {images_uint8.dtype}")
+            raise DataError(f"ImageStream expects uint8 images; got {images_uint8.dtype}")
         n = images_uint8.shape[0]
-        if labels.shape[0] != n:
-            raise DataError(f"BatchStream: {n} images but {labels.shape[0]} labels")
+        if labels.shape[0] != n or n == 0:
+            raise DataError(f"ImageStream: {n} images and {labels.shape[0]} labels (need as many, at least one)")
         if int(batch_size) != batch_size or batch_size < 1:
             raise DataError(f"batch_size must be an integer >= 1; got {batch_size!r}")
-        if n == 0 or (drop_last and batch_size > n):
-            raise DataError(
-                f"BatchStream: batch_size {batch_size} with {n} samples yields no batch"
-                + (" (drop_last=True needs batch_size <= number of samples)" if n else "")
-            )
+        if int(world_size) != world_size or world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank must be in [0, world_size) and world_size >= 1; got rank {rank!r}, "
+                            f"world_size {world_size!r}")
         self.images = images_uint8
         self.labels = labels.to(torch.int64)
-        self.batch_size = int(batch_size)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.epoch = 0
-        self.position = 0
-        self._epoch_start_state = self.generator.get_state()
-        self._perm = torch.randperm(n, generator=self.generator)
+        self.position = 0  # images of the sequence consumed by all workers
+        self._perms: dict[int, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        """Batches per epoch."""
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.images.shape[0], generator=g)
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Dataset indices of images ``[start, start + count)`` of the sequence."""
         n = self.images.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        parts, i = [], int(start)
+        while i < start + count:
+            epoch, offset = divmod(i, n)
+            take = min(n - offset, start + count - i)
+            parts.append(self._perm(epoch)[offset:offset + take])
+            i += take
+        return torch.cat(parts)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
-    def _new_epoch(self) -> None:
-        self.epoch += 1
-        self.position = 0
-        self._epoch_start_state = self.generator.get_state()
-        self._perm = torch.randperm(self.images.shape[0], generator=self.generator)
-
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.images.shape[0]
-        remaining = n - self.position
-        if remaining == 0 or (self.drop_last and remaining < self.batch_size):
-            self._new_epoch()
-        idx = self._perm[self.position : self.position + self.batch_size]
-        self.position += idx.numel()
-        idx = idx.to(self.images.device)
-        return to_model_space(self.images[idx]), self.labels[idx.to(self.labels.device)]
+        idx = self.indices(self.position + self.rank * self.batch_size, self.batch_size)
+        self.position += self.world_size * self.batch_size
+        return to_model_space(self.images[idx.to(self.images.device)]), self.labels[idx.to(self.labels.device)]
 
     def state_dict(self) -> dict:
-        """``{"epoch", "position", "seed", "num_samples": int, "generator_state": uint8 tensor}``."""
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "num_samples": int(self.images.shape[0]),
-            "generator_state": self._epoch_start_state.clone(),
-        }
+        """``{"position", "seed", "num_samples"}``: ints only."""
+        return {"position": self.position, "seed": self.seed, "num_samples": int(self.images.shape[0])}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict` of a stream over the same data and batch size."""
+        """Continue at ``state["position"]``; the data must be the same split (``num_samples``)."""
         if int(state["num_samples"]) != self.images.shape[0]:
-            raise DataError(
-                f"BatchStream state is for {int(state['num_samples'])} samples; this stream has {self.images.shape[0]}"
-            )
-        self.generator.set_state(state["generator_state"].clone())
-        self._epoch_start_state = self.generator.get_state()
-        self._perm = torch.randperm(self.images.shape[0], generator=self.generator)
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+            raise DataError(f"ImageStream state is for {int(state['num_samples'])} training images; this run has "
+                            f"{self.images.shape[0]} (another dataset or split cannot continue the run)")
         self.seed = int(state["seed"])
+        self.position = int(state["position"])
+        self._perms.clear()
 
 
 __all__ = [
     "DATASETS",
     "Augmenter",
-    "BatchStream",
     "DataError",
     "DatasetInfo",
+    "ImageStream",
     "dataset_info",
     "load_split",
-    "shard_indices",
     "to_model_space",
     "to_uint8",
 ]

@@ -8,9 +8,11 @@ gradients and the communication overlaps the rest of the backward; only the last
 ``grad_compression``:
 
 * ``none``: buckets all-reduced in fp32 (4 bytes per parameter);
-* ``bf16``: torch's ``bf16_compress_hook`` casts each bucket to bfloat16 before the all-reduce, divides by
-  the world size and casts back: half the bytes on the wire; each averaged gradient carries bf16's 8-bit
-  mantissa (relative error ≤ 2⁻⁸ per element), weights and optimiser state stay fp32.
+* ``bf16``: :func:`bf16_allreduce_hook` casts each bucket to bfloat16, divides by the world size, all-reduces
+  and casts the sum back into the fp32 bucket: half the bytes on the wire; each averaged gradient carries
+  bf16's 8-bit mantissa (relative error about 2⁻⁸ per element); weights and optimiser state stay fp32.
+  (torch's own ``default_hooks.bf16_compress_hook`` does the same but refuses anything but NCCL/XCCL, so
+  the hook here serves gloo too: one code path on CPU and GPU; DDP checks hooks by that name, hence ours differs.)
 
 No Ray here: ``torch.distributed`` must already be initialised (Ray Train's worker group does it, or
 ``init_process_group`` in a test).
@@ -27,6 +29,26 @@ if TYPE_CHECKING:  # config.py imports GRAD_COMPRESSIONS: keep the config import
 GRAD_COMPRESSIONS = ("none", "bf16")
 
 
+def bf16_allreduce_hook(process_group, bucket):
+    """DDP communication hook: the mean of the ranks' gradient bucket, all-reduced in bfloat16.
+
+    ``g ← (Σ_r bf16(g_r / W))`` in fp32 storage, ``W`` the world size; returns a future of the bucket.
+    """
+    import torch
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(fut):
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return future.then(decompress)
+
+
 def wrap_ddp(module: nn.Module, device: torch.device | str | None = None, grad_compression: str = "none") -> nn.Module:
     """``module`` inside ``DistributedDataParallel`` (on ``device``'s GPU when it is CUDA), with the
     compression hook of ``grad_compression`` registered."""
@@ -40,10 +62,40 @@ def wrap_ddp(module: nn.Module, device: torch.device | str | None = None, grad_c
     ids = [device] if device is not None and device.type == "cuda" else None
     ddp = DistributedDataParallel(module, device_ids=ids)
     if grad_compression == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        ddp.register_comm_hook(None, bf16_allreduce_hook)
     return ddp
 
 
-__all__ = ["GRAD_COMPRESSIONS", "wrap_ddp"]
+class _CompiledOrEager:
+    """``torch.compile(module)``, falling back to ``module`` (one warning) if compilation fails at a call."""
+
+    def __init__(self, module):
+        import torch
+
+        self.module = module
+        self._fn = torch.compile(module)
+
+    def __call__(self, *args, **kwargs):
+        if self._fn is self.module:
+            return self.module(*args, **kwargs)
+        try:
+            return self._fn(*args, **kwargs)
+        except Exception as exc:  # compilation happens at the first call (and at recompiles)
+            import warnings
+
+            warnings.warn(f"[rjem] torch.compile of the DDP loss module failed ({type(exc).__name__}); running eager",
+                          RuntimeWarning, stacklevel=2)
+            self._fn = self.module
+            return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def compiled_or_eager(module):
+    """The DDP module compiled as a whole (its graph split at bucket boundaries by dynamo's DDPOptimizer,
+    so all-reduce overlaps the backward), or eager where compilation fails."""
+    return _CompiledOrEager(module)
+
+
+__all__ = ["GRAD_COMPRESSIONS", "bf16_allreduce_hook", "compiled_or_eager", "wrap_ddp"]

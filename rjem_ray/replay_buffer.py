@@ -180,4 +180,53 @@ class LocalReplayBuffer:
         self._num_reinit = int(stats.get("reinit", 0))
 
 
-__all__ = ["InitFn", "Lease", "LocalReplayBuffer", "ReplayBuffer"]
+def shard_sizes(total: int, num_shards: int) -> list[int]:
+    """Split ``total`` slots into ``num_shards`` contiguous parts whose sizes differ by at most 1."""
+    total, num_shards = int(total), int(num_shards)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if total < num_shards:
+        raise ValueError(f"cannot split {total} slots into {num_shards} parts (each needs at least one slot)")
+    base, extra = divmod(total, num_shards)
+    return [base + (j < extra) for j in range(num_shards)]
+
+
+def _contents(state: dict) -> np.ndarray:
+    b = state["buffer"]
+    return b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
+
+
+def regroup(parts: list[dict], per_worker: int, world_size: int, rank: int, init_fn: InitFn, seed: int) -> dict:
+    """The ``LocalReplayBuffer`` state of worker ``rank`` of ``world_size`` from a checkpoint's ``parts``.
+
+    ``parts`` are the saved workers' buffer states in rank order. Same layout (as many parts as workers,
+    each of ``per_worker`` slots or more): ``parts[rank]`` unchanged, contents, RNG and counters. Another
+    worker count: the saved slots in rank order form one sequence of ``M`` chains, the new buffer holds
+    ``T = max(M, world_size · per_worker)`` slots split by :func:`shard_sizes`, and worker ``r`` takes slots
+    ``[o_r, o_r + T_r)`` of the sequence — every saved chain continues on exactly one worker, and slots past
+    ``M`` (more workers than before) are fresh draws of ``init_fn``. A regrouped part gets a fresh PCG64
+    seeded by ``(seed, rank, M)``; its counters restart at 0. No saved chain is dropped: fewer workers keep
+    all of them (each worker then holds more than ``per_worker``).
+    """
+    if not parts:
+        raise ValueError("no saved replay-buffer parts to regroup")
+    if len(parts) == world_size and all(len(_contents(p)) >= per_worker for p in parts):
+        return parts[rank]
+    contents = np.concatenate([_contents(p) for p in parts]).astype(np.float32, copy=False)
+    saved = contents.shape[0]
+    sizes = shard_sizes(max(saved, world_size * int(per_worker)), world_size)
+    start = sum(sizes[:rank])
+    mine = contents[start:start + sizes[rank]]
+    rng = np.random.default_rng([int(seed), int(rank), saved])
+    if mine.shape[0] < sizes[rank]:
+        fresh = np.asarray(init_fn(sizes[rank] - mine.shape[0], rng), dtype=np.float32)
+        mine = np.concatenate([mine, fresh])
+    return {
+        "buffer": torch.from_numpy(np.array(mine, dtype=np.float32)),
+        "rng": rng.bit_generator.state,
+        "reinit_freq": float(parts[0]["reinit_freq"]),
+        "stats": {"leased": 0, "reinit": 0},
+    }
+
+
+__all__ = ["InitFn", "Lease", "LocalReplayBuffer", "ReplayBuffer", "regroup", "shard_sizes"]

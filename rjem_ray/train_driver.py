@@ -7,11 +7,10 @@ directory (every reported checkpoint) is ``OUT/ray/train``, or ``STORAGE/train``
 ``storage.py``). The MLflow run is created here, rank 0 logs step
 metrics into it, and the artifacts are logged here at the end.
 
-When the replay buffer is shared (``buffer.shared``; by default with more than one worker) the driver
-creates its shard actors (``buffer_actor.create_buffer_shards``: one per alive node unless
-``buffer.shards`` says otherwise, filled from the resumed checkpoint's snapshot when there is one), hands
-their handles to the workers, and kills them when the trainer returns. While the run lasts each shard keeps
-its last snapshot in ``OUT/buffer/shard-<j>.pt`` (on its own node) to come back from if it dies.
+The driver creates no replay-buffer actor: each worker creates its own shard beside it once Ray Train has
+placed it (``buffer_actor.py``). A run may continue on another ``trainer.num_workers`` (or another
+``trainer.scaling``): the workers re-derive batch, learning rate, data position and buffer layout from the
+checkpoint's images seen (``train_worker.py``); with ``trainer.min_workers`` the worker group is elastic.
 """
 
 from __future__ import annotations
@@ -257,18 +256,17 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .ray_setup import cluster_has_gpus, ensure_ray, train_logging_config
+    from .ray_setup import cluster_has_gpus, ensure_ray, scaling_config, train_logging_config
     from .tracking import Tracker, store_uris, tracker_for
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     resume_dir = None
-    resume_buffer = None
     if resume is not None:
         resume_dir = resolve_resume(resume)
         # Fail now, with a clear message, if it is not a checkpoint or any of its files is damaged.
         with storage.local_copy(resume_dir) as d:
-            resume_buffer = verify_checkpoint(d).get("buffer")
+            verify_checkpoint(d)
     continuing = prepare_run_dir(cfg, out, fresh)
     root = storage_root(cfg, out)
     run_dir = storage.join(root, RUN_NAME)
@@ -284,20 +282,11 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
     use_gpu = cluster_has_gpus() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu
-    shards = None
-    shared = cfg.uses_energy and cfg.buffer.is_shared(cfg.trainer.num_workers)
-    found = latest_checkpoint(run_dir) if continuing else None
+    found = latest_checkpoint_path(run_dir) if continuing else None
     if found is not None:
-        # Ray hands its latest checkpoint to the workers (it wins over --resume); a shared buffer's shards
-        # start from that checkpoint's snapshot.
-        print(f"[rjem] continuing the run in {run_dir} from its latest checkpoint ({storage.name(found.path)}); "
+        # Ray hands its latest checkpoint to the workers (it wins over --resume).
+        print(f"[rjem] continuing the run in {run_dir} from its latest checkpoint ({storage.name(found)}); "
               "--fresh starts over", flush=True)
-        if shared:
-            with found.as_directory() as d:
-                resume_buffer = load_state(d).get("buffer")
-    if shared:
-        shards = create_shards(cfg, gmm, out, resume_buffer)
-    del resume_buffer
 
     dump_config(cfg, out / "config.yaml")
     if cfg.trainer.storage_path:
@@ -319,9 +308,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
               f"({tracker.tracking_uri})", flush=True)
     del images, labels
 
-    resources = {"CPU": cfg.trainer.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
     outcome = create_outcome()
     trainer = TorchTrainer(
         train_loop_per_worker=worker_entry,
@@ -330,12 +316,9 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
             "mlflow_run_id": tracker.run_id if tracker else None,
             "tracking_uri": tracker.tracking_uri if tracker else None,
             "resume_from": str(resume_dir) if resume_dir else None,
-            "buffer_shards": shards.handles if shards else None,
             "outcome": outcome,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.trainer.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-        ),
+        scaling_config=scaling_config(cfg, use_gpu),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
             **storage.ray_storage(root),
@@ -365,9 +348,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         if tracker and owns_run:
             tracker.finish("KILLED")
         raise
-    finally:
-        if shards is not None:
-            shards.shutdown()
     wall = time.time() - t0
 
     ckpt_dir = out / "checkpoint"
@@ -405,28 +385,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
         if owns_run:
             tracker.finish()
     return TrainOutcome(out, ckpt_dir, metrics, tracker.run_id if tracker else None)
-
-
-def create_shards(cfg: Config, gmm: ClassConditionalGMM, out: Path, resume_buffer: dict | None):
-    """The shared buffer's shard actors, filled from ``resume_buffer`` when it is a shared snapshot."""
-    from .buffer_actor import create_buffer_shards, is_shared_state
-
-    initial = resume_buffer if is_shared_state(resume_buffer) and "shards" in resume_buffer else None
-    if resume_buffer is not None and initial is None:
-        print("[rjem] the resumed checkpoint holds per-worker replay buffers; the shared buffer starts fresh",
-              flush=True)
-    try:
-        shards = create_buffer_shards(
-            gmm, cfg.buffer.size, out / "buffer", reinit_freq=cfg.buffer.reinit_freq, seed=cfg.train.seed,
-            num_shards=cfg.buffer.shards, initial_state=initial,
-            batch_per_worker=cfg.train.batch_size // cfg.trainer.num_workers, num_workers=cfg.trainer.num_workers,
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    nodes = len(set(shards.node_ids))
-    print(f"[rjem] shared replay buffer: {sum(shards.sizes)} slots in {len(shards.sizes)} shard actor(s) on "
-          f"{nodes} node(s)" + (" (restored from the checkpoint)" if initial is not None else ""), flush=True)
-    return shards
 
 
 def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:

@@ -1,67 +1,48 @@
 """The Ray Train per-worker function: ordinary PyTorch with ``ray.train`` calls at its edges.
 
-Each worker loads the training split, keeps its own shard (``data.shard_indices``), builds a
-:class:`~rjem_ray.training.Learner` whose :class:`~rjem_ray.training.JointForward` is wrapped by
-``ray.train.torch.prepare_model`` (DDP: nccl on GPU, gloo on CPU) and steps it. Every
-``train.log_every`` steps the ranks average their metrics and report; every ``train.checkpoint_every``
-steps (and at the end) they report a checkpoint: rank 0 writes ``state.pt`` (model, optimiser, step,
-its RNG/stream/buffer), every other rank ``rank-K.pt`` (its RNG/stream/buffer); Ray merges the files
-into one checkpoint directory. A divergence rolls back to the last good state in memory with a lower
-learning rate, at most ``train.max_rollbacks`` times; one more ends every worker normally, and rank 0
-records the message in the driver's :class:`~rjem_ray.train_driver.RunOutcome` actor (a divergence is a
-result, not a crash: no ``FailureConfig`` retry).
+Each worker loads the whole training split and reads its part of the run's one image sequence
+(``data.ImageStream``), builds a :class:`~rjem_ray.training.Learner` for the worker count it was started with
+(``scaling.plan``: per-worker batch, scaled learning rate, buffer size) whose loss module is DDP-wrapped
+(``ddp.wrap_ddp``: nccl on GPU, gloo on CPU, optional bf16 gradient compression) and steps it. Every
+``train.log_every`` reference steps rank 0 logs the ranks' averaged metrics; every ``train.checkpoint_every``
+(and at the end) every rank reports a checkpoint: rank 0 writes ``state.pt`` (model, optimiser, step,
+images seen, worker count, its RNG), every other rank ``rank-K.pt`` (its RNG), and every rank's replay buffer
+is ``buffer-K.pt`` — written by the worker's shard actor itself when the buffer lives in one
+(``buffer_actor.py``). Ray merges the files into one checkpoint directory.
 
-With a shared replay buffer (``config["buffer_shards"]``: the shard actors the driver created, see
-``buffer_actor.py``) every rank leases from the same shards; rank 0's ``state.pt`` holds the snapshot of
-all of them and the rank files hold no buffer. Rank 0 restores the shards from a checkpoint (or, starting
-without one, revokes leases left by a previous worker group) before any rank leases: the ranks wait for
-it at a barrier.
+**Resize.** A checkpoint restores onto any worker count: the step and the data stream follow from the
+images seen, the learning rate and batch from the new ``scaling.plan``, and the saved buffer parts are laid
+out for the new workers by ``replay_buffer.regroup`` (every chain kept). A rank without its own RNG file
+(there were fewer workers) is seeded from (seed, rank, images seen). Rank 0's first line says what changed.
+This is also what an elastic run (``trainer.min_workers``) does when Ray Train restarts it on fewer or
+more workers.
+
+A divergence rolls back to the last good state in memory with a lower learning rate, at most
+``train.max_rollbacks`` times; one more ends every worker normally, and rank 0 records the message in the
+driver's :class:`~rjem_ray.train_driver.RunOutcome` actor (a divergence is a result, not a crash: no
+``FailureConfig`` retry).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
 
 from . import storage
-from .checkpoint import atomic_torch_save, load_state, save_checkpoint
+from .checkpoint import BUFFER_FILE, atomic_torch_save, buffer_parts, load_state, save_checkpoint
 from .config import Config
-from .data import load_split, shard_indices
+from .data import load_split
 from .prior import load_train_gmm
-from .training import DivergenceError, Learner, Reducer, is_eval_step, run_loop
+from .scaling import ScalePlan, plan
+from .training import DivergenceError, Learner, is_eval_step, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
-RANK_KEYS = ("rng", "stream", "buffer")
-
-
-class _BufferFencedReducer(Reducer):
-    """Waits for this rank's shared-buffer write-backs before every cross-rank reduction.
-
-    Rank 0 snapshots the shared buffer right after such a reduction (the checkpoint's metrics average),
-    so every rank's write-backs of that step are in the snapshot.
-    """
-
-    def __init__(self, world_size: int, buffer, device: torch.device | None = None):
-        super().__init__(world_size, device)
-        self.buffer = buffer
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        self.buffer.flush()
-        return super().mean(values)
-
-    def max(self, value: float) -> float:
-        self.buffer.flush()
-        return super().max(value)
-
-
-def _uses_shared_buffer(learner: Learner) -> bool:
-    from .buffer_actor import SharedReplayBuffer
-
-    return isinstance(learner.buffer, SharedReplayBuffer)
 
 
 def _stdout_line(msg: str) -> None:
@@ -70,24 +51,63 @@ def _stdout_line(msg: str) -> None:
     sys.stdout.flush()
 
 
-def _restore(learner: Learner, directory: str | Path, rank: int, log=lambda msg: None) -> bool:
-    """Load a checkpoint into ``learner``; returns whether its replay buffer was restored too."""
-    from .buffer_actor import is_shared_state
+def read_checkpoint(directory: str | Path, cfg: Config, rank: int, world: int, init_fn) -> tuple[dict, dict | None]:
+    """``(state, buffer part)`` of worker ``rank`` of ``world`` from a checkpoint directory.
 
+    ``state`` is rank 0's ``state.pt`` with this rank's RNG when the checkpoint has it for the same worker
+    count (without it: no ``"rng"``); the buffer part is this worker's ``LocalReplayBuffer`` state, regrouped
+    when the worker count or buffer size changed (``replay_buffer.regroup``), ``None`` without a buffer.
+    """
+    from .replay_buffer import regroup
+
+    directory = Path(directory)
     state = load_state(directory)
-    rank_file = Path(directory) / RANK_FILE.format(rank=rank)
+    state.pop("buffer", None)  # checkpoints before buffer-K.pt kept rank 0's part here (buffer_parts reads it)
+    same_world = int(state.get("world_size", -1)) == world
     if rank != 0:
-        if rank_file.is_file():
-            state.update(torch.load(rank_file, map_location="cpu", weights_only=True))
-        else:  # the checkpoint came from fewer workers: keep this rank's fresh stream and buffer
-            state = {k: v for k, v in state.items() if k not in RANK_KEYS}
-    if "buffer" in state and is_shared_state(state["buffer"]) != _uses_shared_buffer(learner):
-        # Per-worker buffers and one shared buffer cannot stand in for each other: keep the fresh one.
-        log("[rjem] the checkpoint's replay buffer is " + ("shared" if is_shared_state(state["buffer"]) else
-            "per-worker") + " and this run's is not; starting with a fresh buffer")
-        del state["buffer"]
-    learner.load_state_dict(state, load_buffer="buffer" in state)
-    return "buffer" in state
+        state.pop("rng", None)
+        rank_file = directory / RANK_FILE.format(rank=rank)
+        if same_world and rank_file.is_file():
+            state["rng"] = torch.load(rank_file, map_location="cpu", weights_only=True)["rng"]
+    elif not same_world:
+        state.pop("rng", None)
+    if not cfg.uses_energy:
+        return state, None
+    per_worker = plan(cfg, world).buffer_per_worker
+    own = directory / BUFFER_FILE.format(rank=rank)
+    if same_world and own.is_file() and len(list(directory.glob("buffer-*.pt"))) == world:
+        part = torch.load(own, map_location="cpu", weights_only=True)
+        if len(part["buffer"]) >= per_worker:
+            return state, part
+    parts = buffer_parts(directory)
+    return state, (regroup(parts, per_worker, world, rank, init_fn, cfg.train.seed) if parts else None)
+
+
+def resize_line(state: dict, now: ScalePlan) -> str:
+    """What changed between the checkpoint's run and this one, "" if nothing did."""
+    was_world, was_batch = state.get("world_size"), state.get("global_batch")
+    if was_world is None or (int(was_world) == now.num_workers and int(was_batch) == now.global_batch
+                             and state.get("scaling") == now.scaling):
+        return ""
+    return (f"; resized: {was_world} -> {now.num_workers} worker(s), global batch {was_batch} -> {now.global_batch} "
+            f"({state.get('scaling', 'strong')} -> {now.scaling} scaling), lr now {now.lr:.4g}; the data stream, "
+            "buffer layout and schedule continue from the images seen")
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(config: dict):
+    """``(directory, label)`` of what this worker restores: Ray's checkpoint, ``--resume``, or ``(None, None)``."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            yield d, "ray-checkpoint"
+    elif config.get("resume_from"):  # a local checkpoint directory or a URI (downloaded on this worker)
+        with storage.local_copy(config["resume_from"]) as d:
+            yield d, config["resume_from"]
+    else:
+        yield None, None
 
 
 def _quiet_report_logs() -> None:
@@ -107,6 +127,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from .ddp import wrap_ddp
+    from .gmm import as_init_fn
+
     _quiet_report_logs()
 
     cfg = Config.from_dict(config["cfg"])
@@ -115,41 +138,34 @@ def train_loop_per_worker(config: dict) -> None:
     threads = max(1, int(cfg.trainer.cpus_per_worker))
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
+    log = _stdout_line if rank == 0 else (lambda msg: None)
 
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
     gmm = load_train_gmm(cfg, images, labels) if cfg.uses_energy else None
-    idx = torch.from_numpy(shard_indices(len(labels), rank, world))
+    with _checkpoint_dir(config) as (directory, resumed_from):
+        state, part = (read_checkpoint(directory, cfg, rank, world, as_init_fn(gmm) if gmm else None)
+                       if directory is not None else (None, None))
     buffer = None
-    if cfg.uses_energy and config.get("buffer_shards"):
-        from .buffer_actor import SharedReplayBuffer
+    if cfg.uses_energy and cfg.buffer.is_shared(world):
+        from .buffer_actor import SharedReplayBuffer, create_worker_shard
 
-        buffer = SharedReplayBuffer(config["buffer_shards"], rank=rank, owner=rank == 0)
+        p = plan(cfg, world)
+        shard = create_worker_shard(gmm, p.buffer_per_worker, rank=rank, reinit_freq=cfg.buffer.reinit_freq,
+                                    seed=cfg.train.seed + 104729 * rank, batch=p.batch_per_worker, initial_state=part)
+        buffer = SharedReplayBuffer(shard, rank=rank)
     learner = Learner(
-        cfg, images[idx], labels[idx], gmm, rank=rank, world_size=world, device=device, buffer=buffer,
-        wrap=ray.train.torch.prepare_model if world > 1 else None,
+        cfg, images, labels, gmm, rank=rank, world_size=world, device=device, buffer=buffer,
+        wrap=(lambda m: wrap_ddp(m, device, cfg.trainer.grad_compression)) if world > 1 else None,
     )
-    if buffer is not None:
-        learner.reducer = _BufferFencedReducer(world, buffer, learner.device)
-    log = _stdout_line if rank == 0 else (lambda msg: None)
-
-    checkpoint = ray.train.get_checkpoint()
-    resumed_from = None
-    buffer_restored = False
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            buffer_restored = _restore(learner, d, rank, log)
-        resumed_from = "ray-checkpoint"
-    elif config.get("resume_from"):  # a local checkpoint directory or a URI (downloaded on this worker)
-        with storage.local_copy(config["resume_from"]) as d:
-            buffer_restored = _restore(learner, d, rank, log)
-        resumed_from = config["resume_from"]
-    if buffer is not None:
-        if rank == 0 and not buffer_restored:
-            buffer.reset_leases()  # leases of a worker group that died before its first checkpoint
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # no rank leases before rank 0 has restored or reset the shards
+    del images, labels
+    if state is not None:
+        learner.load_state_dict(state, load_buffer=False)
+        if part is not None and buffer is None:
+            learner.buffer.load_state_dict(part)
+        if "rng" not in state:  # more workers than the checkpoint's: a seed of its own, not step 0's again
+            s = zlib.crc32(f"{cfg.train.seed}/{rank}/{learner.images_seen}".encode())
+            torch.manual_seed(s)
+            learner.gen.manual_seed(s + 1)
 
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -161,20 +177,28 @@ def train_loop_per_worker(config: dict) -> None:
 
     log_metrics = tracker.log_metrics if tracker else None
     if resumed_from:
-        kept = "" if not cfg.uses_energy else (" with its replay buffer" if buffer_restored else " with a fresh replay buffer")
-        log(f"[rjem] resumed from {resumed_from} at step {learner.step_count}{kept}")
+        kept = "" if not cfg.uses_energy else (" with its replay buffer" if part is not None else " with a fresh replay buffer")
+        log(f"[rjem] resumed from {resumed_from} at step {learner.step_count} ({learner.images_seen} images seen)"
+            f"{kept}{resize_line(state, learner.plan)}")
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:
-            if is_eval_step(int(metrics["step"]), cfg):
+            if is_eval_step(int(metrics["step"]), cfg, learner.plan.step_increment):
                 ray.train.report(metrics)
             return
+        state = dict(state)
+        buf = state.pop("buffer", None)
         with tempfile.TemporaryDirectory(prefix="rjem-ckpt-") as tmp:
             if rank == 0:
                 save_checkpoint(tmp, state)
-            else:  # a shared buffer is in rank 0's state.pt only
-                keep = [k for k in RANK_KEYS if k in state and not (k == "buffer" and buffer is not None)]
-                atomic_torch_save({k: state[k] for k in keep}, os.path.join(tmp, RANK_FILE.format(rank=rank)))
+            else:
+                atomic_torch_save({"rng": state["rng"]}, os.path.join(tmp, RANK_FILE.format(rank=rank)))
+            if buf is not None:
+                path = os.path.join(tmp, BUFFER_FILE.format(rank=rank))
+                if buffer is not None:
+                    buffer.save(path)  # the shard writes its kept snapshot: the contents skip this process
+                else:
+                    atomic_torch_save(buf, path)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint-{metrics['step']:08d}")
 
@@ -202,4 +226,4 @@ def train_loop_per_worker(config: dict) -> None:
 
             ray.get(outcome.set_diverged.remote(str(exc)))
     if buffer is not None:
-        buffer.close()  # give back the prefetched lease
+        buffer.close()  # give back the prefetched lease and end the shard: the checkpoint holds the buffer

@@ -49,13 +49,15 @@ from torch import nn
 
 from .attacks import pgd, pgd_objective, pgd_start
 from .config import Config
-from .data import Augmenter, BatchStream, dataset_info
+from .data import Augmenter, ImageStream, dataset_info
 from .energy import marginal_energy
 from .gmm import ClassConditionalGMM, as_init_fn
 from .gradreg import gradreg_penalty, loss_gradient, steepest_direction
 from .models import build_model
 from .replay_buffer import LocalReplayBuffer, ReplayBuffer
+from .scaling import crossed, plan
 from .samplers import pyld_update, run_sampler, sgld_update
+from .ddp import compiled_or_eager
 from .speed import FastNet
 
 
@@ -159,6 +161,13 @@ class JointForward(nn.Module):
 
     ``x_pos`` may be ``None`` when it equals ``x_cls`` (non-robust energy mode) and ``x_neg`` may be
     ``None`` (classifier modes).
+
+    Without BatchNorm (``model.norm: group | none | farkas``) every pass is a per-image function, so the
+    batches go through the network as **one** concatenated forward (``concat``): one graph, whose backward
+    produces the last layers' gradients first, and DDP's bucket all-reduces start while the rest of the
+    backward runs. (With three separate calls the autograd engine finishes the last call's backward before
+    the others', and no parameter's gradient is complete until the first call's backward.) BatchNorm needs
+    each batch's own statistics, so there the calls stay separate.
     """
 
     def __init__(self, model: nn.Module, neg_bn_mode: str = "train", pos_updates_running_stats: bool = False):
@@ -168,10 +177,16 @@ class JointForward(nn.Module):
         self.model = model
         self.neg_bn_mode = neg_bn_mode
         self.pos_updates_running_stats = pos_updates_running_stats
+        self.concat = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     def forward(self, x_cls, x_pos=None, x_neg=None, x_fd=None):
         """``(f(x_cls), f(x_pos) | None, f(x_neg) | None)``, and ``f(x_fd)`` fourth when ``x_fd`` is given
         (gradreg's ``x + h d``: batch statistics like ``x_cls``, running statistics frozen)."""
+        if self.concat:
+            given = [x for x in (x_cls, x_pos, x_neg, x_fd) if x is not None]
+            outs = iter(self.model(torch.cat(given)).split([len(x) for x in given]))
+            out = [next(outs) if x is not None else None for x in (x_cls, x_pos, x_neg, x_fd)]
+            return tuple(out) if x_fd is not None else tuple(out[:3])
         out_neg = None
         if x_neg is not None:
             # First: the x_cls / x_pos passes move the running statistics, which an eval-mode sampler used.
@@ -366,6 +381,7 @@ class Learner:
     ):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
+        self.plan = plan(cfg, world_size)  # batch, learning rate, buffer and step increment for this worker count
         self.device = torch.device(device)
         self.info = dataset_info(cfg.data.name)
         torch.manual_seed(cfg.train.seed + 1000 * rank)
@@ -378,15 +394,15 @@ class Learner:
         t = cfg.train
         self.net = FastNet(self.model, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
                            device=self.device)
-        joint = JointForward(self.net, cfg.train.sampler_bn_mode,
-                             pos_updates_running_stats=cfg.train.bn_running_stats == "classification+positive")
-        self.joint = wrap(joint) if wrap is not None else joint
+        self.joint = self._loss_module(wrap)
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         self.lr_scale = 1.0  # lowered by each divergence rollback
         self.step_count = 0
         self.rollbacks = 0
-        self.batch_per_worker = cfg.train.batch_size // world_size
-        self.stream = BatchStream(images, labels, self.batch_per_worker, seed=cfg.train.seed + 7919 * rank)
+        self.batch_per_worker = self.plan.batch_per_worker
+        # every worker holds the whole split and reads its part of the run's one image sequence (data.py)
+        self.stream = ImageStream(images, labels, self.batch_per_worker, rank=rank, world_size=world_size,
+                                  seed=cfg.train.seed)
         self.augment = (
             Augmenter(cfg.data.pad, self.info.hflip, cfg.data.noise_std)
             if cfg.data.augment
@@ -400,7 +416,7 @@ class Learner:
                 if gmm is None:
                     raise ValueError("energy modes need the Gaussian-mixture initialisation (gmm)")
                 buffer = LocalReplayBuffer(
-                    max(self.batch_per_worker, cfg.buffer.size // world_size),
+                    self.plan.buffer_per_worker,
                     as_init_fn(gmm),
                     cfg.buffer.reinit_freq,
                     seed=cfg.train.seed + 104729 * rank,
@@ -410,8 +426,33 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------ step
 
+    def _loss_module(self, wrap) -> nn.Module:
+        """The loss's :class:`JointForward`, DDP-wrapped by ``wrap`` when given.
+
+        With ``torch.compile`` on and DDP, the DDP module itself is compiled over an eager network (torch's
+        advice for DDP: dynamo's DDPOptimizer then splits the graph at the gradient buckets' boundaries, so
+        each bucket's all-reduce starts during the backward). Compiling the network inside DDP instead
+        makes the backward one fused graph whose gradients all appear at its end: no overlap.
+        """
+        t = self.cfg.train
+        net = self.net
+        compile_ddp = wrap is not None and self.net.compiled
+        if compile_ddp:
+            net = FastNet(self.model, precision=t.precision, channels_last=t.channels_last, compile=False,
+                          device=self.device)
+        joint = JointForward(net, t.sampler_bn_mode, pos_updates_running_stats=t.bn_running_stats == "classification+positive")
+        if wrap is None:
+            return joint
+        wrapped = wrap(joint)
+        return compiled_or_eager(wrapped) if compile_ddp else wrapped
+
+    @property
+    def images_seen(self) -> int:
+        """Training images consumed by all workers so far (reference steps × ``train.batch_size``)."""
+        return self.step_count * self.cfg.train.batch_size
+
     def _apply_lr(self) -> None:
-        lr = self.cfg.optim.lr * self.lr_scale * lr_multiplier(self.step_count, self.cfg)
+        lr = self.plan.lr * self.lr_scale * lr_multiplier(self.step_count, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -534,7 +575,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.step_count += 1
+        self.step_count += self.plan.step_increment
         return {"loss": value, **parts, **extra, "lr": self.lr, "eps": eps}
 
     # ------------------------------------------------------------------------------------------ state
@@ -544,7 +585,11 @@ class Learner:
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "step": self.step_count,
+            "step": self.step_count,  # reference steps (scaling.py): images_seen / train.batch_size
+            "images_seen": self.images_seen,
+            "world_size": self.world_size,
+            "scaling": self.plan.scaling,
+            "global_batch": self.plan.global_batch,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
             "rng": rng_state(self.device, self.gen),
@@ -558,11 +603,16 @@ class Learner:
     def load_state_dict(self, state: dict, load_buffer: bool = True) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step_count = int(state["step"])
+        # images seen is what a resized run continues from (another batch size re-counts the steps)
+        images = state.get("images_seen")
+        self.step_count = int(images) // self.cfg.train.batch_size if images is not None else int(state["step"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.rollbacks = int(state.get("rollbacks", 0))
-        set_rng_state(state["rng"], self.device, self.gen)
-        self.stream.load_state_dict(state["stream"])
+        if "rng" in state:
+            set_rng_state(state["rng"], self.device, self.gen)
+        if "position" in state.get("stream", {}):
+            self.stream.load_state_dict(state["stream"])
+        self.stream.position = self.images_seen  # the run's one image sequence, read on from here
         if load_buffer and self.buffer is not None and "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
         self._apply_lr()
@@ -594,14 +644,15 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def is_eval_step(step: int, cfg: Config) -> bool:
-    """Whether ``run_loop`` evaluates at ``step`` (every ``train.eval_every`` steps and at the end).
+def is_eval_step(step: int, cfg: Config, increment: int = 1) -> bool:
+    """Whether ``run_loop`` evaluates at ``step``, reached by an optimiser step of ``increment`` reference
+    steps: when the step crosses a multiple of ``train.eval_every`` (``scaling.crossed``), and at the end.
 
     Under Ray Train only these steps and checkpoints call ``ray.train.report``: rank 0 logs the other
     metrics to MLflow itself, and every report is a barrier that waits for the controller's next poll.
     """
     every = cfg.train.eval_every
-    return bool(every) and (step % every == 0 or step == cfg.train.steps)
+    return bool(every) and (crossed(step - increment, step, every) or step >= cfg.train.steps)
 
 
 def run_loop(
@@ -628,8 +679,12 @@ def run_loop(
     window: dict[str, float] = {}
     window_n = 0
     t_start, step_start = time.time(), learner.step_count
-    log(f"[rjem] training {cfg.train.mode} on {cfg.data.name}: {learner.world_size} worker(s), "
-        f"global batch {cfg.train.batch_size}, steps {learner.step_count}->{steps}")
+    p = learner.plan
+    line = f"[rjem] training {cfg.train.mode} on {cfg.data.name}: {p.describe()}"
+    if learner.buffer is not None:
+        line += f", {p.describe_buffer()}" if len(learner.buffer) == p.buffer_per_worker else \
+            f", replay buffer {len(learner.buffer)} slots on this worker (kept from the checkpoint)"
+    log(f"{line}, steps {learner.step_count}->{steps} (reference steps of {cfg.train.batch_size} images)")
     while learner.step_count < steps:
         try:
             metrics = learner.step()
@@ -650,15 +705,15 @@ def run_loop(
         for k, v in metrics.items():
             window[k] = window.get(k, 0.0) + v
         window_n += 1
-        s = learner.step_count
-        do_ckpt = s % cfg.train.checkpoint_every == 0 or s == steps
-        do_eval = evaluate is not None and is_eval_step(s, cfg)
-        if not (s % cfg.train.log_every == 0 or do_ckpt or do_eval):
+        s, before = learner.step_count, learner.step_count - p.step_increment
+        do_ckpt = crossed(before, s, cfg.train.checkpoint_every) or s >= steps
+        do_eval = evaluate is not None and is_eval_step(s, cfg, p.step_increment)
+        if not (crossed(before, s, cfg.train.log_every) or do_ckpt or do_eval):
             continue
         avg = learner.reducer.mean({k: v / window_n for k, v in window.items()})
         window, window_n = {}, 0
         rate = (s - step_start) / max(time.time() - t_start, 1e-9)
-        avg.update(step=s, steps_per_s=rate, rollbacks=learner.rollbacks)
+        avg.update(step=s, steps_per_s=rate, images_seen=learner.images_seen, rollbacks=learner.rollbacks)
         line = (f"[rjem] step {s}/{steps} ({100 * s / steps:.0f}%) loss {avg['loss']:.4f} "
                 f"ce {avg['ce']:.4f} acc {avg['acc']:.3f}")
         if "e_pos" in avg:

@@ -82,9 +82,16 @@ def test_unknown_key_lists_the_allowed_keys():
     assert "allowed keys under attack:" in str(err.value) and "eps" in str(err.value)
 
 
-def test_global_batch_must_split_evenly_over_workers():
-    with pytest.raises(ConfigError, match="divisible by trainer.num_workers"):
-        load_config("tune_configs/smoke.yaml", ["trainer.num_workers=3", "train.batch_size=16"])
+def test_a_strong_global_batch_must_split_evenly_over_every_worker_count_the_run_may_have():
+    with pytest.raises(ConfigError, match=r"train.batch_size: 16 is the global batch under trainer.scaling=strong.*"
+                                          r"3 does not divide it"):
+        load_config("tune_configs/smoke.yaml", ["trainer.scaling=strong", "trainer.num_workers=3", "train.batch_size=16"])
+    # elastic: 4 workers divide 16, but the run may shrink to 3
+    with pytest.raises(ConfigError, match="3 does not divide it"):
+        load_config("tune_configs/smoke.yaml", ["trainer.scaling=strong", "trainer.num_workers=4",
+                                                "trainer.min_workers=3", "train.batch_size=16"])
+    # weak scaling: the batch is per worker, any worker count is fine
+    assert load_config("tune_configs/smoke.yaml", ["trainer.num_workers=3"]).trainer.scaling == "weak"
 
 
 def test_malformed_override_and_missing_file():

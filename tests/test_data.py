@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from rjem_ray.data import (
     DATASETS,
     Augmenter,
-    BatchStream,
+    ImageStream,
     DataError,
     dataset_info,
     load_split,
-    shard_indices,
     to_model_space,
     to_uint8,
 )
@@ -334,27 +333,7 @@ def test_augmenter_rejects_bad_arguments():
         Augmenter(pad=8)(torch.zeros(2, 3, 8, 8))
 
 
-# ----------------------------------------------------------------------------------------------- shards
-
-
-@pytest.mark.parametrize("n,world", [(0, 1), (10, 1), (10, 3), (7, 4), (3, 5), (4500, 4)])
-def test_shard_indices_disjoint_covering_balanced(n, world):
-    shards = [shard_indices(n, r, world) for r in range(world)]
-    allidx = np.concatenate(shards)
-    assert len(allidx) == n and np.array_equal(np.sort(allidx), np.arange(n))
-    sizes = [len(s) for s in shards]
-    assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(DataError):
-        shard_indices(n, world, world)
-
-
-def test_shards_of_class_sorted_data_see_every_class():
-    y = np.repeat(np.arange(10), 450)  # sorted like mnist5k's train split
-    for r in range(4):
-        assert len(np.unique(y[shard_indices(len(y), r, 4)])) == 10
-
-
-# ----------------------------------------------------------------------------------------------- batch streams
+# ----------------------------------------------------------------------------------------------- the image stream
 
 
 def _stream_data(n=23):
@@ -363,55 +342,57 @@ def _stream_data(n=23):
     return x, y
 
 
-def test_batch_stream_covers_each_epoch_once():
-    x, y = _stream_data(23)
-    s = BatchStream(x, y, batch_size=5, seed=0, drop_last=False)
-    assert len(s) == 5
-    epochs = []
-    for _ in range(3):
-        batches = [next(s) for _ in range(5)]
-        assert [len(b[1]) for b in batches] == [5, 5, 5, 5, 3]
-        ys = torch.cat([b[1] for b in batches])
-        assert sorted(ys.tolist()) == list(range(23))
-        for bx, by in batches:
+def _run_labels(world: int, batch: int, steps: int, n=23, seed=0) -> list[int]:
+    """The labels ``world`` workers of ``batch`` read over ``steps`` global steps, in sequence order."""
+    x, y = _stream_data(n)
+    streams = [ImageStream(x, y, batch, rank=r, world_size=world, seed=seed) for r in range(world)]
+    out = []
+    for _ in range(steps):
+        for s in streams:
+            bx, by = next(s)
             assert bx.dtype == torch.float32 and by.dtype == torch.int64
             assert torch.equal(to_uint8(bx[:, 0, 0, 0]).long(), by)  # images stay paired with labels
-        epochs.append(ys)
-    assert not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
-    assert not torch.equal(epochs[0], torch.arange(23))
+            out += by.tolist()
+    return out
 
 
-def test_batch_stream_drop_last_and_seed():
+def test_the_stream_covers_each_epoch_once_and_reshuffles():
+    seq = _run_labels(1, 5, 14)  # 70 images: three epochs of 23 and one more
+    epochs = [seq[i * 23:(i + 1) * 23] for i in range(3)]
+    assert all(sorted(e) == list(range(23)) for e in epochs)
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(23))
+
+
+@pytest.mark.parametrize("world,batch", [(2, 5), (3, 4), (4, 2)])
+def test_any_worker_count_reads_the_same_image_sequence(world, batch):
+    """The workers of a global step together read the next world × batch images of one sequence, whatever
+    the worker count: a run resized between steps reads on from the same image."""
+    steps = 12
+    assert _run_labels(world, batch, steps) == _run_labels(1, world * batch, steps)
+
+
+def test_the_position_is_the_whole_state_and_another_world_continues_from_it():
     x, y = _stream_data(23)
-    s = BatchStream(x, y, batch_size=5, seed=7)
-    assert len(s) == 4
-    sizes = [len(next(s)[1]) for _ in range(12)]
-    assert sizes == [5] * 12 and s.epoch == 2
-    a = [next(iter(BatchStream(x, y, 5, seed=1)))[1] for _ in range(2)]
-    assert torch.equal(a[0], a[1])  # the seed fixes the order
-    assert not torch.equal(a[0], next(BatchStream(x, y, 5, seed=2))[1])
-    with pytest.raises(DataError):
-        BatchStream(x, y, batch_size=24, seed=0)
-
-
-@pytest.mark.parametrize("drop_last", [True, False])
-@pytest.mark.parametrize("steps", [0, 4, 5, 7])  # start, the epoch boundary (4 or 5 batches), mid-epoch 2
-def test_batch_stream_resume_yields_identical_batches(drop_last, steps):
-    x, y = _stream_data(23)
-    s = BatchStream(x, y, batch_size=5, seed=3, drop_last=drop_last)
-    for _ in range(steps):
-        next(s)
+    two = [ImageStream(x, y, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(5):
+        for s in two:
+            next(s)
+    state = two[0].state_dict()
+    assert state == {"position": 40, "seed": 3, "num_samples": 23}
     buf = io.BytesIO()
-    torch.save(s.state_dict(), buf)
+    torch.save(state, buf)
     buf.seek(0)
-    state = torch.load(buf, weights_only=True)
-    expected = [next(s) for _ in range(12)]
+    one = ImageStream(x, y, 8, seed=999)  # the saved seed wins
+    one.load_state_dict(torch.load(buf, weights_only=True))
+    expected = torch.cat([next(s)[1] for s in two])
+    assert torch.equal(next(one)[1], expected)
+    with pytest.raises(DataError, match="state is for 23 training images; this run has 22"):
+        ImageStream(*_stream_data(22), 4).load_state_dict(state)
 
-    r = BatchStream(x, y, batch_size=5, seed=999, drop_last=drop_last)  # a different seed is overridden
-    next(r)
-    r.load_state_dict(state)
-    got = [next(r) for _ in range(12)]
-    for (ex, ey), (gx, gy) in zip(expected, got):
-        assert torch.equal(ex, gx) and torch.equal(ey, gy)
-    with pytest.raises(DataError):
-        BatchStream(*_stream_data(22), batch_size=5, seed=3).load_state_dict(state)
+
+def test_bad_stream_arguments_are_refused():
+    x, y = _stream_data(5)
+    with pytest.raises(DataError, match="rank must be in"):
+        ImageStream(x, y, 2, rank=2, world_size=2)
+    with pytest.raises(DataError, match="expects uint8"):
+        ImageStream(x.float(), y, 2)

@@ -1,0 +1,410 @@
+"""Weak and strong scaling of the real training step over 1, 2, 4, ... DDP workers, without Ray.
+
+Every worker is a process started by ``torch.multiprocessing`` (spawn), joined in one ``torch.distributed``
+process group (gloo on CPUs; nccl with one GPU per rank when ``torch.cuda.is_available()``: the same
+script), and runs a real :class:`rjem_ray.training.Learner` on the digits (``load_split('mnist5k',
+'train')``; random images of the dataset's shape if they do not load, as in ``bench_step.py``), with the
+class-conditional Gaussian mixture of ``rjem_ray.gmm`` for the replay buffer, and its loss module wrapped by
+``rjem_ray.ddp.wrap_ddp(module, device, grad_compression)`` (no wrap on one worker, as ``train_worker``
+does). Each rank runs **one torch thread** (``--threads``), ``--warmup`` untimed steps, then ``--steps``
+timed ones.
+
+Modes (``trainer.scaling``):
+
+* ``weak``: ``--batch`` images **per worker**; N workers step on a global batch of ``N · batch``.
+* ``strong``: ``--strong-batch`` images **in all**, split over the workers (``batch / N`` each).
+
+Figures per (mode, N, compression):
+
+* ``ms/step``: the median over the timed steps of each rank's step time, then the maximum over ranks
+  (the ranks meet at every step's collectives, so they differ little);
+* ``images/s``: global batch ÷ that step time;
+* efficiency, against the 1-worker run of the same mode and batch (``1`` must be in ``--workers``):
+  weak ``E(N) = t(1) / t(N)`` (per-worker throughput kept; 1 = perfect), strong
+  ``E(N) = t(1) / (N · t(N))`` (speed-up over N; 1 = perfect);
+* the gradient all-reduce's share (``--comm-share``, on by default): every rank also holds a second
+  Learner whose DDP module has a **no-op communication hook** (each bucket comes back as it is: no bytes
+  move), and its steps alternate with the real one's. ``all-reduce ms = t(real) − t(no-op)`` is the time
+  the gradient all-reduce adds to a step after what DDP overlaps with the backward; ``share`` is that over
+  ``t(real)``. Both learners still run the per-step scalar reduction (the loss check) and DDP's buffer
+  broadcast, so those stay in both times and out of the difference.
+
+On a small CPU box the workers share its cores: with 2 cores, 2 workers use both (with whatever else runs
+there) and 4 workers oversubscribe them 2:1. The output prints the core count, the load average before and
+after, and the oversubscription next to the figures.
+
+    python scripts/bench_scaling.py                                   # 1 2 workers, weak + strong, smoke model
+    python scripts/bench_scaling.py --workers 1 2 4 --grad-compression none bf16
+    python scripts/bench_scaling.py --config tune_configs/demo.yaml --batch 32 --strong-batch 64 --json > s.json
+
+``--json`` prints the figures as JSON on stdout (the table then goes to stderr). ``run_workers`` and
+``probe_box`` are the runner that ``scripts/scaling_model.py`` imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MODES = ("weak", "strong")
+
+
+def _env() -> None:
+    """One thread per worker and loopback-only sockets, set before any worker starts (children inherit)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if Path("/sys/class/net/lo").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
+def backend() -> str:
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+# ------------------------------------------------------------------------------------ process group
+
+
+def _entry(rank: int, world: int, init: str, out: str, threads: int, target, payload: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend(), init_method=init, rank=rank, world_size=world)
+    try:
+        result = target(rank, world, device, payload)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # both done before either tears the group down
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(target, world: int, payload: dict, threads: int = 1) -> list[dict]:
+    """Run ``target(rank, world, device, payload) -> dict`` on ``world`` spawned ranks; their results by rank."""
+    import torch
+    import torch.multiprocessing as mp
+
+    _env()
+    if torch.cuda.is_available() and world > torch.cuda.device_count():
+        raise SystemExit(f"{world} workers need {world} GPUs (one per rank); {torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory(prefix="rjem-scaling-") as tmp:
+        mp.start_processes(_entry, args=(world, f"file://{tmp}/pg", tmp, threads, target, payload),
+                           nprocs=world, start_method="spawn")
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------ learner
+
+
+def _noop_hook(state, bucket):
+    """A DDP communication hook that moves nothing: the bucket's own gradients come back at once."""
+    import torch
+
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def _data(cfg):
+    from bench_step import load_images
+
+    from rjem_ray.data import dataset_info, to_model_space
+    from rjem_ray.gmm import fit_class_gmm
+
+    images, labels, desc = load_images(cfg, "auto", max(2000, cfg.buffer.size))
+    info = dataset_info(cfg.data.name)
+    import torch
+
+    sel = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:200 * info.num_classes]
+    gmm = fit_class_gmm(to_model_space(images[sel]), labels[sel], info.num_classes,
+                        max_bytes=cfg.buffer.gmm_max_mb * 2**20) if cfg.uses_energy else None
+    return images, labels, gmm, desc
+
+
+def _overrides(p: dict, world: int, batch_setting: int) -> list[str]:
+    return list(p["overrides"]) + [f"trainer.num_workers={world}", f"trainer.scaling={p['mode']}",
+                                   f"train.batch_size={batch_setting}", f"trainer.grad_compression={p['compression']}"]
+
+
+def make_learner(p: dict, rank: int, world: int, device, images, labels, gmm, wrap):
+    """A Learner whose per-worker batch is what ``p`` asks for, whichever rule the Learner applies.
+
+    Under ``weak`` the wanted per-worker batch is ``p['batch']``: a Learner that follows ``scaling.plan``
+    takes ``train.batch_size`` as it is; one that still divides ``train.batch_size`` by the world size is
+    rebuilt with ``batch · N``. Under ``strong`` ``train.batch_size`` is the global batch either way."""
+    from rjem_ray.config import load_config
+    from rjem_ray.training import Learner
+
+    want = p["batch"] if p["mode"] == "weak" else p["batch"] // world
+    for setting in ((p["batch"], p["batch"] * world) if p["mode"] == "weak" else (p["batch"],)):
+        cfg = load_config(p["config"], _overrides(p, world, setting))
+        learner = Learner(cfg, images, labels, gmm, rank=rank, world_size=world, device=device, wrap=wrap)
+        if learner.batch_per_worker == want:
+            return learner, setting
+    raise RuntimeError(f"no train.batch_size gives {want} images per worker on {world} workers")
+
+
+def _step_worker(rank: int, world: int, device, p: dict) -> dict:
+    import torch
+
+    from rjem_ray.config import load_config
+    from rjem_ray.ddp import wrap_ddp
+
+    cfg0 = load_config(p["config"], p["overrides"])
+    images, labels, gmm, desc = _data(cfg0)
+
+    def real(m):
+        return wrap_ddp(m, device, p["compression"])
+
+    def noop(m):
+        ddp = wrap_ddp(m, device, "none")
+        ddp.register_comm_hook(None, _noop_hook)
+        return ddp
+
+    multi = world > 1
+    learner, setting = make_learner(p, rank, world, device, images, labels, gmm, real if multi else None)
+    learners = {"real": learner}
+    if multi and p["comm_share"]:
+        learners["noop"] = make_learner(p, rank, world, device, images, labels, gmm, noop)[0]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {k: [] for k in learners}
+    t_load = os.getloadavg()[0]
+    for i in range(p["warmup"] + p["steps"]):
+        for name, lrn in learners.items():  # alternate: a load change on a shared box reaches both alike
+            sync()
+            t = time.perf_counter()
+            lrn.step()
+            sync()
+            if i >= p["warmup"]:
+                times[name].append(time.perf_counter() - t)
+    return {"rank": rank, "times": times, "batch_per_worker": learner.batch_per_worker,
+            "batch_setting": setting, "data": desc, "threads": torch.get_num_threads(),
+            "device": str(device), "load_start": t_load, "load_end": os.getloadavg()[0],
+            "params": sum(q.numel() for q in learner.model.parameters())}
+
+
+def run_workers(world: int, *, config: str = "tune_configs/smoke.yaml", overrides=(), mode: str = "weak",
+                batch: int = 16, compression: str = "none", steps: int = 12, warmup: int = 3,
+                comm_share: bool = True, threads: int = 1) -> dict:
+    """Time ``steps`` Learner steps on ``world`` workers. ``batch`` is per worker under ``weak`` and global
+    under ``strong``. Returns the figures of one row (times in ms)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose weak or strong")
+    if mode == "strong" and batch % world:
+        raise ValueError(f"strong scaling: the global batch {batch} is not divisible by {world} workers")
+    p = {"config": config, "overrides": list(overrides), "mode": mode, "batch": batch, "compression": compression,
+         "steps": steps, "warmup": warmup, "comm_share": comm_share}
+    t0 = time.perf_counter()
+    ranks = spawn(_step_worker, world, p, threads)
+    med = [1e3 * statistics.median(r["times"]["real"]) for r in ranks]
+    row = {
+        "mode": mode, "workers": world, "compression": compression, "batch_per_worker": ranks[0]["batch_per_worker"],
+        "global_batch": ranks[0]["batch_per_worker"] * world, "ms_per_step": max(med), "ms_per_step_ranks": med,
+        "ms_all_rank0": [1e3 * t for t in ranks[0]["times"]["real"]], "steps": steps, "warmup": warmup,
+        "threads_per_worker": ranks[0]["threads"], "device": ranks[0]["device"], "backend": backend(),
+        "data": ranks[0]["data"], "params": ranks[0]["params"], "train.batch_size": ranks[0]["batch_setting"],
+        "load_start": max(r["load_start"] for r in ranks), "load_end": max(r["load_end"] for r in ranks),
+        "wall_s": time.perf_counter() - t0,
+    }
+    row["images_per_s"] = row["global_batch"] / (row["ms_per_step"] / 1e3)
+    if "noop" in ranks[0]["times"]:
+        noop = max(1e3 * statistics.median(r["times"]["noop"]) for r in ranks)
+        row["noop_ms_per_step"] = noop
+        row["allreduce_ms"] = row["ms_per_step"] - noop
+        row["allreduce_share"] = row["allreduce_ms"] / row["ms_per_step"]
+    return row
+
+
+# ------------------------------------------------------------------------------------------ box probe
+
+
+def _probe_worker(rank: int, world: int, device, p: dict) -> dict:
+    """The box's collective cost (all-reduce of each size) and how much concurrent ranks slow compute."""
+    import torch
+    import torch.distributed as dist
+
+    from rjem_ray.config import load_config
+    from rjem_ray.data import dataset_info
+    from rjem_ray.models import build_model
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    allreduce = {}
+    for nbytes in p["sizes"]:
+        t = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+        for _ in range(3):
+            dist.all_reduce(t)
+        ts = []
+        for _ in range(p["repeats"]):
+            dist.barrier()
+            sync()
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            sync()
+            ts.append(time.perf_counter() - t0)
+        allreduce[str(t.numel() * 4)] = statistics.median(ts)
+
+    cfg = load_config(p["config"], p["overrides"])
+    info = dataset_info(cfg.data.name)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, info).to(device)
+    x = torch.randn(p["probe_batch"], info.channels, info.size, info.size, device=device)
+
+    def work(k):
+        ts = []
+        for _ in range(k):
+            sync()
+            t0 = time.perf_counter()
+            model(x).logsumexp(1).sum().backward()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    work(2)
+    alone = None
+    for r in range(world):  # one rank at a time while the others wait at the barrier
+        dist.barrier()
+        if r == rank:
+            alone = work(p["probe_iters"])
+    dist.barrier()
+    together = work(p["probe_iters"])  # all ranks at once
+    return {"allreduce_s": allreduce, "compute_alone_s": alone, "compute_together_s": together,
+            "load": os.getloadavg()[0]}
+
+
+def probe_box(world: int = 2, *, config: str = "tune_configs/smoke.yaml", overrides=(), sizes=None,
+              repeats: int = 30, probe_batch: int = 16, probe_iters: int = 8, threads: int = 1) -> dict:
+    """All-reduce times by size (median seconds, max over ranks) and the compute slowdown of ``world``
+    concurrent ranks (median over ranks of together ÷ alone) on this box."""
+    sizes = sizes or [4, 4096, 65536, 262144, 1048576, 4194304]
+    p = {"config": config, "overrides": list(overrides), "sizes": sizes, "repeats": repeats,
+         "probe_batch": probe_batch, "probe_iters": probe_iters}
+    ranks = spawn(_probe_worker, world, p, threads)
+    sizes_b = ranks[0]["allreduce_s"].keys()
+    return {
+        "workers": world, "backend": backend(),
+        "allreduce_s": {int(k): max(r["allreduce_s"][k] for r in ranks) for k in sizes_b},
+        "slowdown": statistics.median(r["compute_together_s"] / r["compute_alone_s"] for r in ranks),
+        "compute_alone_s": [r["compute_alone_s"] for r in ranks],
+        "compute_together_s": [r["compute_together_s"] for r in ranks],
+        "load": max(r["load"] for r in ranks),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def efficiencies(rows: list[dict]) -> None:
+    """Add ``efficiency`` to each row that has a 1-worker row of the same mode and compression."""
+    for r in rows:
+        base = next((b for b in rows if b["workers"] == 1 and b["mode"] == r["mode"]
+                     and b["compression"] == r["compression"]), None)
+        if base is None:
+            r["efficiency"] = None
+        elif r["mode"] == "weak":
+            r["efficiency"] = base["ms_per_step"] / r["ms_per_step"]
+        else:
+            r["efficiency"] = base["ms_per_step"] / (r["workers"] * r["ms_per_step"])
+
+
+def box_line(cores: int, workers) -> str:
+    over = [n for n in workers if n > cores]
+    s = (f"{cores} CPU core(s) here; every worker runs 1 torch thread" if backend() == "gloo"
+         else f"{backend()}, one GPU per rank")
+    if backend() == "gloo":
+        s += f"; {min(max(workers), cores)} worker(s) fill the cores"
+        if over:
+            s += "; " + ", ".join(f"{n} workers oversubscribe them {n / cores:g}:1" for n in over)
+    return s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="tune_configs/smoke.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--batch", type=int, default=16, help="weak scaling: images per worker")
+    ap.add_argument("--strong-batch", type=int, default=64, help="strong scaling: images in all")
+    ap.add_argument("--grad-compression", nargs="+", choices=["none", "bf16"], default=["none"])
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--no-comm-share", dest="comm_share", action="store_false",
+                    help="skip the no-op-hook learner (halves the run time; no all-reduce share)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (table on stderr)")
+    args = ap.parse_args(argv)
+
+    out = sys.stderr if args.json else sys.stdout
+    cores = os.cpu_count() or 1
+    print(f"[scaling] {platform.node()} {platform.machine()}, backend {backend()}; {box_line(cores, args.workers)}; "
+          f"load average {os.getloadavg()[0]:.2f}; {args.config} {' '.join(args.set)}", file=out, flush=True)
+    rows = []
+    for comp in args.grad_compression:
+        for mode in args.modes:
+            for n in args.workers:
+                batch = args.batch if mode == "weak" else args.strong_batch
+                row = run_workers(n, config=args.config, overrides=args.set, mode=mode, batch=batch, compression=comp,
+                                  steps=args.steps, warmup=args.warmup, comm_share=args.comm_share,
+                                  threads=args.threads)
+                rows.append(row)
+                print(f"[scaling] {mode} N={n} {comp}: {row['ms_per_step']:.1f} ms/step "
+                      f"({row['wall_s']:.0f} s with start-up; load {row['load_end']:.2f})", file=out, flush=True)
+    efficiencies(rows)
+
+    r0 = rows[0]
+    print(file=out)
+    print(f"{r0['device']} ({r0['backend']}), {r0['threads_per_worker']} torch thread(s) per worker, {box_line(cores, args.workers)}; "
+          f"{args.config} {' '.join(args.set)}; {r0['params']:,} parameters; data: {r0['data']}; median of {args.steps} "
+          f"steps after {args.warmup} warm-up, max over ranks", file=out)
+    print(file=out)
+    print("| mode | workers | compression | batch/worker | global batch | ms/step | images/s | efficiency "
+          "| all-reduce ms | all-reduce share | load (end) | note |", file=out)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+    for r in rows:
+        eff = "—" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+        ar = "—" if "allreduce_ms" not in r else f"{r['allreduce_ms']:.2f}"
+        share = "—" if "allreduce_share" not in r else f"{100 * r['allreduce_share']:.1f} %"
+        note = ""
+        if r["backend"] == "gloo" and r["workers"] > cores:
+            note = f"{r['workers']} workers on {cores} cores"
+        elif r["backend"] == "gloo" and r["workers"] == cores:
+            note = "all cores busy"
+        print(f"| {r['mode']} | {r['workers']} | {r['compression']} | {r['batch_per_worker']} | {r['global_batch']} "
+              f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {eff} | {ar} | {share} | {r['load_end']:.2f} | {note} |",
+              file=out)
+    print(file=out)
+    print("efficiency: weak t(1)/t(N) at a fixed per-worker batch; strong t(1)/(N·t(N)) at a fixed global batch. "
+          "all-reduce ms: step time with DDP's all-reduce minus with a no-op hook (interleaved steps).", file=out)
+    if args.json:
+        print(json.dumps({"config": args.config, "overrides": args.set, "cores": cores,
+                          "threads_per_worker": args.threads, "backend": backend(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
