@@ -17,7 +17,8 @@ Modes (``trainer.scaling``):
 Figures per (mode, N, compression):
 
 * ``ms/step``: the median over the timed steps of each rank's step time, then the maximum over ranks
-  (the ranks meet at every step's collectives, so they differ little);
+  (the ranks meet at every step's collectives, so they differ little). Every timed step starts right after
+  a barrier (untimed), so that no rank carries a lag from the previous step or probe into it;
 * ``images/s``: global batch ÷ that step time;
 * efficiency, against the 1-worker run of the same mode and batch (``1`` must be in ``--workers``):
   weak ``E(N) = t(1) / t(N)`` (per-worker throughput kept; 1 = perfect), strong
@@ -162,8 +163,44 @@ def make_learner(p: dict, rank: int, world: int, device, images, labels, gmm, wr
     raise RuntimeError(f"no train.batch_size gives {want} images per worker on {world} workers")
 
 
+class ProbeWork:
+    """A fixed piece of work that times how fast a worker computes on this box at this moment: forward +
+    backward of the config's network on ``batch`` fixed random images (no optimiser, no communication).
+
+    Timed once per step in every rank at the same moment (after a barrier), so that with N workers it runs
+    N at once: its median against a 1-worker run's is the slowdown ``s(N)`` that N workers sharing the
+    cores (and anything else running here) cause each other's compute, measured while the steps run."""
+
+    def __init__(self, cfg, device, batch: int):
+        import torch
+
+        from rjem_ray.data import dataset_info
+        from rjem_ray.models import build_model
+
+        info = dataset_info(cfg.data.name)
+        self.device = device
+        self.model = build_model(cfg.model, info).to(device)
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, info.channels, info.size, info.size, generator=gen).to(device)
+        self()
+
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self) -> float:
+        self._sync()
+        t0 = time.perf_counter()
+        self.model(self.x).logsumexp(1).sum().backward()
+        self._sync()
+        return time.perf_counter() - t0
+
+
 def _step_worker(rank: int, world: int, device, p: dict) -> dict:
     import torch
+    import torch.distributed as dist
 
     from rjem_ray.config import load_config
     from rjem_ray.ddp import wrap_ddp
@@ -184,22 +221,31 @@ def _step_worker(rank: int, world: int, device, p: dict) -> dict:
     learners = {"real": learner}
     if multi and p["comm_share"]:
         learners["noop"] = make_learner(p, rank, world, device, images, labels, gmm, noop)[0]
+    probe = ProbeWork(cfg0, device, p["probe_batch"]) if p["probe"] else None
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     times = {k: [] for k in learners}
+    probes = []
     t_load = os.getloadavg()[0]
     for i in range(p["warmup"] + p["steps"]):
         for name, lrn in learners.items():  # alternate: a load change on a shared box reaches both alike
+            if multi:  # every timed step starts with the ranks together: no lag carried in from before
+                dist.barrier()
             sync()
             t = time.perf_counter()
             lrn.step()
             sync()
             if i >= p["warmup"]:
                 times[name].append(time.perf_counter() - t)
-    return {"rank": rank, "times": times, "batch_per_worker": learner.batch_per_worker,
+        if probe is not None:
+            dist.barrier()  # every rank probes at the same moment
+            dt = probe()
+            if i >= p["warmup"]:
+                probes.append(dt)
+    return {"rank": rank, "times": times, "probe": probes, "batch_per_worker": learner.batch_per_worker,
             "batch_setting": setting, "data": desc, "threads": torch.get_num_threads(),
             "device": str(device), "load_start": t_load, "load_end": os.getloadavg()[0],
             "params": sum(q.numel() for q in learner.model.parameters())}
@@ -207,15 +253,16 @@ def _step_worker(rank: int, world: int, device, p: dict) -> dict:
 
 def run_workers(world: int, *, config: str = "tune_configs/smoke.yaml", overrides=(), mode: str = "weak",
                 batch: int = 16, compression: str = "none", steps: int = 12, warmup: int = 3,
-                comm_share: bool = True, threads: int = 1) -> dict:
+                comm_share: bool = True, threads: int = 1, probe: bool = True, probe_batch: int = 16) -> dict:
     """Time ``steps`` Learner steps on ``world`` workers. ``batch`` is per worker under ``weak`` and global
-    under ``strong``. Returns the figures of one row (times in ms)."""
+    under ``strong``. Returns the figures of one row (times in ms); ``probe_ms`` is the median
+    :class:`ProbeWork` time (median over ranks) when ``probe``."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose weak or strong")
     if mode == "strong" and batch % world:
         raise ValueError(f"strong scaling: the global batch {batch} is not divisible by {world} workers")
     p = {"config": config, "overrides": list(overrides), "mode": mode, "batch": batch, "compression": compression,
-         "steps": steps, "warmup": warmup, "comm_share": comm_share}
+         "steps": steps, "warmup": warmup, "comm_share": comm_share, "probe": probe, "probe_batch": probe_batch}
     t0 = time.perf_counter()
     ranks = spawn(_step_worker, world, p, threads)
     med = [1e3 * statistics.median(r["times"]["real"]) for r in ranks]
@@ -234,6 +281,8 @@ def run_workers(world: int, *, config: str = "tune_configs/smoke.yaml", override
         row["noop_ms_per_step"] = noop
         row["allreduce_ms"] = row["ms_per_step"] - noop
         row["allreduce_share"] = row["allreduce_ms"] / row["ms_per_step"]
+    if probe:
+        row["probe_ms"] = 1e3 * statistics.median(statistics.median(r["probe"]) for r in ranks)
     return row
 
 
@@ -241,13 +290,9 @@ def run_workers(world: int, *, config: str = "tune_configs/smoke.yaml", override
 
 
 def _probe_worker(rank: int, world: int, device, p: dict) -> dict:
-    """The box's collective cost (all-reduce of each size) and how much concurrent ranks slow compute."""
+    """Median seconds of an all-reduce of each size on this box's backend."""
     import torch
     import torch.distributed as dist
-
-    from rjem_ray.config import load_config
-    from rjem_ray.data import dataset_info
-    from rjem_ray.models import build_model
 
     def sync():
         if device.type == "cuda":
@@ -267,62 +312,26 @@ def _probe_worker(rank: int, world: int, device, p: dict) -> dict:
             sync()
             ts.append(time.perf_counter() - t0)
         allreduce[str(t.numel() * 4)] = statistics.median(ts)
-
-    cfg = load_config(p["config"], p["overrides"])
-    info = dataset_info(cfg.data.name)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, info).to(device)
-    x = torch.randn(p["probe_batch"], info.channels, info.size, info.size, device=device)
-
-    def work(k):
-        ts = []
-        for _ in range(k):
-            sync()
-            t0 = time.perf_counter()
-            model(x).logsumexp(1).sum().backward()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    work(2)
-    alone = None
-    for r in range(world):  # one rank at a time while the others wait at the barrier
-        dist.barrier()
-        if r == rank:
-            alone = work(p["probe_iters"])
-    dist.barrier()
-    together = work(p["probe_iters"])  # all ranks at once
-    return {"allreduce_s": allreduce, "compute_alone_s": alone, "compute_together_s": together,
-            "load": os.getloadavg()[0]}
+    return {"allreduce_s": allreduce, "load": os.getloadavg()[0]}
 
 
-def probe_box(world: int = 2, *, config: str = "tune_configs/smoke.yaml", overrides=(), sizes=None,
-              repeats: int = 30, probe_batch: int = 16, probe_iters: int = 8, threads: int = 1) -> dict:
-    """All-reduce times by size (median seconds, max over ranks) and the compute slowdown of ``world``
-    concurrent ranks (median over ranks of together ÷ alone) on this box."""
-    sizes = sizes or [4, 4096, 65536, 262144, 1048576, 4194304]
-    p = {"config": config, "overrides": list(overrides), "sizes": sizes, "repeats": repeats,
-         "probe_batch": probe_batch, "probe_iters": probe_iters}
-    ranks = spawn(_probe_worker, world, p, threads)
-    sizes_b = ranks[0]["allreduce_s"].keys()
-    return {
-        "workers": world, "backend": backend(),
-        "allreduce_s": {int(k): max(r["allreduce_s"][k] for r in ranks) for k in sizes_b},
-        "slowdown": statistics.median(r["compute_together_s"] / r["compute_alone_s"] for r in ranks),
-        "compute_alone_s": [r["compute_alone_s"] for r in ranks],
-        "compute_together_s": [r["compute_together_s"] for r in ranks],
-        "load": max(r["load"] for r in ranks),
-    }
+def probe_box(world: int = 2, *, sizes=None, repeats: int = 30, threads: int = 1) -> dict:
+    """All-reduce times by size on ``world`` ranks (median seconds over ``repeats``, max over ranks)."""
+    sizes = sizes or [4, 65536, 262144, 1048576, 4194304]
+    ranks = spawn(_probe_worker, world, {"sizes": sizes, "repeats": repeats}, threads)
+    keys = ranks[0]["allreduce_s"].keys()
+    return {"workers": world, "backend": backend(), "repeats": repeats,
+            "allreduce_s": {int(k): max(r["allreduce_s"][k] for r in ranks) for k in keys},
+            "load": max(r["load"] for r in ranks)}
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
 def efficiencies(rows: list[dict]) -> None:
-    """Add ``efficiency`` to each row that has a 1-worker row of the same mode and compression."""
+    """Add ``efficiency`` to each row that has a 1-worker row of the same mode (any compression)."""
     for r in rows:
-        base = next((b for b in rows if b["workers"] == 1 and b["mode"] == r["mode"]
-                     and b["compression"] == r["compression"]), None)
+        base = next((b for b in rows if b["workers"] == 1 and b["mode"] == r["mode"]), None)
         if base is None:
             r["efficiency"] = None
         elif r["mode"] == "weak":
@@ -356,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--no-comm-share", dest="comm_share", action="store_false",
                     help="skip the no-op-hook learner (halves the run time; no all-reduce share)")
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="skip the per-step compute probe (ProbeWork)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (table on stderr)")
     args = ap.parse_args(argv)
 
@@ -364,17 +375,24 @@ def main(argv=None) -> int:
     print(f"[scaling] {platform.node()} {platform.machine()}, backend {backend()}; {box_line(cores, args.workers)}; "
           f"load average {os.getloadavg()[0]:.2f}; {args.config} {' '.join(args.set)}", file=out, flush=True)
     rows = []
-    for comp in args.grad_compression:
-        for mode in args.modes:
-            for n in args.workers:
+    for mode in args.modes:
+        for n in args.workers:
+            # one worker has nothing to compress: one run is every compression's baseline
+            for comp in (["none"] if n == 1 else args.grad_compression):
                 batch = args.batch if mode == "weak" else args.strong_batch
                 row = run_workers(n, config=args.config, overrides=args.set, mode=mode, batch=batch, compression=comp,
                                   steps=args.steps, warmup=args.warmup, comm_share=args.comm_share,
-                                  threads=args.threads)
+                                  threads=args.threads, probe=args.probe)
+                if n == 1:
+                    row["compression"] = "n/a"
                 rows.append(row)
                 print(f"[scaling] {mode} N={n} {comp}: {row['ms_per_step']:.1f} ms/step "
                       f"({row['wall_s']:.0f} s with start-up; load {row['load_end']:.2f})", file=out, flush=True)
     efficiencies(rows)
+    for r in rows:  # the probe against the 1-worker run's of the same mode and compression
+        base = next((b for b in rows if b["workers"] == 1 and b["mode"] == r["mode"] and b.get("probe_ms")), None)
+        if base and r.get("probe_ms"):
+            r["probe_slowdown"] = r["probe_ms"] / base["probe_ms"]
 
     r0 = rows[0]
     print(file=out)
@@ -383,23 +401,28 @@ def main(argv=None) -> int:
           f"steps after {args.warmup} warm-up, max over ranks", file=out)
     print(file=out)
     print("| mode | workers | compression | batch/worker | global batch | ms/step | images/s | efficiency "
-          "| all-reduce ms | all-reduce share | load (end) | note |", file=out)
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+          "| all-reduce ms | all-reduce share | compute slowdown (probe) | load (end) | note |", file=out)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
     for r in rows:
         eff = "—" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
         ar = "—" if "allreduce_ms" not in r else f"{r['allreduce_ms']:.2f}"
         share = "—" if "allreduce_share" not in r else f"{100 * r['allreduce_share']:.1f} %"
+        slow = f"{r['probe_slowdown']:.2f}×" if r.get("probe_slowdown") else "—"
         note = ""
         if r["backend"] == "gloo" and r["workers"] > cores:
             note = f"{r['workers']} workers on {cores} cores"
         elif r["backend"] == "gloo" and r["workers"] == cores:
             note = "all cores busy"
         print(f"| {r['mode']} | {r['workers']} | {r['compression']} | {r['batch_per_worker']} | {r['global_batch']} "
-              f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {eff} | {ar} | {share} | {r['load_end']:.2f} | {note} |",
+              f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {eff} | {ar} | {share} | {slow} | {r['load_end']:.2f} "
+              f"| {note} |",
               file=out)
     print(file=out)
     print("efficiency: weak t(1)/t(N) at a fixed per-worker batch; strong t(1)/(N·t(N)) at a fixed global batch. "
-          "all-reduce ms: step time with DDP's all-reduce minus with a no-op hook (interleaved steps).", file=out)
+          "all-reduce ms: step time with DDP's all-reduce minus with a no-op hook (interleaved steps). compute "
+          "slowdown (probe): a fixed forward+backward timed after every step in all workers at once, over the "
+          "same in the 1-worker run (how much the workers, and anything else running here, share the cores).",
+          file=out)
     if args.json:
         print(json.dumps({"config": args.config, "overrides": args.set, "cores": cores,
                           "threads_per_worker": args.threads, "backend": backend(), "rows": rows}, indent=2))
