@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 
-_QUIET_DEFAULTS = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # cloud-only; saves ~6 s of trainer teardown
+# Set (unless already set) before every ray.init: no usage statistics, locally or on a cluster.
+_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
+# Set (unless already set) only when this process starts its own local Ray, never when it joins a cluster
+# through RAY_ADDRESS: a cluster keeps Ray's own health-check poll and preemption watcher.
+_LOCAL_DEFAULTS = {
+    # Ray Train's preemption watcher polls Ray for draining nodes (a cloud node preempted or scaled down)
+    # and tells the workers; a local Ray never drains its one node, and without the watcher a trainer tears
+    # down ~6 s sooner.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # Ray Train's controller collects each worker's report once per poll (2 s by default): a report
-    # sent sooner waits for it, which stalled short steps by up to 2 s (scripts/bench_overhead.py).
+    # sent sooner waits for it, which stalled short local steps by up to 2 s (scripts/bench_overhead.py).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
 
@@ -16,19 +22,23 @@ _QUIET_DEFAULTS = {
 def ensure_ray(min_cpus: float = 1, object_store_mb: int | None = None) -> None:
     """Initialise Ray once per process.
 
-    With ``RAY_ADDRESS`` set (a cluster, or ``ray job submit``), join it. Otherwise start a local
-    instance bound to 127.0.0.1 with at least ``min_cpus`` logical CPUs (Tune needs one more than the
-    trainer's workers), its dashboard on 127.0.0.1 and a bounded object store.
+    With ``RAY_ADDRESS`` set (a cluster, or ``ray job submit``), join it, leaving Ray Train's health checks
+    and preemption handling at Ray's defaults. Otherwise start a local instance bound to 127.0.0.1 with at
+    least ``min_cpus`` logical CPUs (Tune needs one more than the trainer's workers), its dashboard on
+    127.0.0.1, a bounded object store and the faster local settings of ``_LOCAL_DEFAULTS``. A variable
+    already set in the environment wins in both cases.
     """
     import ray
 
     if ray.is_initialized():
         return
-    for key, value in _QUIET_DEFAULTS.items():
+    for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
+    for key, value in _LOCAL_DEFAULTS.items():  # before ray.init: the local raylet and workers inherit them
+        os.environ.setdefault(key, value)
     num_cpus = max(os.cpu_count() or 1, int(-(-min_cpus // 1)))
     dashboard_port = free_port()
     store = (object_store_mb or 512) * 2**20
