@@ -164,14 +164,17 @@ def make_learner(p: dict, rank: int, world: int, device, images, labels, gmm, wr
 
 
 class ProbeWork:
-    """A fixed piece of work that times how fast a worker computes on this box at this moment: forward +
-    backward of the config's network on ``batch`` fixed random images (no optimiser, no communication).
+    """A fixed piece of work that times how fast a worker computes on this box at this moment: ``reps``
+    forwards + backwards of the config's network on ``batch`` fixed random images (no optimiser, no
+    communication); the time per repetition. The repetitions make it last several scheduler time slices
+    (about 40 ms for the smoke model): a probe shorter than a slice can run start to end on a core while
+    the other workers wait for theirs, and so see no sharing at all.
 
     Timed once per step in every rank at the same moment (after a barrier), so that with N workers it runs
     N at once: its median against a 1-worker run's is the slowdown ``s(N)`` that N workers sharing the
     cores (and anything else running here) cause each other's compute, measured while the steps run."""
 
-    def __init__(self, cfg, device, batch: int):
+    def __init__(self, cfg, device, batch: int, reps: int = 6):
         import torch
 
         from rjem_ray.data import dataset_info
@@ -182,6 +185,7 @@ class ProbeWork:
         self.model = build_model(cfg.model, info).to(device)
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, info.channels, info.size, info.size, generator=gen).to(device)
+        self.reps = reps
         self()
 
     def _sync(self):
@@ -193,9 +197,10 @@ class ProbeWork:
     def __call__(self) -> float:
         self._sync()
         t0 = time.perf_counter()
-        self.model(self.x).logsumexp(1).sum().backward()
+        for _ in range(self.reps):
+            self.model(self.x).logsumexp(1).sum().backward()
         self._sync()
-        return time.perf_counter() - t0
+        return (time.perf_counter() - t0) / self.reps
 
 
 def _step_worker(rank: int, world: int, device, p: dict) -> dict:
