@@ -12,11 +12,12 @@ One optimiser step of a worker with ``b`` images (``t`` in seconds)::
          + k · λ_buf + 2 b · image_bytes / β_buf          replay-buffer lease and write-back
          + T_ckpt(N) · increment / checkpoint_every       checkpoint, amortised
 
-* ``C(b) = fixed + per_image · b`` (:class:`Compute`). On a GPU ``per_image`` is the step's FLOPs per
-  image over the sustained rate and ``fixed`` the per-operator overhead (launches, dispatch) plus a
-  half-occupancy batch and the optimiser's memory traffic (:func:`gpu_compute`); on a CPU box both are
-  fitted to measured 1-worker steps. ``s(N)`` is the slowdown of N concurrent workers on shared cores
-  (1 on GPUs, one per rank).
+* ``C(b)`` (:class:`Compute`). On a CPU box ``fixed + per_image · b``, both fitted to measured 1-worker
+  steps. On a GPU ``optimiser + max(host, per_image · (b + b½))`` (:func:`gpu_compute`): ``per_image`` is
+  the step's FLOPs per image over the sustained rate, ``b½`` the batch at which a pass runs at half that
+  rate, ``host`` the operators' dispatch on the host (queued ahead of the device, so only the longer of
+  the two counts), the optimiser its memory traffic. ``s(N)`` is the slowdown of N concurrent workers on
+  shared cores (1 on GPUs, one per rank).
 * ``AR`` is a ring all-reduce, ``2 (n − 1)/n · bytes / β + 2 (n − 1) α``, zero for ``n = 1``; beyond one
   node it is hierarchical (:func:`allreduce_time`): a ring over the node's ``G`` GPUs (NVLink) plus a
   ring over the ``M`` nodes in which each GPU carries ``bytes / G`` over its ``1 / G`` of the node's link.
@@ -45,15 +46,23 @@ DDP_FIRST_BUCKET = 1 * MIB  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES: the
 
 @dataclass(frozen=True)
 class Compute:
-    """One worker's compute per optimiser step: ``fixed_s + per_image_s · b``."""
+    """One worker's compute per optimiser step at ``b`` images:
+    ``fixed_s + max(host_s, per_image_s · (b + half_batch))``.
+
+    A CPU box: ``fixed_s + per_image_s · b`` (both fitted; the host's work is the compute). A GPU: the
+    device's time ``per_image_s · (b + half_batch)`` (a pass on ``b`` images runs at ``b / (b + half_batch)``
+    of the sustained rate) runs behind the host's operator dispatch ``host_s``, which is queued ahead
+    asynchronously: whichever is longer sets the pace; ``fixed_s`` is what neither hides (the optimiser)."""
 
     fixed_s: float
     per_image_s: float
+    host_s: float = 0.0
+    half_batch: float = 0.0
 
     def time(self, b: float) -> float:
         if b <= 0:
             raise ValueError(f"batch per worker must be positive, got {b}")
-        return self.fixed_s + self.per_image_s * b
+        return self.fixed_s + max(self.host_s, self.per_image_s * (b + self.half_batch))
 
 
 @dataclass(frozen=True)
@@ -198,14 +207,12 @@ def checkpoint_seconds(model_state_bytes: float, slot_bytes: float, slots_per_wo
 def gpu_compute(*, flops_per_image: float, peak_flops: float, sustained: float, ops_per_step: int,
                 op_overhead_s: float, half_batch: float = 0.0, optimizer_bytes: float = 0.0,
                 memory_bandwidth: float = float("inf")) -> Compute:
-    """A GPU's ``Compute``: ``per_image = flops_per_image / (sustained · peak)``; ``fixed`` = operators ×
-    per-operator overhead + the optimiser's memory traffic + ``half_batch`` images' worth of per-image
-    time (throughput ``b / (b + half_batch)`` of the sustained rate: a small batch fills the GPU less)."""
+    """A GPU's :class:`Compute`: ``per_image = flops_per_image / (sustained · peak)``, ``host = operators ×
+    per-operator overhead``, ``fixed`` = the optimiser's memory traffic over the memory bandwidth."""
     if not 0 < sustained <= 1:
         raise ValueError(f"sustained fraction must be in (0, 1], got {sustained}")
-    per_image = flops_per_image / (sustained * peak_flops)
-    fixed = ops_per_step * op_overhead_s + optimizer_bytes / memory_bandwidth + half_batch * per_image
-    return Compute(fixed, per_image)
+    return Compute(fixed_s=optimizer_bytes / memory_bandwidth, per_image_s=flops_per_image / (sustained * peak_flops),
+                   host_s=ops_per_step * op_overhead_s, half_batch=half_batch)
 
 
 # -------------------------------------------------------------------------------------------- step

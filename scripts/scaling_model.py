@@ -8,8 +8,9 @@ compression, for N = 1, 8, 16, 64 workers under weak and strong scaling:
 * compute: the step's FLOPs per image (``F · (2 (K + S) + 3 L)``: K PGD and S sampler passes of forward +
   input gradient, each 2 F; L loss batches, forward + full backward, 3 F each; F counted by
   ``torch.utils.flop_counter`` on the network on the meta device) over the GPU's bf16 dense peak × an
-  assumed sustained fraction; plus a fixed part: aten operators per step (counted on the meta device) × a
-  per-operator overhead, a half-occupancy batch, and the optimiser's memory traffic over HBM bandwidth;
+  assumed sustained fraction, at ``b / (b + b½)`` of that rate for ``b`` images per worker; paced instead by
+  the host when its operator dispatch (aten operators per step, counted on the meta device, × a
+  per-operator overhead) takes longer; plus the optimiser's memory traffic over HBM bandwidth;
 * the gradient all-reduce (ring inside a node over NVLink, hierarchical over EFA across nodes), with the
   part DDP overlaps with the loss backward; the per-step small collectives (loss check, BatchNorm buffers);
 * the replay buffer's lease and write-back to a node-local actor;
@@ -311,6 +312,26 @@ def day_answer(cfg, net, shape, a: dict, compression: str = "bf16") -> list[dict
     return rows
 
 
+def break_even_sustained(cfg, net, shape, itype: str, a: dict, n: int = 1, compression: str = "bf16",
+                         deadline_s: float = DAY_S) -> float | None:
+    """The sustained fraction at which ``n`` GPUs of ``itype`` (weak scaling) finish ``train.steps`` in
+    ``deadline_s`` (bisection; None if even the full peak does not)."""
+    node = NODE_TYPES[itype]
+
+    def hours(f):
+        aa = dict(a, sustained=f)
+        return run_seconds(gpu_workload(cfg, net, shape, node, compression, aa), gpu_system(itype, node, aa), n,
+                           "weak", cfg.train.steps)
+
+    if hours(1.0) > deadline_s:
+        return None
+    lo, hi = 1e-4, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if hours(mid) <= deadline_s else (mid, hi)
+    return hi
+
+
 # ---------------------------------------------------------------------------------------- validation
 
 
@@ -443,7 +464,10 @@ def main(argv=None) -> int:
     log(f"node type {itype} ({node['gpus']}x {node['gpu']}): {why}; {args.compression} gradients "
         f"({wl.grad_bytes / 1e6:.1f} MB per all-reduce, last bucket {100 * wl.last_bucket_share:.0f} %); "
         f"sustained {a['sustained']:.0%} of {node['peak_bf16'] / 1e12:.0f} TFLOP/s")
-    log(f"one worker: C(b) = {1e3 * wl.compute.fixed_s:.1f} ms + {1e3 * wl.compute.per_image_s:.2f} ms x b")
+    c = wl.compute
+    log(f"one worker: C(b) = {1e3 * c.fixed_s:.2f} ms (optimiser) + max({1e3 * c.host_s:.1f} ms host dispatch, "
+        f"{1e3 * c.per_image_s:.2f} ms x (b + {c.half_batch:g})); C({cfg.train.batch_size}) = "
+        f"{1e3 * c.time(cfg.train.batch_size):.1f} ms")
     log()
     log("| mode | N | batch/worker | compute ms | all-reduce ms | exposed ms | sync ms | buffer ms | checkpoint ms | step ms | efficiency |")
     log("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -471,6 +495,10 @@ def main(argv=None) -> int:
     log()
     log(f"GPUs to run train.steps = {cfg.train.steps:,} reference steps of {cfg.train.batch_size} images "
         f"({cfg.train.steps * cfg.train.batch_size / 1e6:.2f} M images) within 24 h (candidates 1, 2, 4, ... 256):")
+    breakeven = {t: break_even_sustained(cfg, net, shape, t, a, 1, args.compression) for t in
+                 ("p4d.24xlarge", "p5.48xlarge", "g5.2xlarge")}
+    log("one GPU finishes within 24 h from a sustained fraction of: " + ", ".join(
+        f"{t} ({NODE_TYPES[t]['gpu']}) {'never' if f is None else format(f, '.3f')}" for t, f in breakeven.items()))
     log("| node type | GPU | sustained | mode | fewest GPUs within 24 h | hours there | hours on 1 GPU | hours on 8 GPUs |")
     log("|---|---|---|---|---|---|---|---|")
     for d in day:
@@ -481,8 +509,10 @@ def main(argv=None) -> int:
         "efficiency": res["efficiency"], "node_type": itype, "node_type_reason": why, "gpu": node["gpu"],
         "gpus_per_node": node["gpus"], "compression": args.compression, "config": args.config,
         "breakdown": res["breakdown"], "sensitivity_64": sens, "gpus_in_a_day": day,
+        "one_gpu_in_a_day_from_sustained": breakeven,
         "inputs": {"assumed": a, "node": node, "network": net, "step": shape,
                    "compute_fixed_ms": 1e3 * wl.compute.fixed_s, "compute_per_image_ms": 1e3 * wl.compute.per_image_s,
+                   "compute_host_ms": 1e3 * wl.compute.host_s, "half_batch": wl.compute.half_batch,
                    "grad_bytes": wl.grad_bytes, "last_bucket_share": wl.last_bucket_share,
                    "checkpoint_state_bytes": wl.model_state_bytes, "buffer_slots": wl.buffer_slots,
                    "allreduce_ms_64": 1e3 * allreduce_time(wl.grad_bytes, 64, sysm.cluster)},

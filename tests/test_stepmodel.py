@@ -196,11 +196,18 @@ def test_run_length_and_the_fewest_workers_for_a_deadline():
     assert sm.workers_for_deadline(WORK, SYSTEM, "strong", steps, 1.0, cands) is None
 
 
-def test_gpu_compute_splits_flops_and_fixed_costs():
-    c = sm.gpu_compute(flops_per_image=600e9, peak_flops=300e12, sustained=0.25, ops_per_step=1000,
+def test_gpu_compute_is_paced_by_the_longer_of_device_and_host():
+    c = sm.gpu_compute(flops_per_image=600e9, peak_flops=300e12, sustained=0.25, ops_per_step=10000,
                        op_overhead_s=5e-6, half_batch=8, optimizer_bytes=1.5e9, memory_bandwidth=1.5e12)
-    assert c.per_image_s == pytest.approx(600e9 / 75e12)
-    assert c.fixed_s == pytest.approx(1000 * 5e-6 + 1e-3 + 8 * c.per_image_s)
+    assert c.per_image_s == pytest.approx(600e9 / 75e12)  # 8 ms
+    assert c.host_s == pytest.approx(0.05) and c.fixed_s == pytest.approx(1e-3)
+    assert c.time(64) == pytest.approx(1e-3 + 0.008 * 72)  # device-bound: the host runs ahead
+    assert c.time(1) == pytest.approx(1e-3 + 0.072)  # 9 half-occupancy images' worth still beats the host
+    host_bound = sm.gpu_compute(flops_per_image=1e9, peak_flops=300e12, sustained=0.25, ops_per_step=10000,
+                                op_overhead_s=5e-6)
+    assert host_bound.time(1) == pytest.approx(0.05)
+    # a pass never gets cheaper per image as the batch shrinks
+    assert all(c.time(b) / b >= c.time(2 * b) / (2 * b) for b in (1, 2, 4, 8, 16, 32))
     with pytest.raises(ValueError):
         sm.gpu_compute(flops_per_image=1, peak_flops=1, sustained=0.0, ops_per_step=0, op_overhead_s=0)
     with pytest.raises(ValueError):
