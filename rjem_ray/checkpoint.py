@@ -185,7 +185,8 @@ def _model_for(state: dict[str, Any]):
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Copy checkpoint directory ``src`` to ``dst`` file by file, each file replaced atomically."""
+    """Copy checkpoint directory ``src`` to ``dst`` file by file, each file replaced atomically; rank and buffer
+    files ``src`` lacks are then removed from ``dst``."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     # state.pt last: a reader that finds the new state.pt also finds the files it refers to
@@ -200,4 +201,8 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+    # per-worker files of an earlier checkpoint that ran on more workers would read as this one's (a resized
+    # run); removed only after the new state.pt is in place
+    for stale in [f for pattern in ("rank-*.pt", "buffer-*.pt") for f in dst.glob(pattern) if f.name not in names]:
+        stale.unlink()
     return dst

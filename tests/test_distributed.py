@@ -27,7 +27,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rjem_ray import train_driver
-from rjem_ray.checkpoint import load_state
+from rjem_ray.checkpoint import buffer_parts, load_state
 from rjem_ray.cli import main as rjem_main
 from rjem_ray.config import load_config
 
@@ -35,8 +35,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
-BATCH = 16  # global batch: 8 per worker
-TWO_WORKERS = ["trainer.num_workers=2", f"train.batch_size={BATCH}", "train.log_every=2", "train.checkpoint_every=3"]
+BATCH = 16  # global batch: 8 per worker (strong scaling: these tests count optimiser steps one by one)
+TWO_WORKERS = ["trainer.num_workers=2", "trainer.scaling=strong", f"train.batch_size={BATCH}", "train.log_every=2",
+               "train.checkpoint_every=3"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -126,19 +127,12 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _buffer_parts(ckpt: Path) -> tuple[list[dict], bool]:
-    """The ``LocalReplayBuffer`` states in a checkpoint and whether they are shards of one shared buffer.
-
-    Per-worker buffers: rank 0's in ``state.pt``, rank k's in ``rank-k.pt``. Shared buffer
-    (``rjem_ray.buffer_actor``): rank 0's ``state.pt`` holds every shard, the rank files a marker.
-    """
-    buf = load_state(ckpt).get("buffer")
-    assert isinstance(buf, dict), f"{ckpt} holds no replay buffer"
-    if "shards" in buf:
-        return list(buf["shards"]), True
-    parts = [buf]
-    for f in sorted(ckpt.glob("rank-*.pt"), key=lambda p: int(p.stem.split("-")[1])):
-        parts.append(torch.load(f, map_location="cpu", weights_only=True)["buffer"])
-    return parts, False
+    """The workers' ``LocalReplayBuffer`` states in a checkpoint (``buffer-K.pt``) and whether they lived in
+    shard actors (``buffer.shared: auto``: with more than one worker), whose counters include the prefetched
+    lease of the next step."""
+    parts = buffer_parts(ckpt)
+    assert parts, f"{ckpt} holds no replay buffer"
+    return parts, int(load_state(ckpt)["world_size"]) > 1
 
 
 def _leased(parts: list[dict]) -> int:
@@ -310,3 +304,32 @@ def test_cli_resume_continues_a_stopped_run_from_its_step(ray_session, cache_dir
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(second.info.run_id, "checkpoint")}
     assert {p.name for p in (out / "samples").iterdir()} >= {"energy.png", "pgd.png", "combined.png"}
+
+
+def test_a_run_resized_between_1_and_2_workers_continues_from_its_images_with_its_buffer(ray_session, cache_dir,
+                                                                                       tmp_path):
+    """Weak scaling, one OUT: 1 worker to step 4, 2 workers to step 8, 1 worker to step 10. Each continuation
+    starts at the images the previous one saw, and every saved chain is still in the buffer afterwards except
+    those the new steps leased and rewrote."""
+    out = tmp_path / "run"
+    base = ["train", str(SMOKE), "--out", str(out)]
+    sets = ["train.log_every=2", "train.checkpoint_every=2", "tracking.enabled=false", f"cache_dir={cache_dir}"]
+
+    def run(workers: int, steps: int) -> tuple[dict, torch.Tensor]:
+        args = base + [x for o in sets + [f"trainer.num_workers={workers}", f"train.steps={steps}"] for x in ("--set", o)]
+        assert rjem_main(args) == 0
+        state = load_state(out / "checkpoint")
+        return state, _contents(buffer_parts(out / "checkpoint"))
+
+    one, x1 = run(1, 4)
+    assert (one["step"], one["images_seen"], one["world_size"]) == (4, 64, 1) and len(x1) == 128
+    two, x2 = run(2, 8)  # 2 optimiser steps of 2 x 16 images
+    assert (two["step"], two["images_seen"], two["world_size"], two["global_batch"]) == (8, 128, 2, 32)
+    assert len(x2) == 256  # weak scaling: 128 slots per worker; the first worker kept the saved 128
+    rewritten = 2 * 16 + 16  # rank 0 leased 16 a step (+ its prefetched lease)
+    kept = (x2[:128] == x1).flatten(1).all(1).sum().item()
+    assert kept >= 128 - rewritten
+    back, x3 = run(1, 10)  # two optimiser steps of 16 (one reference step each on one worker)
+    assert (back["step"], back["images_seen"], back["world_size"]) == (10, 160, 1)
+    assert len(x3) == 256  # fewer workers drop no chain
+    assert (x3 == x2).flatten(1).all(1).sum().item() >= 256 - 2 * 16

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rjem_ray.replay_buffer import Lease, LocalReplayBuffer, ReplayBuffer
+from rjem_ray.replay_buffer import Lease, LocalReplayBuffer, ReplayBuffer, regroup, shard_sizes
 
 SHAPE = (3, 2, 2)
 WRITTEN = 7.0  # outside the init range [-1, 1): a slot holding it was written back, not redrawn
@@ -148,3 +148,54 @@ def test_lease_and_write_back_errors():
     with pytest.raises(ValueError, match="not leased"):  # already written back
         buf.write_back(lease.slots, lease.x)
     assert buf.num_outstanding == 0
+
+
+# ---------------------------------------------------------------------------------------------- regrouping
+
+
+def _part(values, seed=0) -> dict:
+    b = LocalReplayBuffer(len(values), lambda n, rng: np.zeros((n, 1, 1, 1), np.float32), 0.0, seed=seed)
+    state = b.state_dict()
+    state["buffer"] = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1)
+    return state
+
+
+def _fresh(n, rng):
+    return np.full((n, 1, 1, 1), -1.0, np.float32)
+
+
+def _values(state) -> list[float]:
+    return state["buffer"].flatten().tolist()
+
+
+def test_shard_sizes_cover_the_buffer_evenly():
+    assert shard_sizes(10, 3) == [4, 3, 3] and sum(shard_sizes(10001, 7)) == 10001
+    with pytest.raises(ValueError, match="cannot split 2 slots into 3"):
+        shard_sizes(2, 3)
+
+
+def test_regroup_keeps_a_part_unchanged_when_the_layout_is_the_same():
+    parts = [_part([1, 2, 3], seed=1), _part([4, 5, 6], seed=2)]
+    assert regroup(parts, 3, 2, 1, _fresh, seed=0) is parts[1]  # contents, RNG and counters as saved
+
+
+def test_regroup_to_more_workers_keeps_every_chain_and_adds_fresh_slots():
+    parts = [_part([1, 2, 3, 4])]  # one worker of 4 slots
+    new = [regroup(parts, 4, 2, r, _fresh, seed=0) for r in range(2)]  # two workers of 4 (weak scaling)
+    assert _values(new[0]) == [1, 2, 3, 4] and _values(new[1]) == [-1, -1, -1, -1]
+    assert new[0]["stats"] == {"leased": 0, "reinit": 0}
+    # every regrouped part loads into a buffer that leases from it
+    b = LocalReplayBuffer(1, _fresh, 0.0)
+    b.load_state_dict(new[0])
+    assert len(b) == 4 and sorted(b.lease(4).x.flatten().tolist()) == [1, 2, 3, 4]
+
+
+def test_regroup_to_fewer_workers_drops_no_chain():
+    parts = [_part([1, 2, 3]), _part([4, 5, 6])]
+    [one] = [regroup(parts, 3, 1, 0, _fresh, seed=0)]
+    assert _values(one) == [1, 2, 3, 4, 5, 6]  # more than per_worker: the saved chains all continue
+    three = [_values(regroup(parts, 2, 3, r, _fresh, seed=0)) for r in range(3)]
+    assert three == [[1, 2], [3, 4], [5, 6]]
+    # different ranks draw their fresh slots from different generators
+    a, b = (regroup([_part([1])], 2, 2, r, lambda n, rng: rng.random((n, 1, 1, 1)), seed=0) for r in (0, 1))
+    assert _values(a)[0] == 1 and _values(a)[1] != _values(b)[0]
