@@ -482,6 +482,9 @@ def main(argv=None) -> int:
                                   ("sustained x2", dict(a, sustained=min(1.0, a["sustained"] * 2)), args.compression, True),
                                   ("no gradient compression", a, "none", True),
                                   ("no checkpoint term", a, args.compression, False),
+                                  ("file system x3 (3 GiB/s, 1.5 GiB/s per client)",
+                                   dict(a, storage_client=3 * a["storage_client"], storage_aggregate=3 * a["storage_aggregate"]),
+                                   args.compression, True),
                                   ("no overlap", dict(a, overlap=0.0), args.compression, True)):
         w = gpu_workload(cfg, net, shape, node, comp, aa)
         if not ckpt:
