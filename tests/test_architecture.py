@@ -25,7 +25,7 @@ ALGORITHMS = ("attacks", "samplers", "energy", "training", "metrics", "gmm", "pr
               "autoattack", "fidelity", "evaluate", "replay_buffer", "models", "data", "checkpoint", "speed",
               "devices", "minnorm", "certify", "gradreg")
 TRACKING = ("tracking",)  # the one module that talks to MLflow
-BASE = ("_torchvision_compat", "config", "images", "storage")
+BASE = ("_torchvision_compat", "config", "ddp", "images", "scaling", "storage")
 PACKAGE_API = ("__init__",)  # layer 1 too; runs first whenever a submodule is imported
 
 

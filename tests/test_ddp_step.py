@@ -50,7 +50,7 @@ class _Fixed:
     """A data stream that always yields the same batch (the rank's part of the global one)."""
 
     def __init__(self, x, y):
-        self.x, self.y = to_model_space(x), y  # what BatchStream yields: floats in [-1, 1]
+        self.x, self.y = to_model_space(x), y  # what ImageStream yields: floats in [-1, 1]
 
     def __next__(self):
         return self.x.clone(), self.y.clone()

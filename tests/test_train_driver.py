@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rjem_ray.checkpoint import load_state
+from rjem_ray.checkpoint import buffer_parts, load_state
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def _kill_group(pgid: int) -> None:
 
 
 def _leased(ckpt: Path) -> int:
-    return int(load_state(ckpt)["buffer"]["stats"]["leased"])
+    return sum(int(part["stats"]["leased"]) for part in buffer_parts(ckpt))
 
 
 def _steps(client: MlflowClient, run_id: str) -> list[int]:
