@@ -76,3 +76,24 @@ def test_images_per_run_do_not_depend_on_the_worker_count():
         optimiser_steps = math.ceil(steps / p.step_increment)
         images = optimiser_steps * p.global_batch
         assert steps * 16 <= images < steps * 16 + p.global_batch
+
+
+def test_min_workers_makes_ray_trains_worker_group_elastic_and_the_gpu_type_is_requested():
+    from rjem_ray.ray_setup import scaling_config
+
+    elastic = scaling_config(_cfg("trainer.num_workers=4", "trainer.min_workers=2"), use_gpu=False)
+    assert elastic.num_workers == (2, 4)
+    fixed = scaling_config(_cfg("trainer.num_workers=4", "trainer.accelerator_type=A100"), use_gpu=True)
+    assert fixed.num_workers == 4 and fixed.accelerator_type == "A100" and fixed.resources_per_worker["GPU"] == 1
+    assert scaling_config(_cfg("trainer.accelerator_type=A100"), use_gpu=False).accelerator_type is None
+
+
+def test_the_resumed_runs_line_says_what_a_resize_changed():
+    from rjem_ray.train_worker import resize_line
+
+    now = plan(_cfg("trainer.num_workers=4"))
+    saved = {"world_size": 2, "global_batch": 32, "scaling": "weak"}
+    line = resize_line(saved, now)
+    assert "2 -> 4 worker(s), global batch 32 -> 64" in line and "lr now 0.002" in line
+    assert resize_line({"world_size": 4, "global_batch": 64, "scaling": "weak"}, now) == ""
+    assert resize_line({}, now) == ""  # a checkpoint from before the worker count was saved
