@@ -2,7 +2,7 @@
 
 Pure arithmetic: no torch, no Ray. ``scripts/scaling_model.py`` fills it with numbers (counted FLOPs and
 operator counts of the paper-scale network, a GPU's rate, a node type's links; or a CPU box's measured
-calibration) and checks it against measured steps; ``docs/SCALING-model.md`` states every input.
+calibration) and checks it against measured steps; ``docs/SCALING.md`` states every input.
 
 One optimiser step of a worker with ``b`` images (``t`` in seconds)::
 

@@ -16,7 +16,7 @@ compression, for N = 1, 8, 16, 64 workers under weak and strong scaling:
 * the replay buffer's lease and write-back to a node-local actor;
 * checkpoints (model, optimiser, every buffer slot) to the shared file system, amortised.
 
-Every constant is in ``NODE_TYPES`` / ``ASSUMED`` below, with where it comes from; ``docs/SCALING-model.md``
+Every constant is in ``NODE_TYPES`` / ``ASSUMED`` below, with where it comes from; ``docs/SCALING.md``
 lists them.
 
 **Checked** (``--validate``, the default): the same model for this box: 1, 2 and 4 gloo workers
@@ -92,7 +92,7 @@ NODE_TYPES = {
     "g5.2xlarge": {"gpu": "A10G-24GB", "gpus": 1, "peak_bf16": 70e12, "hbm": 600 * GB,
                    "nvlink": None, "network": 10 * GBIT, "efa": False},
 }
-# The DDP node type when cluster.yaml names none of the above (documented in docs/SCALING-model.md).
+# The DDP node type when cluster.yaml names none of the above (documented in docs/SCALING.md).
 DEFAULT_NODE_TYPE = "p4d.24xlarge"
 
 # Assumptions (not measured: no GPU cluster here). Each is an input of the model; change it here or by flag.
