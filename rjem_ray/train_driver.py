@@ -154,6 +154,7 @@ def _run_tags(cfg: Config) -> dict[str, str]:
         "ray.cluster_cpus": str(res.get("CPU", 0)),
         "ray.cluster_gpus": str(res.get("GPU", 0)),
         "trainer.num_workers": str(cfg.trainer.num_workers),
+        "trainer.scaling": cfg.trainer.scaling,
         "mlflow.source.git.commit": git_commit(Path(__file__).resolve().parent),
     }
 
