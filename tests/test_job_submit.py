@@ -155,7 +155,8 @@ def test_job_submit_runs_rjem_train_to_succeeded_and_tracks_it_in_mlflow(ray_hea
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     submission_id = f"rjem-test-{uuid.uuid4().hex[:8]}"
     sets = [
-        "trainer.num_workers=2", "train.batch_size=16", "train.steps=3", "train.log_every=1",
+        # weak scaling (the default): 2 workers of 8 images, each optimiser step 2 reference steps
+        "trainer.num_workers=2", "train.batch_size=8", "train.steps=4", "train.log_every=1",
         f"cache_dir={cache_dir}", f"tracking.tracking_uri=sqlite:///{db}",
         f"tracking.artifact_location={tmp_path}/mlartifacts", "tracking.experiment=jobs",
     ]
@@ -177,7 +178,8 @@ def test_job_submit_runs_rjem_train_to_succeeded_and_tracks_it_in_mlflow(ray_hea
     assert "[rjem] done: checkpoint" in done.stdout
 
     # The outputs went to the absolute --out, not into the job's temporary copy of the repository.
-    assert load_state(out / "checkpoint")["step"] == 3
+    state = load_state(out / "checkpoint")
+    assert (state["step"], state["images_seen"], state["global_batch"]) == (4, 32, 16)
     assert (out / "checkpoint" / "rank-1.pt").is_file()  # two Ray Train workers reported
 
     # Exactly one MLflow run, made by this job's driver (Ray's job id of the submission).
@@ -192,7 +194,7 @@ def test_job_submit_runs_rjem_train_to_succeeded_and_tracks_it_in_mlflow(ray_hea
     assert run.info.status == "FINISHED"
     assert tags["ray.nodes"] == "1" and float(tags["ray.cluster_cpus"]) == 4.0
     assert tags["trainer.num_workers"] == "2" and params["trainer.num_workers"] == "2"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [2, 4]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/state.pt"}
     # ... and findable by the id `ray job submit` knows it by.
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`ray.submission_id` = '{submission_id}'")
