@@ -472,3 +472,27 @@ def test_gradreg_keys_are_validated():
                       ("train.gradreg_norm=l1", "train.gradreg_norm: 'l1' is not allowed")):
         with pytest.raises(ConfigError, match=frag.replace("(", r"\(")):
             load_config("tune_configs/smoke.yaml", [bad])
+
+
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_without_batchnorm_the_loss_batches_go_through_one_forward_with_the_same_logits_and_gradients(norm):
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm=norm).train()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    joint = JointForward(model)
+    assert joint.concat
+    xs = [torch.randn(4, 1, 12, 12) for _ in range(4)]
+    out = joint(*xs)
+    assert calls == [16]  # one call on the concatenated batch
+    loss = sum((o * (k + 1)).sum() for k, o in enumerate(out))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    separate = [model(x) for x in xs]
+    for a, b in zip(out, separate):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ref = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(separate)), list(model.parameters()))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    assert not JointForward(_wrn()).concat  # BatchNorm: each batch keeps its own statistics
+    a, b, c = JointForward(model)(xs[0], None, xs[2])  # absent batches stay None
+    assert b is None and a.shape == c.shape == (4, 10)
