@@ -52,7 +52,7 @@ import torch
 
 from .checkpoint import atomic_torch_save
 from .gmm import ClassConditionalGMM, as_init_fn
-from .replay_buffer import Lease, LocalReplayBuffer, check_write_back
+from .replay_buffer import Lease, LocalReplayBuffer, as_numpy, check_write_back
 
 SHARED_KIND = "shared-replay-buffer-v2"
 SNAPSHOT_FILE = "shard-{j}.pt"
@@ -63,10 +63,6 @@ MAX_TASK_RETRIES = 3  # a call in flight when the shard died is re-run once it i
 def is_shared_state(state: Any) -> bool:
     """Whether ``state`` is a :class:`SharedReplayBuffer` marker (its contents are in the shard)."""
     return isinstance(state, dict) and state.get("kind") == SHARED_KIND
-
-
-def _as_numpy(a) -> np.ndarray:
-    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
 def gmm_arrays(gmm: ClassConditionalGMM) -> dict:
@@ -211,7 +207,7 @@ class BufferShard:
         """Load ``state`` (a ``LocalReplayBuffer`` state; ``None``: the kept snapshot), revoke every lease
         (new epoch) and persist it; returns the epoch."""
         if state is not None:
-            state = {**state, "buffer": torch.from_numpy(np.array(_as_numpy(state["buffer"]), dtype=np.float32))}
+            state = {**state, "buffer": torch.from_numpy(np.array(as_numpy(state["buffer"]), dtype=np.float32))}
         self._buffer.load_state_dict(self._kept if state is None else state)
         self.keep(snapshot_id)
         self.epoch = _new_epoch()
@@ -243,7 +239,7 @@ def create_worker_shard(gmm: ClassConditionalGMM, size: int, *, rank: int, reini
 
     node = ray.get_runtime_context().get_node_id()
     snapshot_dir = Path(snapshot_dir or tempfile.mkdtemp(prefix="rjem-buffer-"))
-    state = None if initial_state is None else {**initial_state, "buffer": _as_numpy(initial_state["buffer"])}
+    state = None if initial_state is None else {**initial_state, "buffer": as_numpy(initial_state["buffer"])}
     reserve = max(4, int(np.ceil(2 * batch * reinit_freq)))
     handle = _BufferShardActor.options(
         num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
@@ -341,7 +337,7 @@ class SharedReplayBuffer:
         if is_shared_state(state):
             ray.get(self.shard.restore.remote(None, state["snapshot_id"]))
         else:
-            ray.get(self.shard.restore.remote({**state, "buffer": _as_numpy(state["buffer"])}, uuid.uuid4().hex))
+            ray.get(self.shard.restore.remote({**state, "buffer": as_numpy(state["buffer"])}, uuid.uuid4().hex))
             self.size = int(ray.get(self.shard.info.remote())["size"])
 
     def reset_leases(self) -> None:

@@ -161,8 +161,7 @@ class LocalReplayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore contents, RNG and counters (size and image shape follow the saved buffer); drops all leases."""
-        buffer = state["buffer"]
-        buffer = buffer.detach().cpu().numpy() if isinstance(buffer, torch.Tensor) else np.asarray(buffer)
+        buffer = as_numpy(state["buffer"])
         if buffer.ndim < 2 or buffer.shape[0] < 1:
             raise ValueError(f"state['buffer'] must be [size >= 1, C, H, W], got shape {buffer.shape}")
         rng_state = state["rng"]
@@ -191,9 +190,13 @@ def shard_sizes(total: int, num_shards: int) -> list[int]:
     return [base + (j < extra) for j in range(num_shards)]
 
 
+def as_numpy(a) -> np.ndarray:
+    """A tensor's (or array-like's) values as a numpy array (a buffer state's contents may be either)."""
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
 def _contents(state: dict) -> np.ndarray:
-    b = state["buffer"]
-    return b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
+    return as_numpy(state["buffer"])
 
 
 def regroup(parts: list[dict], per_worker: int, world_size: int, rank: int, init_fn: InitFn, seed: int) -> dict:
@@ -229,4 +232,4 @@ def regroup(parts: list[dict], per_worker: int, world_size: int, rank: int, init
     }
 
 
-__all__ = ["InitFn", "Lease", "LocalReplayBuffer", "ReplayBuffer", "regroup", "shard_sizes"]
+__all__ = ["InitFn", "Lease", "LocalReplayBuffer", "ReplayBuffer", "as_numpy", "regroup", "shard_sizes"]
