@@ -130,16 +130,16 @@ class BufferShard:
     Created through :func:`create_worker_shard` (one call at a time, so the local buffer needs no lock).
     ``gmm`` is :func:`gmm_arrays` of the mixture; ``initial_state`` (a ``LocalReplayBuffer`` state, e.g.
     this worker's part of a checkpoint) replaces the fill from the mixture; ``reserve`` is how many
-    mixture draws to keep ready (:class:`DrawReserve`).
+    mixture draws to keep ready (:class:`DrawReserve`); ``noise_init`` the fraction of them that are noise.
     """
 
     def __init__(self, shard_id: int, size: int, gmm: dict, reinit_freq: float, seed: int, snapshot_dir: str,
-                 initial_state: dict | None = None, reserve: int = 0):
+                 initial_state: dict | None = None, reserve: int = 0, noise_init: float = 0.0):
         torch.set_num_threads(1)  # a 0-CPU actor: do not compete with the training workers' threads
         self.shard_id = int(shard_id)
         self.snapshot_file = Path(snapshot_dir) / SNAPSHOT_FILE.format(j=self.shard_id)
         self.snapshot_file.parent.mkdir(parents=True, exist_ok=True)
-        self.reserve = DrawReserve(as_init_fn(_gmm_from_arrays(gmm)), reserve, seed)
+        self.reserve = DrawReserve(as_init_fn(_gmm_from_arrays(gmm), noise_init), reserve, seed)
         init_fn = self.reserve.take
         with warnings.catch_warnings():  # Ray 2.60's property warns about an API it uses itself
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -228,12 +228,14 @@ _BufferShardActor = ray.remote(BufferShard)
 
 
 def create_worker_shard(gmm: ClassConditionalGMM, size: int, *, rank: int, reinit_freq: float = 0.05, seed: int = 0,
-                        batch: int = 1, initial_state: dict | None = None, snapshot_dir: str | Path | None = None):
+                        batch: int = 1, initial_state: dict | None = None, snapshot_dir: str | Path | None = None,
+                        noise_init: float = 0.0):
     """This worker's shard actor, on this process's node (soft affinity: a restart may move it if the node is
     gone), taking no CPU; returns its handle once it is filled and serving.
 
     ``batch`` (slots per lease) sizes the draw reserve: twice the expected re-initialisations of a lease, at
-    least 4. ``snapshot_dir`` (default: a directory under this node's temp dir) keeps the restart file.
+    least 4. ``noise_init``: the fraction of fresh draws that are uniform noise (``gmm.as_init_fn``).
+    ``snapshot_dir`` (default: a directory under this node's temp dir) keeps the restart file.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -244,7 +246,8 @@ def create_worker_shard(gmm: ClassConditionalGMM, size: int, *, rank: int, reini
     handle = _BufferShardActor.options(
         num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
-    ).remote(int(rank), int(size), gmm_arrays(gmm), reinit_freq, int(seed), str(snapshot_dir), state, reserve)
+    ).remote(int(rank), int(size), gmm_arrays(gmm), reinit_freq, int(seed), str(snapshot_dir), state, reserve,
+             float(noise_init))
     ray.get(handle.info.remote())
     return handle
 

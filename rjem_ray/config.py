@@ -59,7 +59,11 @@ MIN_NORM_RUNS = ("logbarrier-l2", "logbarrier-linf", "proxlogbarrier-l0", "proxl
 MIN_NORM_REFERENCES = ("fab", "none")
 CERTIFY_METHODS = ("smoothing", "gaussian-average")
 DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "svhn")
-OOD_NAMES = DATASET_NAMES + ("uniform", "gaussian")
+# OOD detection (rjem_ray/ood.py describes each): synthetic shifts, then the datasets; scores
+OOD_SHIFTS = ("uniform", "gaussian", "smooth", "constant", "photos", "inverted") + DATASET_NAMES
+OOD_SCORES = ("logsumexp", "max_softmax", "grad_norm")
+# keys that were renamed: the unknown-key error names the new one
+RENAMED_KEYS = {"eval.ood_dataset": "eval.ood_shifts (a list, e.g. [svhn] or [auto])"}
 
 
 @dataclass
@@ -136,6 +140,10 @@ BUFFER_SHARED = ("auto", "true", "false")
 class BufferConfig:
     size: int = 10000  # slots per worker under weak scaling; of the whole buffer under strong
     reinit_freq: float = 0.05
+    # Of the fresh chains (reinit_freq), the fraction that starts from uniform noise on [-1, 1] instead of the
+    # Gaussian mixture (JEM starts every chain from noise, JEM++ none): negatives that also visit noise teach
+    # the energy to rank it below data (docs/RESULTS.md "An energy that is also a density").
+    noise_init: float = 0.0
     gmm_max_mb: int = 256  # memory bound for the class-conditional Gaussian mixture factors
     # Where each worker's slots live (rjem_ray/buffer_actor.py): true = in a shard actor the worker creates on
     # its own node (survives the worker's process; draws reinitialisations off the step); false = inside the
@@ -251,12 +259,20 @@ class EvalConfig:
     ebr_pseudo_count: float = 1.0  # E[BR]: added to each bin's correct and wrong counts (1 = Laplace's rule)
     fid_extractor: str = "auto"  # auto: inception for natural images, reference-classifier for digits
     # FID/KID of the same samples in a second feature space, reported as fid_2/kid_2 beside fid/kid.
-    # auto: robust-reference-classifier (features targeted PGD cannot fool) where fid_extractor is the
+    # auto: robust-reference-classifier (an adversarially trained reference; measured: a plain classifier's targeted
+    # PGD still lowers its FID below the seeds', docs/RESULTS.md) where fid_extractor is the
     # plain reference-classifier, none otherwise.
     fid_second_extractor: str = "auto"
     fid_samples: int = 1000
     inception_weights: str | None = None  # local Inception weights for offline clusters
-    ood_dataset: str = "uniform"
+    # OOD detection (rjem_ray/ood.py): the test split against each shift, AUROC per score; auto = the dataset's
+    # suite (ood.DEFAULT_SHIFTS). ood_auroc, the headline, is the worst shift under the logsumexp score.
+    ood_shifts: list[str] = field(default_factory=lambda: ["auto"])
+    ood_scores: list[str] = field(default_factory=lambda: list(OOD_SCORES))
+    ood_samples: int = 1000  # images per shift (at most the test split's size for `inverted`)
+    # precision / recall (Kynkäänniemi et al. 2019, torch-fidelity's) of the FID samples against as many training
+    # images drawn at random (seed 0), k-th nearest neighbour radii, in the FID's first feature space
+    prc_neighborhood: int = 3
     # min-norm (rjem_ray/minnorm.py): per-image minimum-norm perturbations on a seeded subset; distances in
     # [-1, 1] units (L0: changed pixels); the curve and the plot also give them on the [0, 1] scale
     min_norm_runs: list[str] = field(default_factory=lambda: list(MIN_NORM_RUNS))
@@ -342,6 +358,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise ConfigError(f"{prefix}{key} was renamed {RENAMED_KEYS[prefix + key]}")
     if unknown:
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]!s}; allowed keys under {prefix.rstrip('.') or 'the top level'}: "
@@ -457,6 +476,7 @@ def validate(cfg: Config) -> None:
     _validate_sampler("sampler", cfg.sampler)
     _at_least("buffer.size", cfg.buffer.size, 1)
     _between("buffer.reinit_freq", cfg.buffer.reinit_freq, 0.0, 1.0)
+    _between("buffer.noise_init", cfg.buffer.noise_init, 0.0, 1.0)
     _at_least("buffer.gmm_max_mb", cfg.buffer.gmm_max_mb, 1)
     if isinstance(cfg.buffer.shared, bool):
         cfg.buffer.shared = "true" if cfg.buffer.shared else "false"
@@ -552,7 +572,20 @@ def validate(cfg: Config) -> None:
     _choice("eval.fid_extractor", e.fid_extractor, FID_EXTRACTORS)
     _choice("eval.fid_second_extractor", e.fid_second_extractor, SECOND_FID_EXTRACTORS)
     _at_least("eval.fid_samples", e.fid_samples, 2)
-    _choice("eval.ood_dataset", e.ood_dataset, OOD_NAMES)
+    if not e.ood_shifts:
+        raise ConfigError(f"eval.ood_shifts: empty; list auto or one or more of {', '.join(OOD_SHIFTS)}")
+    for name in e.ood_shifts:
+        _choice("eval.ood_shifts", name, ("auto",) + OOD_SHIFTS)
+        if name == cfg.data.name:
+            raise ConfigError(f"eval.ood_shifts: {name!r} is the in-distribution dataset (data.name); choose another")
+    if not e.ood_scores:
+        raise ConfigError(f"eval.ood_scores: empty; list one or more of {', '.join(OOD_SCORES)}")
+    for name in e.ood_scores:
+        _choice("eval.ood_scores", name, OOD_SCORES)
+    if "logsumexp" not in e.ood_scores:
+        raise ConfigError("eval.ood_scores: must include logsumexp (ood_auroc, the headline figure, is its worst shift)")
+    _at_least("eval.ood_samples", e.ood_samples, 1)
+    _at_least("eval.prc_neighborhood", e.prc_neighborhood, 1)
     if not e.min_norm_runs:
         raise ConfigError(f"eval.min_norm_runs: empty; list one or more of {', '.join(MIN_NORM_RUNS)}")
     for r in e.min_norm_runs:

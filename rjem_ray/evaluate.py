@@ -17,30 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import METRIC_NAMES, Config, ConfigError
 from .data import dataset_info, load_split, to_model_space, to_uint8
 
 Progress = Callable[[str], None]
-
-
-def _ood_images(cfg: Config, n: int, like: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, str]:
-    """Out-of-distribution inputs in [-1, 1] with the in-distribution shape."""
-    name = cfg.eval.ood_dataset
-    shape = (n,) + tuple(like.shape[1:])
-    if name == "uniform":
-        return torch.rand(shape, generator=generator) * 2 - 1, "uniform noise on [-1, 1]"
-    if name == "gaussian":
-        return (torch.randn(shape, generator=generator) * 0.5).clamp(-1, 1), "Gaussian noise (std 0.5, clamped)"
-    imgs, _ = load_split(name, "test", cfg.data.data_dir)
-    x = to_model_space(imgs[:n])
-    c = like.shape[1]
-    if x.shape[1] != c:  # grey <-> colour
-        x = x.mean(1, keepdim=True) if c == 1 else x.repeat(1, c // x.shape[1], 1, 1)
-    if x.shape[-2:] != like.shape[-2:]:
-        x = F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
-    return x, f"{name} test split"
 
 
 def fid_extractor_for(cfg: Config) -> str:
@@ -88,8 +69,7 @@ def evaluate_model(
     for m in metrics:
         if m not in METRIC_NAMES:
             raise ConfigError(f"--metrics: {m!r} is not a metric; choose from {', '.join(METRIC_NAMES)}")
-    from .metrics import (accuracy, energy_scores, expected_bayes_ratio, expected_calibration_error, ood_auroc,
-                          predict_logits, robust_accuracy)
+    from .metrics import accuracy, expected_bayes_ratio, expected_calibration_error, predict_logits, robust_accuracy
 
     e = cfg.eval
     device = next(model.parameters()).device
@@ -203,13 +183,16 @@ def evaluate_model(
                                            "for it, Campbell et al.); a heuristic radius otherwise"},
         }
     if "ood" in metrics:
-        progress(f"OOD AUROC against {e.ood_dataset}")
-        x_out, desc = _ood_images(cfg, len(y), x, g)
-        s_in = energy_scores(model, x, e.batch_size).cpu()
-        s_out = energy_scores(model, x_out.to(device), e.batch_size).cpu()
-        out["ood_auroc"] = ood_auroc(s_in, s_out)
-        out["protocol"]["ood_auroc"] = {"score": "-E(x) = logsumexp f(x)", "in": f"{cfg.data.name} test split",
-                                        "out": desc, "num_in": len(s_in), "num_out": len(s_out)}
+        from .ood import ood_report, shifts_for
+
+        shifts = shifts_for(cfg.data.name, e.ood_shifts)
+        progress(f"OOD AUROC against {', '.join(shifts)} ({', '.join(e.ood_scores)})")
+        out["ood"], proto = ood_report(model, x, shifts, list(e.ood_scores), e.ood_samples,
+                                       torch.Generator().manual_seed(seed), cfg.data.data_dir, e.batch_size)
+        worst = min(shifts, key=lambda s: out["ood"][s]["logsumexp"])
+        out["ood_auroc"] = out["ood"][worst]["logsumexp"]
+        out["protocol"]["ood_auroc"] = {**proto, "in": f"{cfg.data.name} test split",
+                                        "headline": f"ood_auroc = the worst shift under logsumexp ({worst})"}
     if "fid" in metrics or "is" in metrics:
         out.update(_fidelity(model, cfg, gmm, metrics, device, progress, seed))
     return out
@@ -319,7 +302,7 @@ def second_fid_extractor_for(cfg: Config) -> str | None:
 
 
 def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed: int) -> dict:
-    from .fidelity import fidelity_metrics
+    from .fidelity import fidelity_metrics, prc_reference
     from .generate import generate
 
     e = cfg.eval
@@ -358,6 +341,21 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
             r = fidelity_metrics(to_uint8(seeds), train_imgs, **spaces[name], device=device, fid=True, kid=True,
                                  isc=False)
             out[f"fid{suffix}_seeds"], out[f"kid{suffix}_seeds"] = r["fid"], r["kid"]
+        # Diversity: precision / recall of the samples and of their seeds against as many training images, in
+        # the first feature space (the FID's).
+        progress("precision / recall of the samples and of their seeds")
+        ref, tag = prc_reference(train_imgs, min(n, len(train_imgs)))
+        space = {**spaces[extractor], "reference_cache_name": spaces[extractor]["reference_cache_name"] + tag}
+        for suffix, imgs in (("", samples), ("_seeds", to_uint8(seeds))):
+            r = fidelity_metrics(imgs, ref, **space, device=device, fid=False, isc=False, prc=True,
+                                 prc_neighborhood=e.prc_neighborhood)
+            out[f"precision{suffix}"], out[f"recall{suffix}"] = r["precision"], r["recall"]
+        proto["precision_recall"] = {
+            "method": "Kynkäänniemi et al. 2019 (torch-fidelity prc): k-th nearest-neighbour balls in the "
+                      f"{extractor} features, k = {e.prc_neighborhood}",
+            "num_samples": n, "num_reference": len(ref),
+            "reference": f"{len(ref)} {cfg.data.name} training images drawn at random (seed 0)",
+        }
     s = cfg.generate.sampler
     proto.update({
         "generation_mode": cfg.generate.mode, "conditional": cfg.generate.conditional,

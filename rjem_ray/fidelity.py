@@ -19,8 +19,10 @@ Feature extractors (``extractor=``):
   :data:`ROBUST_REFERENCE_EPS` in [-1, 1] units). A plain classifier's features can be fooled: targeted
   PGD toward class c on *any* plain classifier transfers to it, so its features say "c" for images that
   still look like their seeds, and a FID in its feature space rewards exactly what the ``pgd`` generation
-  mode does. Small adversarial perturbations barely move a robust network's features, so this FID
-  measures what changed in the image. Reported beside the plain one (``rjem eval``).
+  mode does. Small adversarial perturbations move a robust network's features less, but not too little to
+  matter: measured on the digits, a plain classifier's targeted PGD still lowers this FID below the
+  seeds' (L2: 15.9 vs 23.2, docs/RESULTS.md), so neither space alone proves a pgd-mode sample better
+  than its seed. Reported beside the plain one (``rjem eval``) with the seeds-only row.
 
 Images enter as ``uint8`` NCHW in [0, 255]; grayscale is repeated to three channels for torch-fidelity
 (the reference classifier reads channel 0 back). Reference statistics are cached by torch-fidelity under
@@ -381,6 +383,8 @@ def fidelity_metrics(
     fid: bool = True,
     isc: bool = True,
     kid: bool = False,
+    prc: bool = False,
+    prc_neighborhood: int = 3,
     isc_splits: int = 10,
     batch_size: int = 64,
     device: torch.device | str | None = None,
@@ -399,23 +403,31 @@ def fidelity_metrics(
     companion of FID: FID is biased upward at a few hundred samples, KID is not. It is computed on
     ``min(1000, N_samples, N_reference)``-image subsets (100 of them), as torch-fidelity does.
 
-    Returns ``{"fid", "kid", "kid_std", "inception_score", "inception_score_std", "protocol"}``; ``fid``
-    is present only when ``fid=True``, the KID keys only when ``kid=True`` and the two IS keys only
-    when ``isc=True``. ``protocol`` names the extractor, the
+    Precision and recall (``prc=True``, Kynkäänniemi et al. 2019, torch-fidelity's PRC): a sample is
+    *precise* if it lies within the ``prc_neighborhood``-th nearest-neighbour radius of some reference
+    image (fidelity), a reference image is *recalled* if it lies within that radius of some sample
+    (diversity: samples that collapse onto a few modes recall little). Both are fractions in [0, 1]; the
+    radii depend on the set sizes, so compare them at equal sizes (:func:`prc_reference`).
+
+    Returns ``{"fid", "kid", "kid_std", "inception_score", "inception_score_std", "precision", "recall",
+    "protocol"}``; ``fid`` is present only when ``fid=True``, the KID keys only when ``kid=True``, the
+    two IS keys only when ``isc=True`` and precision/recall only when ``prc=True``. ``protocol`` names the extractor, the
     sample and reference counts, the reference cache name, ``isc_splits`` and the weights used.
     ``device``: where the extractor runs (None: the device this process was given, ``devices.py``).
     """
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {extractor!r}")
-    if not (fid or isc or kid):
-        raise ValueError("fidelity_metrics needs fid=True, kid=True or isc=True")
-    need_reference = fid or kid
+    if not (fid or isc or kid or prc):
+        raise ValueError("fidelity_metrics needs fid=True, kid=True, prc=True or isc=True")
+    if prc and prc_neighborhood < 1:
+        raise ValueError(f"prc_neighborhood must be >= 1, got {prc_neighborhood}")
+    need_reference = fid or kid or prc
     samples = _as_uint8_images(samples_uint8, "samples_uint8")
     n = samples.shape[0]
     reference = None
     if need_reference:
         if reference_uint8 is None:
-            raise ValueError("fid=True or kid=True needs reference_uint8")
+            raise ValueError("fid=True, kid=True or prc=True needs reference_uint8")
         reference = _as_uint8_images(reference_uint8, "reference_uint8")
         if n < 2 or reference.shape[0] < 2:
             raise ValueError(f"FID needs >= 2 images per set, got {n} samples and {reference.shape[0]} reference")
@@ -453,6 +465,8 @@ def fidelity_metrics(
         fid=fid,
         isc=isc,
         kid=kid,
+        prc=prc,
+        prc_neighborhood=int(prc_neighborhood),
         isc_splits=isc_splits,
         feature_extractor=EXTRACTORS[extractor],
         feature_extractor_weights_path=None if weights_path is None else str(weights_path),
@@ -476,6 +490,9 @@ def fidelity_metrics(
     if kid:
         out["kid"] = float(raw["kernel_inception_distance_mean"])
         out["kid_std"] = float(raw["kernel_inception_distance_std"])
+    if prc:
+        out["precision"] = float(raw["precision"])
+        out["recall"] = float(raw["recall"])
     if isc:
         out["inception_score"] = float(raw["inception_score_mean"])
         out["inception_score_std"] = float(raw["inception_score_std"])
@@ -487,4 +504,16 @@ def fidelity_metrics(
         "isc_splits": int(isc_splits),
         "weights": weights,
     }
+    if prc:
+        out["protocol"]["prc_neighborhood"] = int(prc_neighborhood)
     return out
+
+
+def prc_reference(images_uint8: Tensor, n: int, seed: int = 0) -> tuple[Tensor, str]:
+    """``n`` reference images drawn at random (seeded) for precision/recall against ``n`` samples, and the
+    suffix that names them in the reference cache (``-prc<n>s<seed>``): PRC's k-NN radii shrink as a set
+    grows, so samples and reference must be the same size for the two figures to mean what they say."""
+    if not 1 <= n <= len(images_uint8):
+        raise ValueError(f"prc_reference: n must be in [1, {len(images_uint8)}], got {n}")
+    idx = torch.randperm(len(images_uint8), generator=torch.Generator().manual_seed(seed))[:n]
+    return images_uint8[idx], f"-prc{n}s{seed}"

@@ -168,16 +168,23 @@ class ClassConditionalGMM:
         )
 
 
-def as_init_fn(gmm: ClassConditionalGMM) -> Callable[[int, np.random.Generator], np.ndarray]:
+def as_init_fn(gmm: ClassConditionalGMM, noise_init: float = 0.0) -> Callable[[int, np.random.Generator], np.ndarray]:
     """Adapt ``gmm`` to the replay buffer's ``InitFn``: ``(n, rng) -> float32 [n, C, H, W]`` (classes uniform).
 
-    The torch generator is seeded from ``rng``, so the draws are a function of the numpy RNG state
-    (a restored buffer replays the same reinitialisations).
+    Each draw is, independently with probability ``noise_init``, uniform noise on [-1, 1] instead of a
+    mixture sample (``buffer.noise_init``: chains that start from noise, as JEM's all do). The torch
+    generator is seeded from ``rng``, so the draws are a function of the numpy RNG state (a restored
+    buffer replays the same reinitialisations).
     """
+    if not 0.0 <= noise_init <= 1.0:
+        raise ValueError(f"noise_init must be in [0, 1], got {noise_init}")
 
     def init_fn(n: int, rng: np.random.Generator) -> np.ndarray:
         g = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         x, _ = gmm.sample(n, generator=g)
+        if noise_init > 0:
+            noise = torch.rand(n, generator=g) < noise_init
+            x[noise] = torch.rand((int(noise.sum()),) + tuple(x.shape[1:]), generator=g) * 2 - 1
         return x.numpy()
 
     return init_fn

@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
     images, labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
     gmm = load_train_gmm(cfg, images, labels) if cfg.uses_energy else None
     with _checkpoint_dir(config) as (directory, resumed_from):
-        state, part = (read_checkpoint(directory, cfg, rank, world, as_init_fn(gmm) if gmm else None)
+        state, part = (read_checkpoint(directory, cfg, rank, world, as_init_fn(gmm, cfg.buffer.noise_init) if gmm else None)
                        if directory is not None else (None, None))
     buffer = None
     if cfg.uses_energy and cfg.buffer.is_shared(world):
@@ -151,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         p = plan(cfg, world)
         shard = create_worker_shard(gmm, p.buffer_per_worker, rank=rank, reinit_freq=cfg.buffer.reinit_freq,
+                                    noise_init=cfg.buffer.noise_init,
                                     seed=cfg.train.seed + 104729 * rank, batch=p.batch_per_worker, initial_state=part)
         buffer = SharedReplayBuffer(shard, rank=rank)
     learner = Learner(

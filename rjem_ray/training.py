@@ -417,7 +417,7 @@ class Learner:
                     raise ValueError("energy modes need the Gaussian-mixture initialisation (gmm)")
                 buffer = LocalReplayBuffer(
                     self.plan.buffer_per_worker,
-                    as_init_fn(gmm),
+                    as_init_fn(gmm, cfg.buffer.noise_init),
                     cfg.buffer.reinit_freq,
                     seed=cfg.train.seed + 104729 * rank,
                 )

@@ -67,8 +67,9 @@ def main() -> None:
           f"model: the no-op baseline)")
     if "fid_2" in m:
         second = f["second_extractor"]["extractor"]
-        print(f"  FID ({second})  {m['fid_2']:.3f}   (seeds alone {m['fid_2_seeds']:.3f}; features that targeted "
-              f"PGD cannot fool)")
+        print(f"  FID ({second})  {m['fid_2']:.3f}   (seeds alone {m['fid_2_seeds']:.3f}; an adversarially "
+              f"trained reference's features: a plain classifier's targeted PGD still beats the seeds there, "
+              f"docs/RESULTS.md)")
     print(f"  Inception score       {m['inception_score']:.3f}   (same samples and extractor)")
     print(f"  time                  train {t_train / 60:.1f} min, total {total / 60:.1f} min")
     print(f"  samples               {out / 'samples'}/{{energy,pgd,combined}}.png")

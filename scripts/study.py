@@ -149,10 +149,13 @@ def summarise(results: list[dict]) -> dict:
         put("rollbacks", r["rollbacks"])
         put("diverged", 1.0 if r["diverged"] else 0.0)
         put("train_s", r["train_s"])
+        for shift, by_score in e.get("ood", {}).items():
+            for score, value in by_score.items():
+                put(f"ood.{shift}.{score}", value)
         for gm, ge in r["generation"].items():
-            for key in ("fid", "kid", "inception_score", "fid_2", "kid_2"):
+            for key in ("fid", "kid", "inception_score", "fid_2", "kid_2", "precision", "recall"):
                 put(f"{gm}.{key}", ge.get(key))
-            for key in ("fid_seeds", "fid_2_seeds", "kid_seeds", "kid_2_seeds"):
+            for key in ("fid_seeds", "fid_2_seeds", "kid_seeds", "kid_2_seeds", "precision_seeds", "recall_seeds"):
                 put(f"seeds.{key.replace('_seeds', '')}", ge.get(key))
     return groups
 
@@ -172,6 +175,7 @@ def check_claims(groups: dict) -> list[dict]:
         ("Robust JEM-Energy FID < JEM++ FID (plain reference features)", "energy.fid", "jempp:energy.fid", "lt"),
         ("Robust JEM-Energy FID < JEM++ FID (robust reference features)", "energy.fid_2", "jempp:energy.fid_2", "lt"),
         ("Robust JEM (combined) IS > JEM++ IS", "combined.inception_score", "jempp:energy.inception_score", "gt"),
+        ("Robust JEM-Energy recall ≥ JEM++'s (diversity)", "energy.recall", "jempp:energy.recall", "ge"),
         ("Robustness ≫ JEM++ (AutoAttack accuracy, +0.2 or more)", "robust_accuracy", "jempp:robust_accuracy", "gt+0.2"),
         ("Training stability (no more rollbacks or divergences than JEM++)", "rollbacks", "jempp:rollbacks", "le"),
     ]
@@ -184,7 +188,7 @@ def check_claims(groups: dict) -> list[dict]:
                 verdict = "not measured"
             else:
                 ok = [
-                    (x < y) if op == "lt" else (x > y) if op == "gt" else (x >= y + 0.2) if op == "gt+0.2" else (x <= y)
+                    (x < y) if op == "lt" else (x > y) if op == "gt" else (x >= y + 0.2) if op == "gt+0.2" else (x >= y) if op == "ge" else (x <= y)
                     for x, y in pairs
                 ]
                 verdict = "holds" if all(ok) else "does not hold" if not any(ok) else "mixed"
@@ -209,19 +213,31 @@ def write_markdown(path: Path, groups: dict, claims: list[dict], meta: dict) -> 
                      f"{_fmt(r['pgd_robust_accuracy'])} | {_fmt(r['ece'])} | {_fmt(r['ood_auroc'])} | "
                      f"{_fmt(r['rollbacks'], 1)} | {_fmt(r['train_s'], 0)} |")
     lines += ["", "## Generation (FID ↓ / KID ↓ in the plain and the robust reference classifier's features, IS ↑)", "",
-              "| model | mode | FID (plain) | FID (robust) | KID (robust) | IS |", "|---|---|---|---|---|---|"]
+              "| model | mode | FID (plain) | FID (robust) | KID (robust) | IS | precision | recall |",
+              "|---|---|---|---|---|---|---|---|"]
     first = next(iter(groups.values()), None)
     if first is not None and "seeds.fid" in first["rows"]:
         r = first["rows"]
         lines.append(f"| Gaussian-mixture seeds alone (no model) | — | {_fmt(r['seeds.fid'], 1)} | "
-                     f"{_fmt(r['seeds.fid_2'], 1)} | {_fmt(r['seeds.kid_2'], 4)} | — |")
+                     f"{_fmt(r['seeds.fid_2'], 1)} | {_fmt(r['seeds.kid_2'], 4)} | — | "
+                     f"{_fmt(r.get('seeds.precision', []))} | {_fmt(r.get('seeds.recall', []))} |")
     for name, g in groups.items():
         r = g["rows"]
         for gm in GEN_MODES:
             if f"{gm}.fid" not in r:
                 continue
             lines.append(f"| {name} | {gm} | {_fmt(r[f'{gm}.fid'], 1)} | {_fmt(r.get(f'{gm}.fid_2', []), 1)} | "
-                         f"{_fmt(r.get(f'{gm}.kid_2', []), 4)} | {_fmt(r[f'{gm}.inception_score'], 2)} |")
+                         f"{_fmt(r.get(f'{gm}.kid_2', []), 4)} | {_fmt(r[f'{gm}.inception_score'], 2)} | "
+                         f"{_fmt(r.get(f'{gm}.precision', []))} | {_fmt(r.get(f'{gm}.recall', []))} |")
+    shifts = list(dict.fromkeys(k.split(".")[1] for g in groups.values() for k in g["rows"] if k.startswith("ood.")))
+    if shifts:
+        scores = list(dict.fromkeys(k.split(".")[2] for g in groups.values() for k in g["rows"] if k.startswith("ood.")))
+        lines += ["", "## OOD detection: AUROC of the test split against each shift (score: " + " / ".join(scores) + ")",
+                  "", "| model | " + " | ".join(shifts) + " |", "|---|" + "---|" * len(shifts)]
+        for name, g in groups.items():
+            r = g["rows"]
+            lines.append(f"| {name} | " + " | ".join(
+                " / ".join(_fmt(r.get(f"ood.{sh}.{sc}", []), 3) for sc in scores) for sh in shifts) + " |")
     lines += ["", "## The paper's claims, checked here", "", "| claim | robust-jem ε | Robust JEM | JEM++ | verdict |",
               "|---|---|---|---|---|"]
     for c in claims:
@@ -242,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="take a run whose OUT/runs/<name>.json exists from that file instead of training it again "
                         "(adds seeds to an earlier study; the protocol must be the same)")
+    p.add_argument("--gen-modes", default=",".join(GEN_MODES),
+                   help="generation modes whose FID/IS/precision/recall each model gets (default: all three)")
     p.add_argument("--tiny", action="store_true",
                    help="a few steps of tiny models and small evaluation sets (for tests)")
     a = p.parse_args(argv)
@@ -258,17 +276,22 @@ def main(argv: list[str] | None = None) -> int:
             "eval.autoattack_attacks=[apgd-ce]", "eval.autoattack_max_samples=24", "eval.fid_samples=40",
         ] + overrides
     from rjem_ray.config import load_config
+    from rjem_ray.ood import shifts_for
 
     modes = [m for m in a.modes.split(",") if m]
     for m in modes:
         if m not in MODES:
             p.error(f"--modes: {m!r} is not a training mode; choose from {', '.join(MODES)}")
+    gen_modes = [m for m in a.gen_modes.split(",") if m]
+    for m in gen_modes:
+        if m not in GEN_MODES:
+            p.error(f"--gen-modes: {m!r} is not a generation mode; choose from {', '.join(GEN_MODES)}")
     eps_list = [float(e) for e in a.eps.split(",") if e]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     cfg = load_config(a.config, overrides)  # validated once, at the edge
     metrics = ["accuracy", "autoattack", "robust", "ece", "ood"]
     jobs = [{**r, "out": str(out), "config": a.config, "overrides": overrides, "metrics": metrics,
-             "gen_modes": list(GEN_MODES), "eval_seed": 0} for r in plan(modes, eps_list, seeds, cfg.attack.eps)]
+             "gen_modes": gen_modes, "eval_seed": 0} for r in plan(modes, eps_list, seeds, cfg.attack.eps)]
     results, reused = [], []
     if a.reuse:
         for job in list(jobs):
@@ -310,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         f"generation: pgd {cfg.generate.pgd_norm} ε {cfg.generate.pgd_eps}, {cfg.generate.pgd_steps} steps; contrast κ {cfg.generate.contrast} "
         f"about the {cfg.generate.contrast_center}; sampler {cfg.generate.sampler.kind} {cfg.generate.sampler.steps}×"
         f"{cfg.generate.sampler.inner_steps} lr {cfg.generate.sampler.step_size}",
-        f"ECE {e.ece_bins} bins; OOD AUROC with score −E(x) against {e.ood_dataset}",
+        f"ECE {e.ece_bins} bins; OOD AUROC (sklearn roc_auc_score) of the test split against each of "
+        f"{', '.join(shifts_for(cfg.data.name, e.ood_shifts))} ({e.ood_samples} images each), scores "
+        f"{', '.join(e.ood_scores)}; `ood_auroc` is the worst shift under logsumexp f(x) = −E(x)",
     ]
     meta = {"command": "python scripts/study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d"), "wall_min": wall, "jobs": a.jobs,

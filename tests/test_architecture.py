@@ -23,7 +23,7 @@ FORBIDDEN = ("ray", "mlflow")
 # the prior and checkpoint files.
 ALGORITHMS = ("attacks", "samplers", "energy", "training", "metrics", "gmm", "prior", "generate", "masking",
               "autoattack", "fidelity", "evaluate", "replay_buffer", "models", "data", "checkpoint", "speed",
-              "devices", "minnorm", "certify", "gradreg")
+              "devices", "minnorm", "certify", "gradreg", "ood")
 TRACKING = ("tracking",)  # the one module that talks to MLflow
 BASE = ("_torchvision_compat", "config", "ddp", "images", "scaling", "storage")
 PACKAGE_API = ("__init__",)  # layer 1 too; runs first whenever a submodule is imported

@@ -285,3 +285,41 @@ def test_kid_is_near_zero_for_two_halves_of_the_data_and_large_for_noise(classif
         assert half["protocol"]["num_reference"] == 200
         assert far["kid"] > 10
         assert abs(half["kid"]) < 0.15 * far["kid"]
+
+
+# ---------------------------------------------------------------- precision / recall (diversity)
+
+
+def test_precision_recall_see_fidelity_and_diversity_apart(classifier, digits, tmp_path):
+    """Held-out digits of every class: high precision and recall. One class only: still precise (real
+    digits), but most of the reference is not recalled. Noise: neither."""
+    x_tr, _, x_te, y_te = digits
+    ref, tag = fd.prc_reference(x_tr, 150)
+    assert tag == "-prc150s0" and len(ref) == 150
+
+    def prc(samples):
+        return _fid(samples, ref, classifier, tmp_path, "digits8-ref" + tag, fid=False, isc=False, prc=True)
+
+    real = prc(x_te[:150])
+    ones = x_te[y_te == 1][:40].repeat(4, 1, 1, 1)[:150]  # one class, few distinct images
+    noise = prc(torch.randint(0, 256, (150, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    single = prc(ones)
+    print({k: (round(v["precision"], 3), round(v["recall"], 3)) for k, v in
+           {"real": real, "single": single, "noise": noise}.items()})
+    assert real["precision"] > 0.8 and real["recall"] > 0.8
+    assert single["recall"] < 0.3 < real["recall"] - 0.3
+    assert single["precision"] > 0.5
+    assert noise["precision"] < real["precision"] - 0.5 and noise["recall"] < 0.1
+    assert real["protocol"]["prc_neighborhood"] == 3 and "fid" not in real
+
+
+def test_prc_reference_is_a_seeded_subset_and_refuses_bad_sizes(digits):
+    x_tr = digits[0]
+    a, _ = fd.prc_reference(x_tr, 50, seed=1)
+    b, _ = fd.prc_reference(x_tr, 50, seed=1)
+    c, _ = fd.prc_reference(x_tr, 50, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    rows = {bytes(x.numpy()) for x in x_tr}
+    assert all(bytes(x.numpy()) in rows for x in a)
+    with pytest.raises(ValueError, match="n must be in"):
+        fd.prc_reference(x_tr, len(x_tr) + 1)
