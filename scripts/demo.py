@@ -60,7 +60,12 @@ def main() -> None:
     for w in m.get("masking", {}).get("warnings", []):
         print(f"  masking warning       {w}")
     print(f"  ECE (20 bins)         {m['ece']:.4f}")
-    print(f"  OOD AUROC             {m['ood_auroc']:.4f}   (score −E(x), vs {m['protocol']['ood_auroc']['out']})")
+    o = m["protocol"]["ood_auroc"]
+    print(f"  OOD AUROC             {m['ood_auroc']:.4f}   (the worst shift, score logsumexp f(x) = −E(x); "
+          f"{o['num_in']} test digits vs {len(m['ood'])} shifts)")
+    for shift, by_score in m["ood"].items():
+        print(f"    {shift:<19} " + "  ".join(f"{k} {v:.3f}" for k, v in by_score.items())
+              + f"   ({o['shifts'][shift]['images']})")
     print(f"  FID                   {m['fid']:.3f}   ({f['num_samples']} {f['generation_mode']}-mode samples vs "
           f"{f['reference_set']}, {f['extractor']} features)")
     print(f"  FID, seeds alone      {m['fid_seeds']:.3f}   (the Gaussian-mixture draws the samples start from, no "
@@ -71,6 +76,11 @@ def main() -> None:
               f"trained reference's features: a plain classifier's targeted PGD still beats the seeds there, "
               f"docs/RESULTS.md)")
     print(f"  Inception score       {m['inception_score']:.3f}   (same samples and extractor)")
+    if "recall" in m:
+        pr = f["precision_recall"]
+        print(f"  precision / recall    {m['precision']:.3f} / {m['recall']:.3f}   (seeds alone {m['precision_seeds']:.3f} / "
+              f"{m['recall_seeds']:.3f}; k = {pr['method'].rsplit('= ', 1)[-1]}, {pr['num_samples']} samples vs "
+              f"{pr['num_reference']} training digits)")
     print(f"  time                  train {t_train / 60:.1f} min, total {total / 60:.1f} min")
     print(f"  samples               {out / 'samples'}/{{energy,pgd,combined}}.png")
     print(f"  metrics               {metrics_file}")
