@@ -11,11 +11,35 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _study():
+    return _load("study")
+
+
+def test_frontier_reads_knobs_and_checks_every_target(tmp_path):
+    frontier = _load("frontier")
+    run = {"seed": 0, "train_s": 600.0, "eval": {"accuracy": 0.972, "robust_accuracy": 0.71, "ood_auroc": 0.96,
+                                                 "ood": {"uniform": {"logsumexp": 0.99}, "photos": {"logsumexp": 0.96}}},
+           "generation": {"energy": {"fid": 19.0, "fid_seeds": 47.0, "recall": 0.5, "recall_seeds": 0.6}}}
+    cmd = "python scripts/study.py --set buffer.noise_init=0.5 --set 'train.energy_l2=0.01' --out x"
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": cmd}, "runs": [run]}))
+    (row,) = frontier.rows([tmp_path])
+    assert row["knobs"] == "buffer.noise_init=0.5 train.energy_l2=0.01" and row["meets"] is True
+    for key, bad in (("accuracy", 0.969), ("robust_accuracy", 0.69), ("ood_auroc", 0.949)):
+        run["eval"][key] = bad
+        (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": cmd}, "runs": [run]}))
+        assert frontier.rows([tmp_path])[0]["meets"] is False, key
+        run["eval"][key] = 0.99
+    run["generation"]["energy"]["fid"] = 20.5
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": cmd}, "runs": [run]}))
+    assert frontier.rows([tmp_path])[0]["meets"] is False
+    assert "| `buffer.noise_init=0.5 train.energy_l2=0.01` | 0 |" in frontier.markdown(frontier.rows([tmp_path]))
 
 
 def test_plan_runs_robust_jem_at_every_eps_and_every_mode_per_seed():
@@ -65,12 +89,22 @@ def test_tiny_study_writes_its_table(tmp_path, cache_dir):
         assert set(r["generation"]) == {"energy", "pgd", "combined"}
         for g in r["generation"].values():
             assert g["fid"] > 0 and g["fid_seeds"] > 0
+            assert 0 <= g["precision"] <= 1 and 0 <= g["recall"] <= 1 and 0 <= g["recall_seeds"] <= 1
+        ood = r["eval"]["ood"]
+        assert set(ood) == {"uniform", "photos", "smooth", "inverted"}
+        assert r["eval"]["ood_auroc"] == min(v["logsumexp"] for v in ood.values())
         # the seeds row does not depend on the model: both runs drew the same seeds
     seeds = {r["generation"]["energy"]["fid_seeds"] for r in res["runs"]}
     assert len(seeds) == 1
     md = (out / "RESULTS.md").read_text()
     assert "| classifier |" in md and "robust-jem (ε 0.6 = 0.3 on [0, 1])" in md
     assert "Gaussian-mixture seeds alone" in md and "## The paper's claims, checked here" in md
+    assert "| model | uniform | photos | smooth | inverted |" in md and "| precision | recall |" in md
+    frontier = _load("frontier")
+    table = frontier.rows([out])
+    assert [r["knobs"] for r in table] == ["cache_dir=%s eval.fid_second_extractor=none" % cache_dir] * 2
+    assert all(r["meets"] is False for r in table)  # six tiny steps reach no target
+    assert "| OOD photos |" in frontier.markdown(table)
     assert len(list((out / "grids").glob("*.png"))) == 6
     # --reuse adds to an earlier study: runs already in OUT/runs are read back, not trained again
     before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("state.pt")}
