@@ -23,7 +23,8 @@ def test_is_a_replay_buffer_and_filled_by_init_fn():
     assert isinstance(lease, Lease)
     assert lease.x.dtype == np.float32 and lease.x.shape == (10, *SHAPE)
     assert lease.slots.dtype == np.int64 and lease.reinit.dtype == bool
-    assert np.all(np.abs(lease.x) <= 1)
+    # the contents are init_fn's first draw from the generator seeded with `seed` (0), slot i holding draw i
+    np.testing.assert_array_equal(lease.x, init_fn(10, np.random.default_rng(0))[lease.slots])
 
 
 @pytest.mark.parametrize("freq", [0.05, 0.0, 1.0])
@@ -64,14 +65,26 @@ def test_leased_slots_are_distinct_and_outstanding_leases_disjoint():
     assert set(again.slots) == set(leases[0].slots)  # only those were free
 
 
-def test_lease_returns_a_copy():
+def _contents_of(buf: LocalReplayBuffer) -> np.ndarray:
+    """The stored images, read through the public state dict (a copy, in slot order)."""
+    return buf.state_dict()["buffer"].numpy()
+
+
+@pytest.mark.parametrize("n", [4, 3])  # every slot (contiguous slots, where a slice would be a view) and some
+def test_lease_returns_a_copy(n):
     buf = LocalReplayBuffer(4, init_fn, reinit_freq=0.0)
-    lease = buf.lease(4)
-    before = lease.x.copy()
-    lease.x[:] = 99
-    buf.write_back(lease.slots, before)
-    again = buf.lease(4)
-    np.testing.assert_array_equal(again.x[np.argsort(again.slots)], before[np.argsort(lease.slots)])
+    stored = _contents_of(buf)
+    lease = buf.lease(n)
+    np.testing.assert_array_equal(lease.x, stored[lease.slots])  # the lease holds the stored images ...
+    lease.x[:] = 99  # ... and a caller scribbling on them (the sampler updates x in place) leaves the buffer alone
+    np.testing.assert_array_equal(_contents_of(buf), stored)
+    # written back, the slots hold what was written, and changing that array later changes nothing either
+    new = np.full_like(lease.x, 5.0)
+    buf.write_back(lease.slots, new)
+    new[:] = 42
+    after = _contents_of(buf)
+    assert np.all(after[lease.slots] == 5.0)
+    np.testing.assert_array_equal(np.delete(after, lease.slots, axis=0), np.delete(stored, lease.slots, axis=0))
 
 
 def test_state_dict_round_trip_restores_contents_and_rng(tmp_path):
