@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rjem_ray.attacks import STEPS, L2Step, LinfStep, pgd
+from rjem_ray.attacks import L2Step, LinfStep, pgd
 
 SHAPE = (1, 4, 4)
 CLASSES = 3
@@ -152,5 +152,84 @@ def test_step_directions():
     assert torch.allclose(l2[0, 0, 0, 0], torch.tensor(0.3)) and torch.isfinite(l2).all()
 
 
-def test_registry_names_every_step():
-    assert STEPS == {"linf": LinfStep, "l2": L2Step}
+def test_linf_project_is_the_nearest_point_of_the_cube_then_the_box():
+    """``clamp(x0 + clamp(x − x0, −ε, ε), −1, 1)``, entry by entry."""
+    x0 = torch.tensor([0.5, 0.5, 0.5, 0.9, -0.9, 0.0]).view(1, 1, 2, 3)
+    x = torch.tensor([0.9, 0.1, 0.6, 1.5, -1.5, 0.0]).view(1, 1, 2, 3)
+    got = LinfStep(eps=0.3, step_size=0.1).project(x, x0)
+    #              clipped to x0+ε, x0−ε, inside (kept), the box's 1 and −1 win over x0±ε, unchanged
+    want = torch.tensor([0.8, 0.2, 0.6, 1.0, -1.0, 0.0]).view(1, 1, 2, 3)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_l2_project_scales_back_along_the_perturbation_and_keeps_the_inside():
+    """``x0 + δ · min(1, ε/‖δ‖₂)`` per sample: outside, the point of the sphere on the segment to x0."""
+    x0 = torch.zeros(3, *SHAPE)
+    x = torch.zeros(3, *SHAPE)
+    x[0, 0, 0, 0], x[0, 0, 1, 1] = 0.6, -0.8   # ‖δ‖ = 1 > ε = 0.5: halved
+    x[1, 0, 2, 2], x[1, 0, 3, 3] = 0.3, 0.4    # ‖δ‖ = 0.5 = ε: unchanged
+    x[2, 0, 0, 1] = 0.1                         # inside: unchanged
+    got = L2Step(eps=0.5, step_size=0.1).project(x, x0)
+    want = x.clone()
+    want[0] *= 0.5
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # a per-sample norm: the far sample does not shrink the others (a batch-wide norm would)
+    assert torch.equal(got[2], x[2])
+
+
+def test_linf_random_start_is_uniform_over_the_cube():
+    """``x0 + U[−ε, ε]^d``: per-pixel offsets have mean 0, variance ε²/3 and fill the cube to its faces."""
+    x0 = torch.zeros(4000, *SHAPE)
+    delta = LinfStep(eps=0.3, step_size=0.1).random_start(x0, torch.Generator().manual_seed(0)) - x0
+    # 64k draws: sd of the mean ≈ 0.17/253 ≈ 7e-4, of the variance ≈ 0.03·√(0.8/64000) ≈ 1e-4.
+    assert abs(delta.mean().item()) < 4e-3
+    assert abs(delta.var().item() - 0.3**2 / 3) < 1e-3  # a normal or a corner draw has another variance
+    assert delta.abs().max() <= 0.3 and delta.abs().max() > 0.299
+    assert (delta.abs() < 0.03).float().mean().item() == pytest.approx(0.1, abs=0.01)  # flat density
+
+
+def test_l2_random_start_is_uniform_in_volume_over_the_ball():
+    """Radius ``ε · U^{1/d}`` (so ``(r/ε)^d ~ U[0, 1]``) and a uniform direction."""
+    n, d = 20000, 16
+    x0 = torch.zeros(n, *SHAPE)
+    delta = L2Step(eps=0.5, step_size=0.1).random_start(x0, torch.Generator().manual_seed(0)) - x0
+    r = _l2(delta) / 0.5
+    assert r.max() <= 1 + 1e-6
+    u = r.double() ** d
+    # U[0, 1]: mean 1/2, variance 1/12 (sd of the mean ≈ 0.002); ε·U (no 1/d power) gives mean 1/(d+1)
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    # isotropic: every pixel's mean offset ~ 0 and the per-pixel second moments equal (E δ_i² = ε² E r² / d)
+    flat = delta.flatten(1).double()
+    assert flat.mean(0).abs().max() < 0.01
+    second = (flat**2).mean(0)
+    assert torch.allclose(second, torch.full_like(second, 0.25 * d / (d + 2) / d), rtol=0.06)
+
+
+def _linear_two_class(w: torch.Tensor) -> nn.Module:
+    """Logits ``[0, ⟨w, x⟩]``: CE(f(x), 0) grows with ⟨w, x⟩, CE(f(x), 1) falls with it."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(w.numel(), 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.zeros_like(w.flatten()), w.flatten()]))
+    return model
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("targeted", [False, True])
+def test_pgd_reaches_the_exact_maximiser_for_a_linear_classifier(norm, targeted):
+    """Against logits ``[0, ⟨w, x⟩]`` the untargeted loss CE(·, 0) (and the targeted loss towards class 1)
+    is maximised (minimised) over the ball at ``x0 + ε·sign(w)`` for L∞ and ``x0 + ε·w/‖w‖₂`` for L2,
+    clamped to [−1, 1] where the box cuts the L∞ ball. PGD from x0 gets there and stays."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(SHAPE, generator=g)
+    x0 = (torch.rand(2, *SHAPE, generator=g) - 0.5) * 0.8  # inside [-0.4, 0.4]: the box does not bind ...
+    if norm == "linf":
+        x0[1, 0, 0, 0] = 0.95 * torch.sign(w[0, 0, 0])  # ... except here, where x0 + ε·sign(w) leaves [-1, 1]
+    eps = 0.1 if norm == "linf" else 0.5
+    y = torch.full((2,), 1 if targeted else 0)
+    x_adv = pgd(_linear_two_class(w), x0, y, eps=eps, steps=20, step_size=eps / 4, norm=norm, targeted=targeted,
+                random_start=False)
+    direction = w.sign() if norm == "linf" else w / w.norm()
+    want = (x0 + eps * direction).clamp(-1, 1)
+    torch.testing.assert_close(x_adv, want, atol=1e-5, rtol=0)
+    if norm == "linf":
+        assert x_adv[1, 0, 0, 0].abs().item() == 1.0
