@@ -1,6 +1,9 @@
-import pytest
+from pathlib import Path
 
-from rjem_ray.config import Config, ConfigError, apply_overrides, load_config, parse_override
+import pytest
+import yaml
+
+from rjem_ray.config import Config, ConfigError, apply_overrides, dump_config, load_config, parse_override
 
 
 def test_defaults_validate_and_round_trip():
@@ -8,10 +11,42 @@ def test_defaults_validate_and_round_trip():
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
-def test_every_shipped_config_loads():
-    for name in ("smoke", "demo", "cifar10"):
-        cfg = load_config(f"tune_configs/{name}.yaml")
-        assert cfg.name
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _at(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+EXPERIMENT_CONFIGS = sorted(p for p in Path("tune_configs").glob("*.yaml") if not p.name.startswith("tune-"))
+
+
+def test_the_experiment_configs_are_found():
+    assert {p.stem for p in EXPERIMENT_CONFIGS} >= {"smoke", "demo", "cifar10"}
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_with_the_values_its_file_spells(path, tmp_path):
+    """Every key the YAML file sets reaches the loaded config unchanged (ints may become floats), the file
+    differs from the defaults (so this is not a comparison of defaults with defaults), and the loaded
+    config survives dump -> load."""
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    loaded, default = cfg.to_dict(), Config.from_dict({}).to_dict()
+    spelled = list(_leaves(raw))
+    assert spelled and cfg.name == raw["name"]
+    for key, value in spelled:
+        assert _at(loaded, key) == value, (".".join(key), value, _at(loaded, key))
+    assert sum(_at(default, key) != value for key, value in spelled) >= 5
+    dump_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
 
 
 def test_cifar10_config_has_the_papers_settings():
