@@ -162,6 +162,10 @@ def test_hundred_classes_cifar_dim_fit_stays_within_budget():
     max_bytes = 16 * 2**20
     gmm = fit_class_gmm(x, y, k, max_bytes=max_bytes)
     assert gmm.nbytes <= max_bytes and gmm.rank == choose_rank(k, 3072, max_bytes)[0]
+    # 3 images in 3,072 dims (the thin-SVD path): S has rank 2 <= r, so the factor carries S itself
+    xc = x[y == 7].reshape(n_per, -1).double()
+    lc = gmm.factors[7].double()
+    torch.testing.assert_close(lc @ lc.T, torch.cov(xc.T), atol=1e-6, rtol=0)
     xs, ys = gmm.sample(8, generator=g)
     assert xs.shape == (8, 3, 32, 32) and torch.isfinite(xs).all()
 
@@ -257,3 +261,98 @@ def test_fit_and_draws_match_a_dense_reference(data, rank):
     dense = gmm.means[classes] + torch.einsum("ndr,nr->nd", gmm.factors[classes], z) + gmm.resid_std[classes] * e
     assert torch.equal(labels, classes)
     torch.testing.assert_close(draws, dense.clamp(-1, 1).reshape(-1, *SHAPE), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ fewer images than dimensions (n < D)
+# The low-rank path takes the thin SVD of the centred class data instead of eigh(S) when n_c < D, as for
+# CIFAR-100 (500 images a class in 3,072 dims). S then has rank n_c − 1: the model keeps its top r
+# eigenpairs (zero-padded when r exceeds the n_c singular values) plus the exact marginal variances.
+
+SHAPE_WIDE = (3, 4, 4)  # D = 48
+D_WIDE = 48
+N_WIDE = (20, 14, 31)  # images per class, all below D
+
+
+@pytest.fixture(scope="module")
+def wide_data():
+    """Three classes of fewer images than dimensions, correlated, with distinct means and scales."""
+    g = torch.Generator().manual_seed(5)
+    xs, ys = [], []
+    for c, n in enumerate(N_WIDE):
+        mean = torch.rand(D_WIDE, generator=g) * 0.6 - 0.3
+        mix = torch.randn(D_WIDE, D_WIDE, generator=g) * 0.03 * (c + 1) / D_WIDE**0.5
+        xs.append(mean + torch.randn(n, D_WIDE, generator=g) @ mix.T)
+        ys.append(torch.full((n,), c))
+    return torch.cat(xs).reshape(-1, *SHAPE_WIDE), torch.cat(ys)
+
+
+def _dense_reference(xc: np.ndarray, r: int, jitter: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, ``U_r Λ_r U_rᵀ`` and ``Σ̂ = U_r Λ_r U_rᵀ + diag(diag S − diag(U_r Λ_r U_rᵀ) + jitter)`` from
+    numpy's dense unbiased covariance ``S`` and its full eigendecomposition (no SVD)."""
+    s = np.cov(xc, rowvar=False, ddof=1)
+    lam, u = np.linalg.eigh(s)
+    lam, u = np.clip(lam[::-1][:r], 0, None), u[:, ::-1][:, :r]
+    top = (u * lam) @ u.T
+    resid = np.clip(np.diag(s) - np.diag(top), 0, None) + jitter
+    return xc.mean(0), top, top + np.diag(resid)
+
+
+@pytest.mark.parametrize("rank", [5, 40])  # r < n_c − 1 for every class, and r > n_c (the padded directions)
+def test_thin_svd_path_matches_dense_covariance_when_images_are_fewer_than_dimensions(wide_data, rank):
+    x, y = wide_data
+    jitter = 1e-4
+    gmm = fit_class_gmm(x, y, len(N_WIDE), rank=rank, jitter=jitter)
+    assert gmm.rank == rank and gmm.factors.shape == (len(N_WIDE), D_WIDE, rank)
+    for c, n in enumerate(N_WIDE):
+        xc = x[y == c].reshape(n, D_WIDE).double().numpy()
+        mean, top, cov = _dense_reference(xc, rank, jitter)
+        lc = gmm.factors[c].double().numpy()
+        scale = np.abs(cov).max()  # ~1e-3 · (c + 1)²: tolerances relative to the class's spread
+        np.testing.assert_allclose(gmm.means[c].double().numpy(), mean, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(lc @ lc.T, top, atol=1e-5 * scale, rtol=0)
+        np.testing.assert_allclose(gmm.covariance(c).numpy(), cov, atol=1e-5 * scale, rtol=0)
+        # S has rank n − 1: with r >= n − 1 the factor carries all of S and the residual is the jitter alone
+        if rank >= n - 1:
+            np.testing.assert_allclose(lc @ lc.T, np.cov(xc, rowvar=False), atol=1e-5 * scale, rtol=0)
+            np.testing.assert_allclose(gmm.resid_std[c].double().numpy() ** 2, jitter, rtol=1e-4)
+        # the top direction's variance is the largest eigenvalue of S (the n − 1 normalisation, squared singular values)
+        col_var = (lc**2).sum(0)
+        np.testing.assert_allclose(col_var.max(), np.linalg.eigvalsh(np.cov(xc, rowvar=False))[-1], rtol=1e-5)
+
+
+def test_thin_svd_path_matches_the_dense_eigh_path_on_the_same_class(wide_data):
+    """The same class fitted at n < D (thin SVD) and with its images repeated past D (n ≥ D, eigh of S):
+    repeating every image k times scales S by k·(n − 1)/(k·n − 1), so the factors agree after that rescaling."""
+    x, y = wide_data
+    rank, k = 6, 3
+    c = 2
+    xc = x[y == c]
+    n = xc.shape[0]
+    assert n < D_WIDE <= k * n
+    thin = fit_class_gmm(xc, torch.zeros(n), 1, rank=rank, jitter=0.0)
+    dense = fit_class_gmm(xc.repeat(k, 1, 1, 1), torch.zeros(k * n), 1, rank=rank, jitter=0.0)
+    ratio = k * (n - 1) / (k * n - 1)
+    lt, ld = thin.factors[0].double(), dense.factors[0].double()
+    scale = (lt @ lt.T).abs().max().item()
+    torch.testing.assert_close(ld @ ld.T, ratio * (lt @ lt.T), atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(dense.resid_std[0].double() ** 2, ratio * thin.resid_std[0].double() ** 2,
+                               atol=1e-5 * scale, rtol=0)
+
+
+def test_thin_svd_path_draws_have_the_dense_mean_and_covariance(wide_data):
+    """Many draws of each class reproduce numpy's dense μ_c and Σ̂_c at n < D."""
+    x, y = wide_data
+    rank, jitter, m = 5, 1e-4, 40000
+    gmm = fit_class_gmm(x, y, len(N_WIDE), rank=rank, jitter=jitter)
+    g = torch.Generator().manual_seed(3)
+    for c, n in enumerate(N_WIDE):
+        mean, _, cov = _dense_reference(x[y == c].reshape(n, D_WIDE).double().numpy(), rank, jitter)
+        xs, _ = gmm.sample(m, classes=torch.full((m,), c), generator=g)
+        assert xs.abs().max() < 1  # no clamping at these scales: the draws are the Gaussian itself
+        xs = xs.reshape(m, D_WIDE).double().numpy()
+        sd = np.sqrt(np.diag(cov))
+        # mean error sd/√m: 5 standard errors per pixel
+        assert np.all(np.abs(xs.mean(0) - mean) < 5 * sd / np.sqrt(m))
+        # covariance entry error ≈ sd_i·sd_j·√(2/m) at most: 6 of those, against entries up to sd_i·sd_j
+        emp = np.cov(xs, rowvar=False)
+        assert np.all(np.abs(emp - cov) < 6 * np.outer(sd, sd) * np.sqrt(2 / m))
