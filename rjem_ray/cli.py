@@ -299,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message as one line: a YAML parser's report spans several (where, the text, a caret under
+    the column), and all but the carets say something, so the lines are joined rather than cut."""
+    lines = (line.strip() for line in str(exc).splitlines())
+    return " ".join(line for line in lines if line.strip("^")) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
@@ -311,15 +318,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    # OSError: a path given on the command line or in the config that cannot be read (missing, a directory,
+    # no permission); its message names the path.
+    except (ConfigError, DataError, CheckpointError, ValueError, OSError) as exc:
         if os.environ.get("RJEM_DEBUG"):
             raise
-        print(f"rjem {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rjem {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except TrainingFailed as exc:
         if os.environ.get("RJEM_DEBUG"):
             raise
-        print(f"rjem {args.command}: training failed: {exc}", file=sys.stderr)
+        print(f"rjem {args.command}: training failed: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"rjem {args.command}: interrupted", file=sys.stderr)

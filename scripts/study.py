@@ -87,7 +87,7 @@ def train_and_evaluate(job: dict) -> dict:
         save_checkpoint(ckpt, last["state"], gmm.state_dict())
     result = {**{k: job[k] for k in ("name", "mode", "eps", "seed")}, "train_s": round(train_s, 1),
               "rollbacks": learner.rollbacks, "diverged": diverged, "steps": learner.step_count,
-              "checkpoint": str(ckpt)}
+              "checkpoint": str(ckpt), "overrides": overrides}
     model = learner.model.eval()
     t1 = time.time()
     base = evaluate_model(model, cfg, job["metrics"], gmm=gmm, seed=job["eval_seed"])
@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (separate processes when > 1)")
     p.add_argument("--set", action="append", default=[], help="overrides for every run (key.sub=value)")
+    p.add_argument("--mode-set", action="append", default=[], metavar="MODE:KEY=VALUE",
+                   help="an override for one training mode's runs, after --set (e.g. a baseline at its tuned "
+                        "settings: jempp:train.energy_weight=1.0)")
     p.add_argument("--reuse", action="store_true",
                    help="take a run whose OUT/runs/<name>.json exists from that file instead of training it again "
                         "(adds seeds to an earlier study; the protocol must be the same)")
@@ -289,8 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     eps_list = [float(e) for e in a.eps.split(",") if e]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     cfg = load_config(a.config, overrides)  # validated once, at the edge
+    per_mode: dict[str, list[str]] = {}
+    for item in a.mode_set:
+        mode, sep, kv = item.partition(":")
+        if not sep or mode not in MODES or "=" not in kv:
+            p.error(f"--mode-set {item!r}: expected MODE:key=value with MODE one of {', '.join(MODES)}")
+        per_mode.setdefault(mode, []).append(kv)
+    for mode, extra in per_mode.items():
+        load_config(a.config, overrides + extra + [f"train.mode={mode}"])  # each mode's config validated here too
     metrics = ["accuracy", "autoattack", "robust", "ece", "ood"]
-    jobs = [{**r, "out": str(out), "config": a.config, "overrides": overrides, "metrics": metrics,
+    jobs = [{**r, "out": str(out), "config": a.config, "overrides": overrides + per_mode.get(r["mode"], []),
+             "metrics": metrics,
              "gen_modes": gen_modes, "eval_seed": 0} for r in plan(modes, eps_list, seeds, cfg.attack.eps)]
     results, reused = [], []
     if a.reuse:
@@ -322,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     e = cfg.eval
     protocol = [
         f"base config `{a.config}` with `{' '.join(overrides) or '(no overrides)'}`; every model: {cfg.train.steps} "
-        f"steps of batch {cfg.train.batch_size}, WRN-{cfg.model.depth}-{cfg.model.widen}, {cfg.optim.name} lr {cfg.optim.lr}",
+        f"steps of batch {cfg.train.batch_size}, WRN-{cfg.model.depth}-{cfg.model.widen}, {cfg.optim.name} lr {cfg.optim.lr}"
+        + "".join(f"; {mode} also `{' '.join(extra)}`" for mode, extra in per_mode.items()),
         f"test split of {cfg.data.name}; AutoAttack ({e.autoattack_version}"
         + (f": {', '.join(e.autoattack_attacks)}" if e.autoattack_version == "custom" else "")
         + f") and PGD-{e.robust_steps} at L∞ ε = {e.robust_eps} in [-1, 1] = {e.robust_eps / 2} on [0, 1] for every model, "

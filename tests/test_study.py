@@ -22,6 +22,14 @@ def _study():
     return _load("study")
 
 
+def test_mode_set_names_what_is_wrong(tmp_path, capsys):
+    study = _study()
+    for bad in ("jempp", "gan:train.steps=1", "jempp:train.steps"):
+        with pytest.raises(SystemExit):
+            study.main(["--mode-set", bad, "--out", str(tmp_path)])
+        assert f"--mode-set {bad!r}: expected MODE:key=value" in capsys.readouterr().err
+
+
 def test_frontier_reads_knobs_and_checks_every_target(tmp_path):
     frontier = _load("frontier")
     run = {"seed": 0, "train_s": 600.0, "eval": {"accuracy": 0.972, "robust_accuracy": 0.71, "ood_auroc": 0.96,
@@ -79,9 +87,13 @@ def test_tiny_study_writes_its_table(tmp_path, cache_dir):
     study = _study()
     out = tmp_path / "study"
     rc = study.main(["--tiny", "--modes", "classifier,robust-jem", "--eps", "0.6", "--seeds", "0", "--jobs", "1",
-                     "--out", str(out), "--set", f"cache_dir={cache_dir}", "--set", "eval.fid_second_extractor=none"])
+                     "--out", str(out), "--set", f"cache_dir={cache_dir}", "--set", "eval.fid_second_extractor=none",
+                     "--mode-set", "robust-jem:buffer.noise_init=0.5"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
+    extra = {r["mode"]: "buffer.noise_init=0.5" in r["overrides"] for r in res["runs"]}
+    assert extra == {"classifier": False, "robust-jem": True}
+    assert "robust-jem also `buffer.noise_init=0.5`" in res["meta"]["protocol"][0]
     assert {r["name"] for r in res["runs"]} == {"classifier-s0", "robust-jem-eps0.6-s0"}
     for r in res["runs"]:
         assert r["steps"] == 6 and Path(r["checkpoint"], "state.pt").is_file()
