@@ -210,25 +210,165 @@ def test_divergence_is_final_even_with_retries_left(tmp_path, ray_session, cache
     assert "resumed_at_step" not in run.data.tags
 
 
-@pytest.mark.parametrize(
-    "argv, fragment",
-    [
-        (["train", "tune_configs/smoke.yaml", "--set", "attack.eps=-0.1"], "attack.eps: -0.1 is out of range"),
-        (["train", "tune_configs/smoke.yaml", "--set", "attack.steps=0"], "attack.steps: 0 is out of range"),
-        (["train", "tune_configs/smoke.yaml", "--set", "attack.epsilon=1"], "unknown key attack.epsilon"),
-        (["train", "tune_configs/smoke.yaml", "--set", "data.name=imagenet"], "data.name: 'imagenet' is not allowed"),
-        (["train", "tune_configs/smoke.yaml", "--set", "data.name=cifar10"], "data_dir"),
-        (["train", "tune_configs/smoke.yaml", "--set", "data.name=cifar10", "--set", "data.data_dir=/no/such/dir"],
-         "/no/such/dir"),
-        (["train", "tune_configs/missing.yaml"], "does not exist"),
-        (["sample", "/no/such/checkpoint"], "is not a checkpoint"),
-        (["eval", "README.md"], "is not a readable rjem checkpoint"),
-    ],
-)
-def test_bad_input_is_one_clear_line(argv, fragment, capsys):
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained smoke-config checkpoint with its Gaussian mixture: enough for sample/eval to reach their
+    argument checks (made in a second, no training)."""
+    import torch
+
+    from rjem_ray.checkpoint import save_checkpoint
+    from rjem_ray.config import load_config
+    from rjem_ray.data import dataset_info
+    from rjem_ray.gmm import fit_class_gmm
+    from rjem_ray.models import build_model
+
+    cfg = load_config("tune_configs/smoke.yaml")
+    model = build_model(cfg.model, dataset_info(cfg.data.name))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 28, 28, generator=g) * 2 - 1, torch.arange(40) % 10
+    d = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    save_checkpoint(d, {"model": model.state_dict(), "config": cfg.to_dict(), "step": 3},
+                    gmm_state=fit_class_gmm(x, y, 10, rank=2).state_dict())
+    return d
+
+
+SMOKE = "tune_configs/smoke.yaml"
+NO_MLFLOW = ["--set", "tracking.enabled=false"]
+# Every way `rjem` is told something it cannot use, and a fragment of the one line that must say what. {ck} is
+# a readable checkpoint, {tmp} a fresh directory; `train` gets --out {tmp}/run (nothing lands in the repo).
+# None of them starts work: each fails before Ray starts, images are drawn or a sweep runs.
+BAD_INPUT = [
+    # the config file and --set (ConfigError)
+    (["train", SMOKE, "--set", "attack.eps=-0.1"], "attack.eps: -0.1 is out of range"),
+    (["train", SMOKE, "--set", "attack.steps=0"], "attack.steps: 0 is out of range"),
+    (["train", SMOKE, "--set", "attack.epsilon=1"], "unknown key attack.epsilon"),
+    (["train", SMOKE, "--set", "attack.eps=true"], "attack.eps: expected a number, got True"),
+    (["train", SMOKE, "--set", "data.name=imagenet"], "data.name: 'imagenet' is not allowed"),
+    (["train", SMOKE, "--set", "attack.eps"], "--set 'attack.eps': expected key.sub=value"),
+    (["train", SMOKE, "--set", "=3"], "--set '=3': the key is empty or malformed"),
+    (["train", SMOKE, "--set", "attack.eps.x=1"], "--set 'attack.eps.x=1': eps is a value, not a section"),
+    (["train", SMOKE, "--set", "attack=3"], "attack: expected a mapping, got int"),
+    # a YAML parse error spans lines (where, the text, a caret): one line, the location kept
+    (["train", SMOKE, "--set", "attack.eps=[1,"], "--set 'attack.eps=[1,': cannot parse value"),
+    (["train", "{tmp}/broken.yaml"], "broken.yaml' is not valid YAML: while parsing a flow sequence"),
+    (["train", "{tmp}/broken.yaml"], 'line 1, column 7'),
+    (["train", "{tmp}/list.yaml"], "list.yaml' must hold a mapping at the top level"),
+    (["train", "tune_configs/missing.yaml"], "config file 'tune_configs/missing.yaml' does not exist"),
+    # data (DataError)
+    (["train", SMOKE, "--set", "data.name=cifar10"], "data_dir"),
+    (["train", SMOKE, "--set", "data.name=cifar10", "--set", "data.data_dir=/no/such/dir"], "/no/such/dir"),
+    # paths and values checked by the command itself (plain ValueError)
+    (["train", SMOKE, "--out", "s3://bucket/run"], "--out 's3://bucket/run': OUT is a local directory"),
+    (["train", SMOKE, "--set", "trainer.storage_path={tmp}/afile/sub"], "trainer.storage_path '{tmp}/afile/sub' "
+                                                                         "cannot be written"),
+    (["sample", "{ck}", "--class", "10", "--out", "{tmp}/s.png"], "--class 10 is out of range; allowed 0..9"),
+    (["sample", "{ck}", "--class", "-1", "--out", "{tmp}/s.png"], "--class -1 is out of range"),
+    (["sample", "{ck}", "--device", "bogus", "--out", "{tmp}/s.png"], "--device 'bogus' is not a device"),
+    (["sample", "{ck}", "--device", "mps", "--out", "{tmp}/s.png"], "--device 'mps' is not allowed"),
+    (["sample", "{ck}", "--n", "0"], "--n must be >= 1, got 0"),
+    (["sample", "{ck}", "--set", "generate.n=0", "--out", "{tmp}/s.png"], "generate.n: 0 is out of range"),
+    (["sample", "{ck}", "--set", "generate.bogus=1", "--out", "{tmp}/s.png"], "unknown key generate.bogus"),
+    (["sample", "{ck}", "--config", "nope.yaml", "--out", "{tmp}/s.png"], "config file 'nope.yaml' does not exist"),
+    (["eval", "{ck}", "--metrics", "accuracy,bogus"] + NO_MLFLOW, "--metrics: 'bogus' is not a metric; choose from"),
+    (["eval", "{ck}", "--set", "eval.metrics=[bogus]"] + NO_MLFLOW, "eval.metrics: 'bogus' is not allowed"),
+    (["eval", "{ck}", "--json", "{tmp}"] + NO_MLFLOW, "--json '{tmp}' cannot be written (it is a directory)"),
+    (["eval", "{ck}", "--device", "bogus"] + NO_MLFLOW, "--device 'bogus' is not a device"),
+    (["eval", "{ck}", "--set", "attack.eps"] + NO_MLFLOW, "--set 'attack.eps': expected key.sub=value"),
+    # checkpoints that are not there (CheckpointError)
+    (["sample", "/no/such/checkpoint"], "'/no/such/checkpoint' is not a checkpoint"),
+    (["eval", "README.md"], "'README.md' is not a readable rjem checkpoint"),
+    (["train", SMOKE, "--resume", "/no/such/run"] + NO_MLFLOW, "'/no/such/run' is not a checkpoint"),
+    (["eval", "runs:/abc/model", "--set", "tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"],
+     "'runs:/abc/model': MLflow cannot find this model"),
+    # the other commands
+    (["ui", "--set", "tracking.tracking_uri=http://127.0.0.1:5999"], "tracking.tracking_uri is the MLflow server"),
+    (["ui", "--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    (["tune", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    (["tune", SMOKE], "scope: None is not allowed; choose one of sample, train"),
+    (["tune", "tune_configs/tune-smoke-sample.yaml", "--set", "checkpoint=/no/such"], "'/no/such' is not a checkpoint"),
+    (["tune", "tune_configs/tune-smoke-sample.yaml", "--set", "checkpoint={ck}", "--set", "tune.num_samples=0"],
+     "tune.num_samples: 0 is out of range"),
+]
+
+
+def _expand(argv: list[str], tmp_path: Path, ckpt: Path) -> list[str]:
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "afile").write_text("a file, not a directory")
+    argv = [a.format(tmp=tmp_path, ck=ckpt) for a in argv]
+    return argv + ["--out", str(tmp_path / "run")] if argv[0] == "train" and "--out" not in argv else argv
+
+
+def _one_error_line(capsys, command: str) -> str:
+    """The single line `rjem` wrote for the error (MLflow's own log lines about creating a store aside)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if not (" INFO " in ln or " WARNING " in ln)]
+    assert len(lines) == 1 and lines[0].startswith(f"rjem {command}: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    for work in ("rjem_ray.ray_setup.ensure_ray", "rjem_ray.generate.generate", "rjem_ray.tune.cli.run_sweep"):
+        monkeypatch.setattr(work, lambda *a, **k: pytest.fail(f"{argv[0]} started its work"))
+    argv = _expand(argv, tmp_path, tiny_checkpoint)
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err
+    assert fragment.format(tmp=tmp_path) in _one_error_line(capsys, argv[0])
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["sample"], "the following arguments are required: checkpoint"),
+    (["sample", "ck", "--n", "abc"], "argument --n: invalid int value: 'abc'"),
+    (["eval", "ck", "--metrics"], "argument --metrics: expected one argument"),
+])
+def test_bad_arguments_are_argparse_usage_errors(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: rjem") and fragment in err.strip().splitlines()[-1]
+
+
+def test_an_unreadable_path_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """An OSError other than a missing file (no permission, an I/O error) on a path the user gave."""
+    config = tmp_path / "locked.yaml"
+    config.write_text("name: locked\n")
+    real_read = Path.read_text
+
+    def locked(self, *args, **kwargs):
+        if self == config:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", locked)
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    line = _one_error_line(capsys, "train")
+    assert "Permission denied" in line and str(config) in line
+
+
+def test_rjem_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from rjem_ray.config import ConfigError
+
+    monkeypatch.setenv("RJEM_DEBUG", "1")
+    with pytest.raises(ConfigError, match="attack.eps: -0.1 is out of range"):
+        main(["train", SMOKE, "--set", "attack.eps=-0.1", "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="OUT is a local directory"):
+        main(["train", SMOKE, "--out", "s3://bucket/run"])
+
+
+def test_module_entry_point_prints_one_line_for_a_value_error(tmp_path):
+    """`python -m rjem_ray`, as a user's shell sees it: a plain ValueError (not a ConfigError) and a
+    multi-line YAML error each end in one stderr line and exit status 2."""
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    for argv, want in [(["train", SMOKE, "--out", "s3://bucket/run"], "rjem train: error: --out 's3://bucket/run': "
+                                                                       "OUT is a local directory"),
+                       (["train", str(tmp_path / "broken.yaml"), "--out", str(tmp_path / "run")], "is not valid YAML")]:
+        proc = subprocess.run([sys.executable, "-m", "rjem_ray", *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and want in proc.stderr, proc.stderr
 
 
 def test_console_script_prints_no_traceback():
