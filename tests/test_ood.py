@@ -137,3 +137,23 @@ def test_noise_init_starts_that_fraction_of_chains_from_uniform_noise():
     assert np.array_equal(again, draws[0.5])  # a function of the numpy RNG state (restores replay it)
     with pytest.raises(ValueError, match="noise_init must be in"):
         as_init_fn(gmm, 1.5)
+
+
+def test_cifar10_suite_reads_svhn_and_cifar100_through_their_loaders(tmp_path):
+    """The natural-image suite on the files a user has: SVHN's .mat and CIFAR-100's pickles (tests/fakedata.py
+    writes them in the real formats, channel c in [85c, 85c + 84])."""
+    from fakedata import write_cifar100, write_svhn
+
+    write_svhn(tmp_path, n_test=12)
+    write_cifar100(tmp_path, n_test=12)
+    x_in = torch.zeros(5, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    for name in ("svhn", "cifar100"):
+        x, desc = ood.shift_images(name, 8, x_in, g, str(tmp_path))
+        assert x.shape == (8, 3, 32, 32) and desc.startswith(f"{name} test split")
+        # channel order survives: channel c of the fake files lies in [85c, 85c + 84] / 127.5 - 1
+        for c in range(3):
+            lo, hi = 85 * c / 127.5 - 1, (85 * c + 84) / 127.5 - 1
+            assert lo - 1e-6 <= float(x[:, c].min()) and float(x[:, c].max()) <= hi + 1e-6
+    grey, _ = ood.shift_images("svhn", 4, torch.zeros(2, 1, 28, 28), g, str(tmp_path))
+    assert grey.shape == (4, 1, 28, 28)  # colour -> grey, 32 -> 28 for a digits model
