@@ -172,7 +172,7 @@ class Tracker:
                 exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
-        all_tags = dict(tags or {})
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}  # a server's REST API takes strings only
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
