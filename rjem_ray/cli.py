@@ -1,4 +1,4 @@
-"""The ``rjem`` command line: train, sample, eval, tune, ui.
+"""The ``rjem`` command line: train, sample, eval, tune, ui, server, migrate-store.
 
 Bad input ends in one line on stderr naming what was wrong and what is allowed (exit status 2); a run
 that fails (divergence, a crashed worker beyond ``trainer.max_failures``) ends with exit status 1 and
@@ -232,6 +232,52 @@ def cmd_ui(args) -> int:
     return 0  # not reached
 
 
+def cmd_server(args) -> int:
+    """``rjem server``: check the backend store, then run ``mlflow server`` (foreground, or ``--detach``)."""
+    from .tracking import (ARTIFACTS_ENV, BACKEND_ENV, check_database, is_database_uri, masked, resolve_tracking_uri,
+                           server_command, start_server, stop_server)
+
+    backend = args.backend_store_uri or os.environ.get(BACKEND_ENV, "")
+    artifacts = args.artifacts_destination or os.environ.get(ARTIFACTS_ENV, "")
+    if not backend:
+        backend = resolve_tracking_uri(args.fallback_store)
+        print(f"[rjem] WARNING: no database for MLflow ({BACKEND_ENV} unset): runs are kept in {backend} on this "
+              "machine and will not outlive it (`ray down` deletes them); give a PostgreSQL URI (docs/CLUSTER.md)",
+              flush=True)
+    if not artifacts:
+        artifacts = args.fallback_artifacts
+        print(f"[rjem] WARNING: no object store for MLflow's artifacts ({ARTIFACTS_ENV} unset): they go to "
+              f"{artifacts}", flush=True)
+    if not args.detach:
+        if is_database_uri(backend):
+            check_database(backend)
+        cmd = server_command(backend, artifacts, args.host, args.port, args.workers)
+        os.execvp(cmd[0], cmd)
+    pid_file = Path(args.pid_file)
+    if pid_file.is_file():  # the server of an earlier start (`ray up` again): replaced
+        try:
+            stop_server(int(pid_file.read_text().strip()))
+        except ValueError:
+            pass
+    proc = start_server(backend, artifacts, args.host, args.port, args.workers, log=args.log)
+    pid_file.write_text(f"{proc.pid}\n")
+    print(f"[rjem] MLflow server on http://{args.host}:{args.port} (pid {proc.pid}, log {args.log}): runs in "
+          f"{masked(backend)}, artifacts served from {artifacts}", flush=True)
+    return 0
+
+
+def cmd_migrate_store(args) -> int:
+    """``rjem migrate-store``: copy a sqlite store into the server's database (``tracking.migrate_store``)."""
+    from .tracking import ARTIFACTS_ENV, BACKEND_ENV, migrate_store
+
+    target = args.to or os.environ.get(BACKEND_ENV, "")
+    if not target:
+        raise ValueError(f"--to: give the database store (e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/mlflow), "
+                         f"or set {BACKEND_ENV}")
+    migrate_store(args.source, target, args.artifacts_destination or os.environ.get(ARTIFACTS_ENV) or None)
+    return 0
+
+
 MODEL_HELP = ("checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model (looked up in the store of "
               "--set tracking.tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
@@ -293,6 +339,31 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     add_set(u)
     u.set_defaults(func=cmd_ui)
+    v = sub.add_parser("server", help="check the MLflow backend store, then run `mlflow server` on it with artifacts "
+                                      "proxied to an object store (docs/CLUSTER.md)")
+    v.add_argument("--backend-store-uri", help="database store, e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/mlflow "
+                                               "(default $MLFLOW_BACKEND_STORE_URI)")
+    v.add_argument("--artifacts-destination", help="where the server keeps artifacts, e.g. s3://BUCKET/mlflow "
+                                                   "(default $MLFLOW_ARTIFACTS_DESTINATION)")
+    v.add_argument("--fallback-store", default="sqlite:///mlflow.db",
+                   help="the store when no database is given (with a warning: it lives and dies with this machine)")
+    v.add_argument("--fallback-artifacts", default="mlartifacts", help="the artifacts' place when none is given")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=5000)
+    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--detach", action="store_true", help="start it in the background, wait until it answers, "
+                                                         "record its pid in --pid-file (replacing an earlier one)")
+    v.add_argument("--pid-file", default="mlflow-server.pid")
+    v.add_argument("--log", default="mlflow-server.log")
+    v.set_defaults(func=cmd_server)
+
+    m = sub.add_parser("migrate-store", help="copy a sqlite MLflow store (runs, metrics, models, ids kept) into the "
+                                             "server's database, and its local artifacts into its object store")
+    m.add_argument("source", help="the sqlite store, e.g. sqlite:///mlflow.db")
+    m.add_argument("--to", help="the database store (default $MLFLOW_BACKEND_STORE_URI); it must hold no runs yet")
+    m.add_argument("--artifacts-destination", help="the server's artifact store, e.g. s3://BUCKET/mlflow (default "
+                                                   "$MLFLOW_ARTIFACTS_DESTINATION; unset: artifacts stay in place)")
+    m.set_defaults(func=cmd_migrate_store)
     from .tune import add_parser as add_tune_parser
 
     add_tune_parser(sub)

@@ -12,7 +12,9 @@ MLflow's process-wide fluent state.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -258,6 +260,7 @@ def tracker_for(cfg, tags: dict[str, str] | None = None, parent_run_id: str | No
     if not t.enabled:
         return None
     uri, registry = store_uris(t)
+    check_store(uri)  # one line now, not a traceback (or a run in another store) later
     return Tracker.create(
         uri,
         t.experiment,
@@ -570,3 +573,321 @@ def log_evaluation(tracking_uri: str, registry_uri: str | None, experiment: str,
         raise
     tracker.finish()
     return tracker.run_id
+
+
+# ------------------------------------------------------------------------------------------ the store and its server
+# A cluster's runs outlive its head when the one `mlflow server` keeps them in a database server (PostgreSQL) and an
+# object store (s3://...): the server itself then holds nothing (docs/CLUSTER.md). `rjem server` checks the database
+# before it starts the server, so a wrong or unreachable URI is one line at `ray up`, not a traceback in a log;
+# `rjem migrate-store` copies an existing sqlite store into that database.
+
+BACKEND_ENV = "MLFLOW_BACKEND_STORE_URI"  # mlflow server's own variables, read by `rjem server` too
+ARTIFACTS_ENV = "MLFLOW_ARTIFACTS_DESTINATION"
+DATABASE_TIMEOUT_S = 10
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]*)@")
+
+
+class StoreError(ValueError):
+    """A tracking store or server that cannot be used; the message is one line naming it (password masked)."""
+
+
+def masked(uri: str) -> str:
+    """``uri`` with the password of its ``user:password@`` part replaced by ``***``."""
+    return _PASSWORD.sub(r"\1***@", str(uri))
+
+
+def _scrub(text: str, uri: str) -> str:
+    """``text`` (e.g. a driver's error message) without ``uri``'s password in it."""
+    m = _PASSWORD.search(str(uri))
+    secret = m.group(2) if m else ""
+    text = text.replace(str(uri), masked(uri))
+    return text.replace(secret, "***") if len(secret) >= 3 else text
+
+
+def is_database_uri(uri: str) -> bool:
+    """Whether ``uri`` names a database server store (``postgresql://``, ``postgresql+psycopg://``, ``mysql://``,
+    ...): an SQLAlchemy URL other than sqlite."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return scheme.split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mssql")
+
+
+def check_database(uri: str, timeout_s: float = DATABASE_TIMEOUT_S) -> None:
+    """Connect to the database store ``uri`` and run ``SELECT 1``; a :class:`StoreError` (one line, password
+    masked) when the URI is malformed, its driver is missing or the server refuses or does not answer within
+    ``timeout_s``. Nothing is created."""
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    shown = masked(uri)
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme.split("+", 1)[0] == "postgres":
+        raise StoreError(f"{shown}: write postgresql:// (or postgresql+psycopg://), not postgres://")
+    probe = uri
+    if scheme.split("+", 1)[0] in ("postgresql", "mysql") and "connect_timeout=" not in uri:
+        probe += ("&" if "?" in uri else "?") + f"connect_timeout={max(1, int(timeout_s))}"
+    engine = None
+    try:
+        engine = create_sqlalchemy_engine(probe)  # MLflow's own engine: SQLAlchemy comes with MLflow
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except ImportError as exc:  # the dialect's driver package
+        raise StoreError(f"{shown}: the database driver is not installed ({_first_line(exc)}); for PostgreSQL "
+                         "pip install 'psycopg[binary]' and use postgresql+psycopg://") from None
+    except Exception as exc:
+        if type(exc).__name__ in ("ArgumentError", "NoSuchModuleError"):
+            raise StoreError(f"{shown} is not a database URI MLflow can open ({_first_line(exc)}); give e.g. "
+                             "postgresql+psycopg://USER:PASSWORD@HOST:5432/DB") from None
+        reason = _scrub(" ".join(str(getattr(exc, "orig", None) or exc).split()), uri)
+        raise StoreError(f"the MLflow backend store {shown} cannot be reached ({reason[:300]}); check its host, "
+                         "port, database name, user and password") from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _first_line(exc: BaseException) -> str:
+    from .config import first_line
+
+    return first_line(exc, type(exc).__name__)
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """A :class:`StoreError` when the MLflow server at ``uri`` does not answer ``/health``."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            resp.read()
+    except Exception as exc:
+        reason = " ".join(str(getattr(exc, "reason", None) or exc).split())
+        raise StoreError(f"the MLflow server {masked(uri)} does not answer ({reason}); start it (`rjem server`, "
+                         "docs/CLUSTER.md) or point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one") from None
+
+
+def check_store(uri: str) -> None:
+    """Fail at start, in one line, when the tracking store ``uri`` (resolved) cannot be used: a database server
+    must accept a connection, an MLflow server must answer. Nothing is logged anywhere else instead."""
+    if is_database_uri(uri):
+        check_database(uri)
+    elif is_server_uri(uri):
+        check_server(uri)
+
+
+def server_command(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1", port: int = 5000,
+                   workers: int = 1) -> list[str]:
+    """The ``mlflow server`` command of a stateless tracking server: runs in ``backend_store_uri``, artifacts
+    uploaded and downloaded through the server (proxied: clients need no storage credentials) into
+    ``artifacts_destination``."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return [str(mlflow) if mlflow.exists() else "mlflow", "server", "--backend-store-uri", backend_store_uri,
+            "--artifacts-destination", artifacts_destination, "--host", host, "--port", str(port),
+            "--workers", str(workers)]
+
+
+def wait_for_server(url: str, proc=None, timeout_s: float = 120.0, log: str | Path | None = None) -> None:
+    """Wait until ``url/health`` answers; a :class:`StoreError` with the log's last line when the server process
+    ``proc`` exits first or ``timeout_s`` passes."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StoreError(f"mlflow server exited with status {proc.returncode}: {_last_line(log)}")
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise StoreError(f"mlflow server at {url} did not answer within {timeout_s:.0f} s: {_last_line(log)}")
+
+
+def _last_line(log: str | Path | None) -> str:
+    """The last line of a server log that says something (a traceback's last line is its error)."""
+    try:
+        lines = [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return "see its log"
+    return lines[-1][:400] if lines else "its log is empty"
+
+
+def start_server(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1", port: int = 5000,
+                 workers: int = 1, log: str | Path = "mlflow-server.log", env: dict | None = None,
+                 timeout_s: float = 120.0):
+    """Check the database, then start ``mlflow server`` (:func:`server_command`) in its own session, so that it
+    outlives the caller (``ray up``'s SSH command) and its process group can be ended alone; returns the
+    ``Popen`` once ``/health`` answers. A bad store is a :class:`StoreError` before anything starts."""
+    if is_database_uri(backend_store_uri):
+        check_database(backend_store_uri)
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(server_command(backend_store_uri, artifacts_destination, host, port, workers),
+                                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        wait_for_server(f"http://{host}:{port}", proc, timeout_s, log)
+    except BaseException:
+        stop_server(proc.pid)
+        raise
+    return proc
+
+
+def stop_server(pid: int, sig: int | None = None, timeout_s: float = 20.0) -> None:
+    """End the server started as ``pid`` and its workers (its process group, :func:`start_server`), with
+    ``sig`` (default SIGTERM, which MLflow's server passes to its workers), then SIGKILL after ``timeout_s``."""
+    import signal
+
+    try:
+        os.killpg(pid, sig or signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it when it is our child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# Where a store keeps artifact locations: rewritten by migrate_store when the artifacts move to the server.
+ARTIFACT_COLUMNS = {"experiments": ("artifact_location",), "runs": ("artifact_uri",),
+                    "logged_models": ("artifact_location",), "model_versions": ("source", "storage_location")}
+
+
+def migrate_store(source: str, target: str, artifacts_destination: str | None = None, say=print) -> dict[str, int]:
+    """Copy the sqlite store ``source`` into the database store ``target``, which must hold no runs yet.
+
+    Everything keeps its id (experiments, runs, logged models, registered models and their versions), so
+    ``runs:/``/``models:/`` URIs, ``OUT/mlflow_run.json`` and a sweep's parent run id stay valid; metrics keep
+    their steps and timestamps. MLflow's own migrations bring both schemas to the installed version first (as
+    ``mlflow db upgrade`` does; the source is upgraded in a temporary copy, never in place); MLflow has no
+    tool that copies one database store into another, so the rows then go table by table in foreign-key order.
+    With ``artifacts_destination`` (the server's ``--artifacts-destination``, e.g. ``s3://bucket/mlflow``) every
+    experiment whose artifacts are local files is copied to ``DEST/EXPERIMENT_ID`` and its locations re-pointed
+    at ``mlflow-artifacts:/EXPERIMENT_ID``, which the server serves; without it they stay where they are.
+    Returns the rows copied per table.
+    """
+    import shutil
+    import tempfile
+
+    from mlflow.store.db import utils as db_utils
+
+    if not source.startswith("sqlite:///"):
+        raise StoreError(f"{masked(source)}: the source must be a sqlite store, sqlite:///PATH")
+    src_path = Path(resolve_tracking_uri(source)[len("sqlite:///"):])
+    if not src_path.is_file():
+        raise StoreError(f"{source}: no such file")
+    if not is_database_uri(target):
+        raise StoreError(f"{masked(target)}: the target must be a database server, e.g. postgresql+psycopg://...")
+    check_database(target)
+    with tempfile.TemporaryDirectory(prefix="rjem-migrate-") as tmp:
+        copy = Path(tmp) / "source.db"
+        shutil.copyfile(src_path, copy)
+        src = db_utils.create_sqlalchemy_engine(f"sqlite:///{copy}")
+        dst = db_utils.create_sqlalchemy_engine(target)
+        try:
+            if db_utils._is_empty_database(src):
+                raise StoreError(f"{source} holds no MLflow store")
+            if db_utils._all_tables_exist(dst):
+                _check_empty(dst, target)
+            else:
+                db_utils._initialize_tables(dst)
+            db_utils._verify_schema(dst)
+            if db_utils._get_schema_version(src) != db_utils._get_latest_schema_revision():
+                db_utils._upgrade_db(src)
+            return _copy_rows(src, dst, source, target, artifacts_destination, say)
+        except StoreError:
+            raise
+        except Exception as exc:  # MLflow's, SQLAlchemy's and pyarrow's messages run over many lines
+            raise StoreError(f"migrating {source} into {masked(target)} failed: "
+                             f"{_scrub(_first_line(exc), target)}") from exc
+        finally:
+            src.dispose()
+            dst.dispose()
+
+
+def _check_empty(dst, target: str) -> None:
+    """Ids are copied as they are: the target must hold no experiment but MLflow's Default and no run."""
+    with dst.connect() as conn:
+        runs = conn.exec_driver_sql("SELECT count(*) FROM runs").scalar()
+        experiments = conn.exec_driver_sql("SELECT count(*) FROM experiments WHERE experiment_id <> 0").scalar()
+    if runs or experiments:
+        raise StoreError(f"{masked(target)} already holds {experiments} experiment(s) and {runs} run(s); migrate "
+                         "into a new, empty database (before the server's first run)")
+
+
+def _copy_rows(src, dst, source: str, target: str, artifacts_destination: str | None, say) -> dict[str, int]:
+    """Every table of MLflow's schema (its own ORM definitions, which both stores now match), in foreign-key order."""
+    import mlflow.store.model_registry.dbmodels.models  # noqa: F401  (registers the registry's tables)
+    import mlflow.store.tracking.dbmodels.models  # noqa: F401  (and the tracking store's)
+    from mlflow.store.db.base_sql_model import Base
+
+    moved = _move_artifacts(src, artifacts_destination, say) if artifacts_destination else {}
+    counts: dict[str, int] = {}
+    with src.connect() as read, dst.begin() as write:
+        for table in Base.metadata.sorted_tables:
+            pk = list(table.primary_key.columns)
+            present = {tuple(r) for r in write.execute(table.select().with_only_columns(*pk))} if pk else set()
+            rows = []
+            for row in read.execute(table.select()):
+                values = dict(row._mapping)
+                if pk and tuple(values[c.name] for c in pk) in present:  # e.g. the Default experiment of both
+                    continue
+                for col in ARTIFACT_COLUMNS.get(table.name, ()):
+                    if values.get(col):
+                        values[col] = _relocated(values[col], moved)
+                rows.append(values)
+            for i in range(0, len(rows), 1000):
+                write.execute(table.insert(), rows[i:i + 1000])
+            counts[table.name] = len(rows)
+            if dst.dialect.name == "postgresql" and rows and len(pk) == 1 and pk[0].type.python_type is int:
+                # a serial id continues after the copied ones (a new experiment gets max + 1)
+                write.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table.name}', '{pk[0].name}'), "
+                                      f"(SELECT MAX({pk[0].name}) FROM {table.name}))")
+    say(f"[rjem] copied {source} into {masked(target)}: " + ", ".join(
+        f"{counts.get(t, 0)} {t}" for t in ("experiments", "runs", "metrics", "params", "registered_models",
+                                            "model_versions")))
+    return counts
+
+
+def _relocated(value: str, moved: dict[str, str]) -> str:
+    """``value`` with its artifact-location prefix replaced by the one the artifacts moved to."""
+    for old, new in moved.items():
+        if value == old or value.startswith(old + "/"):
+            return new + value[len(old):]
+    return value
+
+
+def _move_artifacts(src, destination: str, say) -> dict[str, str]:
+    """Copy each experiment's local artifact directory to ``destination/ID``; ``{old location: mlflow-artifacts:/ID}``."""
+    import urllib.parse
+
+    import pyarrow.fs as pafs
+
+    from . import storage
+
+    dst_fs, dst_root = storage.filesystem(destination)
+    moved = {}
+    with src.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT experiment_id, artifact_location FROM experiments").all()
+    for exp_id, location in rows:
+        if not location or not (location.startswith("file:") or location.startswith("/")):
+            continue  # already in an object store or behind a server: reachable as it is
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(location).path) if location.startswith("file:")
+                    else location)
+        if path.is_dir():
+            pafs.copy_files(str(path), f"{dst_root.rstrip('/')}/{exp_id}", source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=dst_fs)
+            say(f"[rjem] copied the artifacts of experiment {exp_id} ({path}) to {destination.rstrip('/')}/{exp_id}")
+        moved[location.rstrip("/")] = f"mlflow-artifacts:/{exp_id}"
+    return moved

@@ -1,6 +1,6 @@
 """``trainer.storage_path`` as an ``s3://`` URI: checkpoints go to a bucket and a rerun continues from them.
 
-The bucket lives on moto's S3 server, started in this process on 127.0.0.1 (a free port). Credentials and
+The bucket lives on moto's S3 server (``s3_server`` in conftest.py), started in this process on 127.0.0.1. Credentials and
 the endpoint reach pyarrow — and, through the environment, every `rjem train` process and its Ray workers —
 as the standard AWS variables (pyarrow 14+ reads ``AWS_ENDPOINT_URL``).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,26 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 RJEM = str(Path(sys.executable).with_name("rjem"))
 BUCKET = "rjem-test-bucket"
 EVERY = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 on 127.0.0.1; yields the AWS variables that point pyarrow (and boto3) at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    yield env
-    server.stop()
 
 
 @pytest.fixture
