@@ -5,6 +5,13 @@ Outputs under ``--out DIR`` (default ``runs/tune/NAME``): ``sweep.yaml`` (the re
 (per-trial outputs; scope train: the ``rjem train`` outputs of the trial's run), ``trials.csv``,
 ``summary.png`` (the metric against each searched parameter) and ``best.yaml`` (a complete experiment
 config: ``rjem train best.yaml``, or ``rjem sample CKPT --config best.yaml`` for scope sample).
+
+Tune's state directory (``ray/NAME/``, or ``STORAGE/NAME/`` with ``trainer.storage_path``) also holds
+``rjem-sweep.json``: the resolved sweep and its parent run id. With the state in shared or object storage,
+``--resume`` therefore continues a sweep from another machine (a new head, an empty ``--out``): Tune
+restores its trials from there, train trials continue from their checkpoints under ``STORAGE/trials/``, and
+the parent run gets the remaining children. The tracking store may be reached at a new address
+(``MLFLOW_TRACKING_URI`` of the new head's server); the sweep is otherwise the one it started as.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import yaml
 from ..config import Config, ConfigError
 from ..search_space import apply_params, param_space
 from .report import plot_summary, print_ranking, rank_trials, write_best_config, write_trials_csv
-from .runs import child_runs, parent_run, sweep_runs, tracking_info
+from .runs import activate, child_runs, parent_run, sweep_runs, tracking_info
 from .scoring import prepare
-from .sweep import Sweep, comparable, search_algorithm, trial_scheduler
+from .sweep import Sweep, comparable, resumable, search_algorithm, trial_scheduler
 from .trials import TrialContext, run_trial, sample_grid, trial_dirname
 
 
@@ -67,14 +74,17 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
     if resume:
         if not restorable:
             raise ConfigError(f"--resume: {out} holds no sweep to resume (no Tune state under {exp_path})")
-        saved = yaml.safe_load((out / "sweep.yaml").read_text())
-        if saved != comparable(sweep.document):
-            raise ConfigError(f"--resume: the sweep in {out} was started from a different configuration; "
+        saved, state = _saved_sweep(out, exp_path)
+        if saved is None or resumable(saved) != resumable(comparable(sweep.document)):
+            raise ConfigError(f"--resume: the sweep in {exp_path} was started from a different configuration; "
                               "resume with the same TUNE_CONFIG and --set values (see its sweep.yaml)")
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     elif restorable:
         raise ConfigError(f"--out {out} already holds a sweep; pass --resume to continue it, "
                           "or choose another --out")
+    if sweep.cfg.tracking.enabled:  # an unreachable store fails now, in one line, before Ray starts
+        from ..tracking import check_store, resolve_tracking_uri
+
+        check_store(resolve_tracking_uri(sweep.cfg.tracking.tracking_uri))
     out.mkdir(parents=True, exist_ok=True)
 
     cfg = sweep.cfg
@@ -107,6 +117,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
         state["parent_run_id"] = parent.run_id
         parent.log_artifact(out / "sweep.yaml")
     state_file.write_text(json.dumps(state, indent=2))
+    storage.write_text(storage.join(exp_path, SWEEP_STATE),
+                       json.dumps({"sweep": comparable(sweep.document), "state": state}, indent=2))
     if parent:
         progress(f"[rjem] MLflow parent run {parent.run_id} in experiment {cfg.tracking.experiment!r} "
                  f"({parent.tracking_uri})")
@@ -122,7 +134,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
                 "metric": sweep.metric, "steps": cfg.train.steps, "cfg": cfg.to_dict(), "out_dir": str(out),
                 "protocol": prepared["protocol"], "robust_protocol": prepared["robust_protocol"],
                 "searched": [p.key for p in sweep.params]}
-        all_callbacks.insert(0, sweep_runs(info))
+        if resume:  # Tune restores the first start's SweepRuns; it logs with this start's store and --out
+            activate(info)
+        else:
+            all_callbacks.insert(0, sweep_runs(info))
     resources = {"cpu": st.trial_cpus}
     if trial_gpus:
         resources["gpu"] = trial_gpus
@@ -150,6 +165,23 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
         )
     results = tuner.fit()
     return finalize(sweep, out, results, parent, progress, use_gpu)
+
+
+SWEEP_STATE = "rjem-sweep.json"  # in Tune's state directory: the resolved sweep and its parent run id
+
+
+def _saved_sweep(out: Path, exp_path) -> tuple[dict | None, dict]:
+    """The sweep document and state (parent run id) of the first start: from Tune's state directory, which a
+    new head shares through ``trainer.storage_path``, else from ``OUT`` (sweeps started before it was kept there)."""
+    from .. import storage
+
+    stored = storage.join(exp_path, SWEEP_STATE)
+    if storage.is_file(stored):
+        data = json.loads(storage.read_text(stored))
+        return data.get("sweep"), data.get("state") or {}
+    doc = yaml.safe_load((out / "sweep.yaml").read_text()) if (out / "sweep.yaml").is_file() else None
+    state = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
+    return doc, state
 
 
 def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: bool = False) -> SweepOutcome:

@@ -42,7 +42,14 @@ def parent_run(sweep: Sweep, out: Path, state: dict, prepared: dict):
     if info is None:
         return None
     if state.get("parent_run_id"):
+        from ..tracking import StoreError, masked
+
         parent = Tracker(info["uri"], state["parent_run_id"])
+        try:
+            parent.client.get_run(parent.run_id)
+        except Exception:  # another store than the sweep's: never a second parent run somewhere else
+            raise StoreError(f"--resume: the sweep's MLflow parent run {parent.run_id} is not in {masked(info['uri'])}; "
+                             "resume with the tracking store the sweep started with") from None
         parent.client.update_run(parent.run_id, status="RUNNING")
         parent.set_tags({"rjem.resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
         return parent
@@ -73,6 +80,16 @@ def child_runs(tracking: dict, parent_run_id: str) -> dict[str, Any]:
     return {r.data.tags.get("rjem.trial_id"): r for r in runs}
 
 
+# This process's view of each sweep it runs, by parent run id. A resumed sweep's SweepRuns comes back from Tune's
+# state with the first start's info; the store's address (a new head's MLflow server) and --out are this start's.
+_ACTIVE: dict[str, dict] = {}
+
+
+def activate(info: dict) -> None:
+    """Make ``info`` the store, ``--out`` and settings of the sweep whose parent run is ``info["parent_run_id"]``."""
+    _ACTIVE[info["parent_run_id"]] = info
+
+
 @functools.cache
 def _sweep_runs_class():
     """Built on first use, so that importing this module (for the CLI's parser) does not import Ray. The
@@ -95,11 +112,19 @@ def _sweep_runs_class():
         """
 
         def __init__(self, info: dict):
-            self.info = info
+            self._saved_info = info
             self.runs: dict[str, str] | None = None
 
+        @property
+        def info(self) -> dict:
+            # Imported at call time: Tune's state holds this class by value (it is built in a function), with a
+            # copy of the module globals it saw; the live registry is the module's.
+            from rjem_ray.tune import runs
+
+            return runs._ACTIVE.get(self._saved_info["parent_run_id"], self._saved_info)
+
         def __getstate__(self):
-            return {"info": self.info, "runs": None}
+            return {"_saved_info": self.info, "runs": None}
 
         def _tracker(self, run_id: str):
             from ..tracking import Tracker
@@ -140,6 +165,7 @@ def _sweep_runs_class():
                           "rjem.robust.protocol": json.dumps(i["robust_protocol"], sort_keys=True)},
                 )
                 run_id = self.runs[trial.trial_id] = child.run_id
+                self._drop_copies(trial.trial_id, run_id)
                 try:
                     params = Config.from_dict(apply_params(i["cfg"], trial_params(trial.config))).to_dict()
                 except ConfigError:  # the trial will fail on it and report why
@@ -149,13 +175,31 @@ def _sweep_runs_class():
             d.mkdir(parents=True, exist_ok=True)
             (d / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": i["uri"]}))
 
+        def _drop_copies(self, trial_id: str, keep: str) -> None:
+            """A server killed after storing a new run but before answering makes the client retry, and the run
+            exists twice: delete every copy but the one the client got."""
+            from ..tracking import runs_of
+
+            i = self.info
+            found = runs_of(i["uri"], i["experiment"], f"tags.`mlflow.parentRunId` = '{i['parent_run_id']}' and "
+                                                       f"tags.`rjem.trial_id` = '{trial_id}'")
+            for run in found:
+                if run.info.run_id != keep:
+                    self._tracker(run.info.run_id).client.delete_run(run.info.run_id)
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             run_id = self._known().get(trial.trial_id)
             if run_id is None or result.get("failed"):
                 return
             figures = {k: result[k] for k in FIGURES if isinstance(result.get(k), (int, float))}
             self._safely(f"log the results of trial {trial.trial_id}",
-                         lambda: self._tracker(run_id).log_metrics(figures, step=int(result.get("step", 0))))
+                         lambda: self._log(run_id, figures, int(result.get("step", 0))))
+
+        def _log(self, run_id: str, figures: dict, step: int) -> None:
+            tracker, key = self._tracker(run_id), self.info["metric"]
+            if key in figures and any(m.step == step for m in tracker.client.get_metric_history(run_id, key)):
+                return  # a resumed trial reporting again an evaluation its run holds (its head was lost after it)
+            tracker.log_metrics(figures, step=step)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._safely(f"close the run of trial {trial.trial_id}", lambda: self._complete(trial))
@@ -196,4 +240,5 @@ def _sweep_runs_class():
 
 def sweep_runs(info: dict):
     """The ``SweepRuns`` Tune callback for the sweep described by ``info`` (store, parent run, protocol, ...)."""
+    activate(info)
     return _sweep_runs_class()(info)

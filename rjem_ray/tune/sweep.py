@@ -260,6 +260,16 @@ def comparable(doc: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump(doc, sort_keys=False))
 
 
+def resumable(doc: dict) -> dict:
+    """What ``--resume`` must find unchanged in a sweep document: all of it but the tracking store's address
+    (a new head's MLflow server is the same store at a new URL)."""
+    doc = copy.deepcopy(doc)
+    if isinstance(doc.get("tracking"), dict):
+        for key in ("tracking_uri", "registry_uri"):
+            doc["tracking"].pop(key, None)
+    return doc
+
+
 def search_algorithm(sweep: Sweep):
     """The sweep's search algorithm: Tune's random/grid generator, or seeded Optuna TPE."""
     st = sweep.settings

@@ -110,16 +110,41 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     so Train V2 continues from the trial's last checkpoint instead of step 0. The final checkpoint (with
     its Gaussian mixture) is ``trial_dir/checkpoint``.
     """
-    from ..tracking import RUN_FILE
-    from ..train_driver import run_training
+    from ray import tune
 
+    from ..tracking import RUN_FILE
+    from ..train_driver import latest_checkpoint_path, run_training
+
+    stored = latest_checkpoint_path(trial_storage(cfg, trial_dir))
+    trained = stored is not None and int(storage.name(stored).rsplit("-", 1)[-1]) >= cfg.train.steps
     cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
     run_file = trial_dir / RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
     if run_id is None:
         cfg.tracking.enabled = False  # never a stray top-level run: a sweep's runs are children of its parent
     outcome = run_training(cfg, trial_dir, samples=False, run_id=run_id, callbacks=[eval_reports(ctx.metric)])
+    if trained:
+        # Trained to the end on a head that was lost before Tune heard of it: nothing ran here, so nothing was
+        # reported. Report the final evaluation (the one the last checkpoint carries, else evaluated again).
+        tune.report(_final_figures(cfg, outcome))
     sample_grid(outcome.checkpoint, cfg, trial_dir / "samples.png", ctx.seed)
+
+
+def _final_figures(cfg: Config, outcome) -> dict:
+    """The evaluation at a finished trial's last step: what its last checkpoint's report held, or measured anew."""
+    from .sweep import FIGURES
+
+    last = outcome.metrics.get("train", {})
+    figures = {k: v for k, v in last.items() if k in FIGURES}
+    if not figures:
+        from ..checkpoint import load_model
+        from ..evaluate import evaluate_model
+        from ..prior import gmm_for_checkpoint
+
+        model, _ = load_model(outcome.checkpoint, map_location=default_device())
+        res = evaluate_model(model, cfg, cfg.train.eval_metrics, gmm=gmm_for_checkpoint(cfg, outcome.checkpoint))
+        figures = {k: float(v) for k, v in res.items() if k in FIGURES and isinstance(v, (int, float))}
+    return {**figures, "step": int(last.get("steps", cfg.train.steps))}
 
 
 def trial_storage(cfg: Config, trial_dir: Path) -> str | Path:
