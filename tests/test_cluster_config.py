@@ -539,29 +539,32 @@ def test_ray_start_commands_use_existing_flags_and_agree_on_the_head_port(prepar
     assert worker["object_manager_port"] == head["object_manager_port"]
 
 
-def test_head_runs_the_only_mlflow_writer_with_a_local_store(prepared):
-    import mlflow.cli
+def test_head_runs_a_stateless_mlflow_server_on_the_users_database_and_bucket(prepared):
+    from rjem_ray.cli import build_parser
 
-    servers = [argv for argv in commands_of(prepared, "head_start_ray_commands")
-               if program(argv) == "mlflow" and argv[1:2] == ["server"]]
+    heads = commands_of(prepared, "head_start_ray_commands")
+    assert not [argv for argv in heads if program(argv) == "mlflow"]  # only through `rjem server`, which checks first
+    servers = [argv for argv in heads if program(argv) == "rjem" and argv[1:2] == ["server"]]
     assert len(servers) == 1
-    opts = mlflow.cli.server.make_context("server", servers[0][2:]).params
+    opts = build_parser().parse_args(servers[0][1:])
     # The head's private address (a $(...) substitution), never every interface or loopback only: the GPU
     # nodes log to it over HTTP.
-    assert opts["host"] == "SUBSTITUTED", opts["host"]
+    assert opts.host == "SUBSTITUTED", opts.host
+    # Detached, replacing an earlier server through its pid file, failing `ray up` when the store is bad.
+    assert opts.detach and opts.pid_file and opts.log
+    # The database and bucket come from the user's ~/.rjem/mlflow.env, mounted on the head and read into the
+    # environment of that same command (MLflow's own variables, which `rjem server` reads); nothing in git.
+    [line] = [line for line in prepared["head_start_ray_commands"] if "rjem server" in line]
+    mounted = {remote for remote, local in prepared["file_mounts"].items() if local == "~/.rjem/mlflow.env"}
+    assert len(mounted) == 1 and re.search(rf"set -a; \. {re.escape(mounted.pop())}; set \+a;", line), line
+    assert opts.backend_store_uri is None and opts.artifacts_destination is None
+    assert "psycopg" in " ".join(prepared["head_setup_commands"])  # the server's PostgreSQL driver
+    # Without a database: sqlite on the head's own disk (never on the NFS mount), artifacts on the mount.
     mounts = [argv for argv in commands_of(prepared, "setup_commands") if program(argv) == "mount"]
     assert mounts and all(re.match(r"fs-[0-9a-f]+\.efs\.[a-z0-9-]+\.amazonaws\.com:/", m[-2]) for m in mounts)
     shared = mounts[0][-1]
-    backend = opts["backend_store_uri"]
-    # The store is opened by this server alone: sqlite on the head's own disk (not on the NFS mount) or PostgreSQL.
-    assert backend.startswith("postgresql://") or (
-        backend.startswith("sqlite:////") and not backend[len("sqlite:///"):].startswith(shared)), backend
-    # Artifacts are served by it (proxied uploads) from shared storage.
-    dest = opts["artifacts_destination"]
-    assert dest.startswith(f"{shared}/") or dest.startswith("s3://"), dest
-    assert opts["serve_artifacts"] is not False and not opts.get("default_artifact_root")
-    # Not killed by the Ray start commands' `ray stop`, replaced on a restart through its pid file.
-    assert any(argv[:1] == ["kill"] for argv in commands_of(prepared, "head_start_ray_commands"))
+    assert opts.fallback_store.startswith("sqlite:////") and not opts.fallback_store[10:].startswith(shared)
+    assert opts.fallback_artifacts.startswith(f"{shared}/")
 
 
 def test_no_sqlite_store_on_shared_storage_anywhere():
