@@ -256,9 +256,12 @@ def cmd_server(args) -> int:
     pid_file = Path(args.pid_file)
     if pid_file.is_file():  # the server of an earlier start (`ray up` again): replaced
         try:
-            stop_server(int(pid_file.read_text().strip()))
-        except ValueError:
-            pass
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ValueError, OSError):  # gone (a reboot): nothing to stop
+            cmdline = b""
+        if b"mlflow" in cmdline and b"server" in cmdline:  # never a process that reused the pid
+            stop_server(pid)
     proc = start_server(backend, artifacts, args.host, args.port, args.workers, log=args.log)
     pid_file.write_text(f"{proc.pid}\n")
     print(f"[rjem] MLflow server on http://{args.host}:{args.port} (pid {proc.pid}, log {args.log}): runs in "

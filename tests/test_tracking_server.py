@@ -482,10 +482,21 @@ def test_migrate_store_copies_a_sqlite_store_into_postgres_and_its_artifacts_int
     for k in s3_server:
         monkeypatch.delenv(k)
     old = _client(uri)
-    srv = Server(db, "migrated", s3_server, tmp_path / "migrated.log")
-    srv.start()
+    # Served by `rjem server --detach` (what cluster.yaml runs), the S3 credentials in its environment only.
+    port, pid_file = _free_port(), tmp_path / "server.pid"
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv(tracking.BACKEND_ENV, db)
+    monkeypatch.setenv(tracking.ARTIFACTS_ENV, f"s3://{BUCKET}/migrated")
+    assert main(["server", "--detach", "--port", str(port), "--pid-file", str(pid_file),
+                 "--log", str(tmp_path / "server.log")]) == 0
+    printed = capsys.readouterr().out
+    assert f"MLflow server on http://127.0.0.1:{port}" in printed and PASSWORD not in printed
+    for k in [*s3_server, tracking.BACKEND_ENV, tracking.ARTIFACTS_ENV]:
+        monkeypatch.delenv(k)
+    srv_uri = f"http://127.0.0.1:{port}"
     try:
-        new = _client(srv.uri)
+        new = _client(srv_uri)
         exp = new.get_experiment_by_name("old-sweep")
         assert exp.experiment_id == old.get_experiment_by_name("old-sweep").experiment_id
         assert exp.artifact_location == f"mlflow-artifacts:/{exp.experiment_id}"
@@ -504,14 +515,14 @@ def test_migrate_store_copies_a_sqlite_store_into_postgres_and_its_artifacts_int
                    for k in _keys(bucket, "migrated/"))
         (version,) = new.search_model_versions("name = 'old-best'")
         assert version.run_id == children[1] and version.version == "1"
-        served = tracking.resolve_checkpoint("models:/old-best/1", srv.uri, dst=tmp_path / "served")
+        served = tracking.resolve_checkpoint("models:/old-best/1", srv_uri, dst=tmp_path / "served")
         x = torch.rand(2, 1, 28, 28) * 2 - 1
         assert torch.equal(load_model(served)[0](x), load_model(ckpt)[0](x))
         # New experiments continue after the copied ids.
-        fresh = tracking.Tracker.create(srv.uri, "after-migration", None)
+        fresh = tracking.Tracker.create(srv_uri, "after-migration", None)
         assert int(new.get_run(fresh.run_id).info.experiment_id) > int(exp.experiment_id)
     finally:
-        srv.stop()
+        tracking.stop_server(int(pid_file.read_text()))
     # A database that already holds runs is refused, in one line.
     assert main(["migrate-store", uri, "--to", db]) == 2
     err = capsys.readouterr().err
