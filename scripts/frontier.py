@@ -3,7 +3,7 @@
     .venv/bin/python scripts/frontier.py /tmp/ex/*/ > frontier.md
 
 Reads each ``OUT/results.json`` of ``scripts/study.py`` and prints a markdown table: the run's overrides
-(the knobs), clean accuracy, AutoAttack accuracy, OOD AUROC per shift under the logsumexp score (and the
+(the knobs: its mode and the overrides it ran with, beyond demo.yaml), clean accuracy, AutoAttack accuracy, OOD AUROC per shift under the logsumexp score (and the
 worst), energy-mode FID beside its seeds', energy-mode recall beside the seeds', training seconds, and
 whether the run meets issue 21's targets (worst OOD ≥ 0.95, AutoAttack ≥ 0.70, clean ≥ 0.97, FID ≤ 20).
 """
@@ -19,7 +19,8 @@ TARGETS = {"ood_auroc": 0.95, "robust_accuracy": 0.70, "accuracy": 0.97, "fid": 
 
 
 def knobs(command: str) -> str:
-    """The ``--set`` overrides of a study command, ``key=value`` joined by spaces (``defaults`` when none)."""
+    """The ``--set`` overrides of a study command, ``key=value`` joined by spaces (``defaults`` when none);
+    for results written before runs recorded their own overrides."""
     words = shlex.split(command)
     sets = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
     return " ".join(sets) or "defaults (tune_configs/demo.yaml)"
@@ -35,7 +36,9 @@ def rows(paths: list[Path]) -> list[dict]:
         for r in data["runs"]:
             e, g = r["eval"], r["generation"].get("energy", {})
             ood = {k: v["logsumexp"] for k, v in e.get("ood", {}).items()}
-            row = {"knobs": knobs(data["meta"]["command"]), "seed": r["seed"], "accuracy": e.get("accuracy"),
+            own = [o for o in r.get("overrides", []) if not o.startswith(("train.mode=", "train.seed=", "attack.eps="))]
+            row = {"knobs": f"{r['mode']}: " + (" ".join(own) if "overrides" in r else knobs(data["meta"]["command"])),
+                   "seed": r["seed"], "accuracy": e.get("accuracy"),
                    "robust_accuracy": e.get("robust_accuracy"), "ood": ood, "ood_auroc": e.get("ood_auroc"),
                    "fid": g.get("fid"), "fid_seeds": g.get("fid_seeds"), "recall": g.get("recall"),
                    "recall_seeds": g.get("recall_seeds"), "train_s": r["train_s"], "source": str(f)}

@@ -32,13 +32,13 @@ def test_mode_set_names_what_is_wrong(tmp_path, capsys):
 
 def test_frontier_reads_knobs_and_checks_every_target(tmp_path):
     frontier = _load("frontier")
-    run = {"seed": 0, "train_s": 600.0, "eval": {"accuracy": 0.972, "robust_accuracy": 0.71, "ood_auroc": 0.96,
+    run = {"seed": 0, "mode": "robust-jem", "train_s": 600.0, "eval": {"accuracy": 0.972, "robust_accuracy": 0.71, "ood_auroc": 0.96,
                                                  "ood": {"uniform": {"logsumexp": 0.99}, "photos": {"logsumexp": 0.96}}},
            "generation": {"energy": {"fid": 19.0, "fid_seeds": 47.0, "recall": 0.5, "recall_seeds": 0.6}}}
     cmd = "python scripts/study.py --set buffer.noise_init=0.5 --set 'train.energy_l2=0.01' --out x"
     (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": cmd}, "runs": [run]}))
     (row,) = frontier.rows([tmp_path])
-    assert row["knobs"] == "buffer.noise_init=0.5 train.energy_l2=0.01" and row["meets"] is True
+    assert row["knobs"] == "robust-jem: buffer.noise_init=0.5 train.energy_l2=0.01" and row["meets"] is True
     for key, bad in (("accuracy", 0.969), ("robust_accuracy", 0.69), ("ood_auroc", 0.949)):
         run["eval"][key] = bad
         (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": cmd}, "runs": [run]}))
@@ -47,7 +47,10 @@ def test_frontier_reads_knobs_and_checks_every_target(tmp_path):
     run["generation"]["energy"]["fid"] = 20.5
     (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": cmd}, "runs": [run]}))
     assert frontier.rows([tmp_path])[0]["meets"] is False
-    assert "| `buffer.noise_init=0.5 train.energy_l2=0.01` | 0 |" in frontier.markdown(frontier.rows([tmp_path]))
+    assert "| `robust-jem: buffer.noise_init=0.5 train.energy_l2=0.01` | 0 |" in frontier.markdown(frontier.rows([tmp_path]))
+    run["overrides"] = ["buffer.noise_init=0.25", "train.mode=robust-jem", "train.seed=0"]  # a run's own overrides win
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"command": cmd}, "runs": [run]}))
+    assert frontier.rows([tmp_path])[0]["knobs"] == "robust-jem: buffer.noise_init=0.25"
 
 
 def test_plan_runs_robust_jem_at_every_eps_and_every_mode_per_seed():
@@ -114,7 +117,9 @@ def test_tiny_study_writes_its_table(tmp_path, cache_dir):
     assert "| model | uniform | photos | smooth | inverted |" in md and "| precision | recall |" in md
     frontier = _load("frontier")
     table = frontier.rows([out])
-    assert [r["knobs"] for r in table] == ["cache_dir=%s eval.fid_second_extractor=none" % cache_dir] * 2
+    knobs = {r["knobs"].split(":")[0]: r["knobs"] for r in table}
+    assert set(knobs) == {"classifier", "robust-jem"} and all("train.steps=6" in k for k in knobs.values())
+    assert knobs["robust-jem"].endswith("buffer.noise_init=0.5") and "noise_init" not in knobs["classifier"]
     assert all(r["meets"] is False for r in table)  # six tiny steps reach no target
     assert "| OOD photos |" in frontier.markdown(table)
     assert len(list((out / "grids").glob("*.png"))) == 6

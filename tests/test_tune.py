@@ -152,9 +152,15 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
 
 
 @pytest.mark.slow
-def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_session, tmp_path, cache_dir):
+def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_session, tmp_path, cache_dir,
+                                                                             monkeypatch):
     # optim.lr = 1e30 makes the loss explode at once; it rolls back train.max_rollbacks times, then fails.
-    sets = _store(tmp_path, cache_dir) + ["search.optim.lr.grid=[0.001, 0.003, 1.0e+30]",
+    # The store is the shipped configs' relative sqlite:///mlflow.db, from the directory rjem tune starts in: the
+    # trials (which Tune runs in directories of their own) must log into that same store.
+    monkeypatch.chdir(tmp_path)
+    sets = _store(tmp_path, cache_dir)[2:] + ["tracking.tracking_uri=sqlite:///mlflow.db",
+                                              "tracking.artifact_location=art",
+                                              "search.optim.lr.grid=[0.001, 0.003, 1.0e+30]",
                                           "tune.max_concurrent=3", "tune.trial_cpus=0.25",
                                           "tune.register_as=smoke-best"]
     sweep = load_sweep(CONFIGS / "tune-smoke-train.yaml", sets)

@@ -119,7 +119,12 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     trained = stored is not None and int(storage.name(stored).rsplit("-", 1)[-1]) >= cfg.train.steps
     cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
     run_file = trial_dir / RUN_FILE
-    run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run_id = run.get("run_id")
+    if run.get("tracking_uri"):
+        # The store the driver resolved: Tune runs a trial in its own working directory, where a relative
+        # sqlite:///mlflow.db (the shipped configs' default) would name a new, empty store.
+        cfg.tracking.tracking_uri = run["tracking_uri"]
     if run_id is None:
         cfg.tracking.enabled = False  # never a stray top-level run: a sweep's runs are children of its parent
     outcome = run_training(cfg, trial_dir, samples=False, run_id=run_id, callbacks=[eval_reports(ctx.metric)])
