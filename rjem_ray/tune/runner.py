@@ -245,7 +245,10 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
     if best is not None:
         progress(f"[rjem] best trial {best['trial_id']}: {sweep.metric} {best[sweep.metric]:.4g}; config {best_path}")
     if parent:
-        progress(f"[rjem] MLflow parent run {parent.run_id}; browse with `rjem ui`")
+        from ..tracking import is_server_uri
+
+        browse = f"open {parent.tracking_uri}" if is_server_uri(parent.tracking_uri) else "browse with `rjem ui`"
+        progress(f"[rjem] MLflow parent run {parent.run_id}; {browse}")
     return SweepOutcome(out, parent.run_id if parent else None, rows, best, best_path, trials_csv, plot, interrupted)
 
 
