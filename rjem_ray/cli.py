@@ -251,8 +251,8 @@ def cmd_server(args) -> int:
     if not args.detach:
         if is_database_uri(backend):
             check_database(backend)
-        cmd = server_command(backend, artifacts, args.host, args.port, args.workers)
-        os.execvp(cmd[0], cmd)
+        argv, env = server_command(backend, artifacts, args.host, args.port, args.workers)
+        os.execvpe(argv[0], argv, env)
     pid_file = Path(args.pid_file)
     if pid_file.is_file():  # the server of an earlier start (`ray up` again): replaced
         try:

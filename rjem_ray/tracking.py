@@ -673,14 +673,15 @@ def check_store(uri: str) -> None:
 
 
 def server_command(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1", port: int = 5000,
-                   workers: int = 1) -> list[str]:
-    """The ``mlflow server`` command of a stateless tracking server: runs in ``backend_store_uri``, artifacts
-    uploaded and downloaded through the server (proxied: clients need no storage credentials) into
-    ``artifacts_destination``."""
+                   workers: int = 1) -> tuple[list[str], dict[str, str]]:
+    """``(argv, environment)`` of the ``mlflow server`` of a stateless tracking server: runs in
+    ``backend_store_uri``, artifacts uploaded and downloaded through the server (proxied: clients need no
+    storage credentials) into ``artifacts_destination``. Both go in MLflow's own variables, not in argv, where
+    any user of the machine would read the database's password (``ps``)."""
     mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow) if mlflow.exists() else "mlflow", "server", "--backend-store-uri", backend_store_uri,
-            "--artifacts-destination", artifacts_destination, "--host", host, "--port", str(port),
+    argv = [str(mlflow) if mlflow.exists() else "mlflow", "server", "--host", host, "--port", str(port),
             "--workers", str(workers)]
+    return argv, {**os.environ, BACKEND_ENV: backend_store_uri, ARTIFACTS_ENV: artifacts_destination}
 
 
 def wait_for_server(url: str, proc=None, timeout_s: float = 120.0, log: str | Path | None = None) -> None:
@@ -721,10 +722,10 @@ def start_server(backend_store_uri: str, artifacts_destination: str, host: str =
         check_database(backend_store_uri)
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
+    argv, server_env = server_command(backend_store_uri, artifacts_destination, host, port, workers)
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(server_command(backend_store_uri, artifacts_destination, host, port, workers),
-                                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**server_env, **(env or {})}, start_new_session=True)
     try:
         wait_for_server(f"http://{host}:{port}", proc, timeout_s, log)
     except BaseException:

@@ -199,28 +199,31 @@ def test_rjem_server_without_a_database_says_the_runs_will_not_outlive_the_machi
     monkeypatch.chdir(tmp_path)
     ran = []
 
-    def execvp(program, argv):  # what would have replaced this process
-        ran.append(argv)
+    def execvpe(program, argv, env):  # what would have replaced this process
+        ran.append((argv, env))
         raise SystemExit(0)
 
-    monkeypatch.setattr(os, "execvp", execvp)
+    monkeypatch.setattr(os, "execvpe", execvpe)
     with pytest.raises(SystemExit):
         main(["server", "--port", "5123"])
     out = capsys.readouterr().out
     assert "runs are kept in sqlite:///" in out and "will not outlive it (`ray down` deletes them)" in out
-    argv = ran[0]
-    assert argv[1] == "server" and argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/mlflow.db"
+    argv, env = ran[0]
+    assert argv[1] == "server" and env[tracking.BACKEND_ENV] == f"sqlite:///{tmp_path}/mlflow.db"
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
 
-    # With the database and object store in MLflow's own variables: no warning, and those are what it runs on.
-    monkeypatch.setenv(tracking.BACKEND_ENV, "sqlite:///elsewhere.db")
+    # With the database and object store in MLflow's own variables: no warning, and those are what it runs on,
+    # passed in its environment (argv is public: `ps` shows it to every user).
+    db = f"postgresql+psycopg://mlflow:{PASSWORD}@db.internal:5432/mlflow"
+    monkeypatch.setenv(tracking.BACKEND_ENV, db)
     monkeypatch.setenv(tracking.ARTIFACTS_ENV, "s3://bucket/mlflow")
+    monkeypatch.setattr(tracking, "check_database", lambda uri: None)  # no database at that address here
     with pytest.raises(SystemExit):
         main(["server"])
     assert "WARNING" not in capsys.readouterr().out
-    argv = ran[1]
-    assert argv[argv.index("--backend-store-uri") + 1] == "sqlite:///elsewhere.db"
-    assert argv[argv.index("--artifacts-destination") + 1] == "s3://bucket/mlflow"
+    argv, env = ran[1]
+    assert env[tracking.BACKEND_ENV] == db and env[tracking.ARTIFACTS_ENV] == "s3://bucket/mlflow"
+    assert not any(PASSWORD in a for a in argv)
     assert "--default-artifact-root" not in argv and "--no-serve-artifacts" not in argv  # proxied artifacts
 
 
