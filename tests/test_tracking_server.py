@@ -338,8 +338,8 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
     from test_job_submit import _stop_instance
 
     prefix = "sweeps/new-head"
-    # Long enough after its first checkpoint (step 4) for the head to die mid-trial: steps take ~0.1 s here.
-    sets = ["tune.scheduler=fifo", "train.steps=16", "train.eval_every=8", "train.checkpoint_every=4",
+    # Long enough after its first evaluated checkpoint (step 8) for the head to die mid-trial: steps take ~0.1 s.
+    sets = ["tune.scheduler=fifo", "train.steps=24", "train.eval_every=8", "train.checkpoint_every=4",
             "train.log_every=2", "train.eval_metrics=[fid]", f"trainer.storage_path=s3://{BUCKET}/{prefix}",
             "tracking.experiment=new-head", f"cache_dir={cache_dir}", "tune.max_concurrent=1", "tune.trial_cpus=0.25"]
     argv = [str(SWEEP)] + [x for s in sets for x in ("--set", s)]
@@ -350,22 +350,23 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
     first_out, second_out = tmp_path / "head1", tmp_path / "head2"
     first = _tune(argv + ["--out", str(first_out)], {**base, "RAY_TMPDIR": heads[0]}, tmp_path / "head1.log")
     try:
-        # The head is lost mid-trial: as soon as Ray Train has registered the first trial's checkpoint of step 4 in
-        # S3, while the trial trains on to step 16; Tune's state (saved every ~10 s) knows the trial by then.
+        # The head is lost mid-trial, as soon as Ray Train has registered the first trial's checkpoint of step 8
+        # (an evaluation step) in S3, while the trial trains on to step 24: the driver may not have logged that
+        # evaluation yet. Tune's state (saved every ~10 s) knows the trial by then.
         deadline = time.time() + 420
         while time.time() < deadline and first.poll() is None:
             keys = _keys(bucket, prefix + "/")
-            ckpts = [k for k in keys if k.endswith("/train/checkpoint-00000004/state.pt")]
+            ckpts = [k for k in keys if k.endswith("/train/checkpoint-00000008/state.pt")]
             if ckpts:
                 trial = ckpts[0].split("/")[3]
                 snapshot = f"{prefix}/trials/{trial}/train/checkpoint_manager_snapshot.json"
                 states = [k for k in keys if "/experiment_state" in k]
-                if (snapshot in keys and "checkpoint-00000004" in _text(bucket, snapshot)
+                if (snapshot in keys and "checkpoint-00000008" in _text(bucket, snapshot)
                         and any(trial in _text(bucket, k) for k in states)):
                     break
             time.sleep(0.2)
         else:
-            pytest.fail("the first head never reached step 4: " + (tmp_path / "head1.log").read_text()[-3000:])
+            pytest.fail("the first head never reached step 8: " + (tmp_path / "head1.log").read_text()[-3000:])
         killed_at = int(time.time() * 1000)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
@@ -409,14 +410,15 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
     (other,) = [c for t, c in children.items() if t != trial]
     assert other.info.start_time > killed_at  # the remaining child, created by the new head
     assert resumed.info.status == other.info.status == "FINISHED"
-    # The interrupted trial continued from its last checkpoint in S3 (step 4, or a later one written before the
-    # kill took effect), not from step 0: the steps up to it were trained (and logged) once.
+    # The interrupted trial continued from its last checkpoint in S3 (step 8, or a later one written before the
+    # kill took effect), not from step 0: the steps up to it were trained (and logged) once, and every evaluation
+    # is in its run exactly once (step 8's, reported again by the resumed trial if the old driver missed it).
     start = int(resumed.data.tags["resumed_at_step"])
-    assert start % 4 == 0 and 4 <= start < 16, start
+    assert start % 4 == 0 and 8 <= start < 24, start
     losses = _steps(client, resumed.info.run_id, "train/loss")
-    assert set(losses) == set(range(2, 17, 2)) and [s for s in losses if s <= start] == list(range(2, start + 1, 2))
-    assert _steps(client, resumed.info.run_id, "fid") == [8, 16]
-    assert _steps(client, other.info.run_id, "fid") == [8, 16]
+    assert set(losses) == set(range(2, 25, 2)) and [s for s in losses if s <= start] == list(range(2, start + 1, 2))
+    assert _steps(client, resumed.info.run_id, "fid") == [8, 16, 24]
+    assert _steps(client, other.info.run_id, "fid") == [8, 16, 24]
 
     keys = _keys(bucket, prefix + "/")
     assert f"{prefix}/tune-smoke-train/tuner.pkl" in keys and f"{prefix}/tune-smoke-train/rjem-sweep.json" in keys
@@ -424,7 +426,7 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
                         .read())
     assert stored["state"]["parent_run_id"] == parent.info.run_id
     for t in children:
-        assert any(k.startswith(f"{prefix}/trials/{t}/train/checkpoint-00000016/") for k in keys), t
+        assert any(k.startswith(f"{prefix}/trials/{t}/train/checkpoint-00000024/") for k in keys), t
     import csv
 
     with open(second_out / "trials.csv") as fh:

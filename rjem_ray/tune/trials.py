@@ -113,10 +113,17 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     from ray import tune
 
     from ..tracking import RUN_FILE
-    from ..train_driver import latest_checkpoint_path, run_training
+    from ..train_driver import RUN_NAME, latest_checkpoint_path, run_training
 
     stored = latest_checkpoint_path(trial_storage(cfg, trial_dir))
-    trained = stored is not None and int(storage.name(stored).rsplit("-", 1)[-1]) >= cfg.train.steps
+    last = checkpoint_report(storage.join(trial_storage(cfg, trial_dir), RUN_NAME)) if stored is not None else {}
+    step = int(last.get("step") or (storage.name(stored).rsplit("-", 1)[-1] if stored is not None else 0))
+    trained = step >= cfg.train.steps
+    if ctx.metric in last and not trained:
+        # Continuing from a checkpoint of an evaluation step: report that evaluation again first. The head that
+        # ran it may have died before its driver saw the report, and the trial will not evaluate that step
+        # again; SweepRuns logs only what its run lacks, and Tune takes a repeated step as it is.
+        tune.report(last)
     cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
     run_file = trial_dir / RUN_FILE
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
@@ -131,25 +138,36 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     if trained:
         # Trained to the end on a head that was lost before Tune heard of it: nothing ran here, so nothing was
         # reported. Report the final evaluation (the one the last checkpoint carries, else evaluated again).
-        tune.report(_final_figures(cfg, outcome))
+        tune.report(last if ctx.metric in last else _evaluate_final(cfg, outcome.checkpoint))
     sample_grid(outcome.checkpoint, cfg, trial_dir / "samples.png", ctx.seed)
 
 
-def _final_figures(cfg: Config, outcome) -> dict:
-    """The evaluation at a finished trial's last step: what its last checkpoint's report held, or measured anew."""
+def checkpoint_report(run_dir: str | Path) -> dict:
+    """What the newest checkpoint Ray Train registered in ``run_dir`` was reported with: its ``step`` and, when
+    it was an evaluation step, the figures (``ray.train.Result.from_path``); {} when there is none."""
+    from ray.train import Result
+
     from .sweep import FIGURES
 
-    last = outcome.metrics.get("train", {})
-    figures = {k: v for k, v in last.items() if k in FIGURES}
-    if not figures:
-        from ..checkpoint import load_model
-        from ..evaluate import evaluate_model
-        from ..prior import gmm_for_checkpoint
+    where = storage.ray_storage(run_dir)
+    try:
+        metrics = Result.from_path(where["storage_path"], where.get("storage_filesystem")).metrics or {}
+    except Exception:  # no run there, or no registered checkpoint
+        return {}
+    return {k: v for k, v in metrics.items() if (k in FIGURES or k == "step") and isinstance(v, (int, float))}
 
-        model, _ = load_model(outcome.checkpoint, map_location=default_device())
-        res = evaluate_model(model, cfg, cfg.train.eval_metrics, gmm=gmm_for_checkpoint(cfg, outcome.checkpoint))
-        figures = {k: float(v) for k, v in res.items() if k in FIGURES and isinstance(v, (int, float))}
-    return {**figures, "step": int(last.get("steps", cfg.train.steps))}
+
+def _evaluate_final(cfg: Config, checkpoint: Path) -> dict:
+    """``train.eval_metrics`` of a finished trial's final checkpoint, at step ``train.steps``."""
+    from ..checkpoint import load_model
+    from ..evaluate import evaluate_model
+    from ..prior import gmm_for_checkpoint
+    from .sweep import FIGURES
+
+    model, _ = load_model(checkpoint, map_location=default_device())
+    res = evaluate_model(model, cfg, cfg.train.eval_metrics, gmm=gmm_for_checkpoint(cfg, checkpoint))
+    return {**{k: float(v) for k, v in res.items() if k in FIGURES and isinstance(v, (int, float))},
+            "step": cfg.train.steps}
 
 
 def trial_storage(cfg: Config, trial_dir: Path) -> str | Path:
