@@ -145,22 +145,21 @@ def shift_images(name: str, n: int, x_in: torch.Tensor, generator: torch.Generat
 def ood_scores(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, score: str,
                batch_size: int = 256) -> torch.Tensor:
     """Per-image score ``[N]`` (float32, CPU) of :data:`SCORE_NAMES`; larger = more in distribution."""
+    from .energy import marginal_energy
+    from .metrics import predict_logits
+
     if score not in SCORE_NAMES:
         raise ValueError(f"unknown OOD score {score!r}; allowed: {', '.join(SCORE_NAMES)}")
+    if score != "grad_norm":
+        logits = predict_logits(model, x, batch_size).float().cpu()
+        return -marginal_energy(logits) if score == "logsumexp" else logits.softmax(1).amax(1)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device)
-        if score == "grad_norm":
-            xb = xb.detach().requires_grad_(True)
-            with torch.enable_grad():
-                energy = -torch.logsumexp(model(xb).float(), 1)
-                (grad,) = torch.autograd.grad(energy.sum(), xb)
-            out.append(-grad.flatten(1).norm(dim=1).detach().cpu())
-            continue
-        with torch.no_grad():
-            logits = model(xb).float()
-        out.append((torch.logsumexp(logits, 1) if score == "logsumexp" else logits.softmax(1).amax(1)).cpu())
+        xb = x[i:i + batch_size].to(device).detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(marginal_energy(model(xb).float()).sum(), xb)
+        out.append(-grad.flatten(1).norm(dim=1).detach().cpu())
     return torch.cat(out)
 
 
