@@ -254,3 +254,23 @@ def test_many_processes_log_through_one_server(mlflow_server, tmp_path):
     # Uploaded through the server into its --artifacts-destination, not written by the clients elsewhere.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert len(list((store / "artifacts").rglob("writer*.txt"))) == n_writers
+
+
+def test_a_resumed_trial_gets_the_evaluations_its_lost_head_never_logged(tmp_path):
+    # Rank 0 logs train/fid at every evaluation it runs; the driver logs fid from Tune's results. A head lost in
+    # between leaves fid with holes: the resumed trial fills them from train/fid, up to the step it resumes at only
+    # (later steps are evaluated again), never twice, and copies no training statistic.
+    from rjem_ray.tune.trials import backfill_evaluations
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    t = Tracker.create(uri, "backfill", (tmp_path / "art").as_uri())
+    for step, fid in ((8, 30.0), (16, 25.0), (24, 21.0)):
+        t.log_metrics({"train/fid": fid, "train/accuracy": 0.9, "train/loss": 1.0}, step=step)
+    t.log_metrics({"fid": 30.0}, step=8)  # the old driver logged step 8 before the head was lost
+    added = backfill_evaluations(uri, t.run_id, upto=16)
+    assert sorted(added) == [("accuracy", 8), ("accuracy", 16), ("fid", 16)]
+    history = {m.step: m.value for m in t.client.get_metric_history(t.run_id, "fid")}
+    assert history == {8: 30.0, 16: 25.0}
+    assert len(t.client.get_metric_history(t.run_id, "fid")) == 2
+    assert "loss" not in t.client.get_run(t.run_id).data.metrics
+    assert backfill_evaluations(uri, t.run_id, upto=16) == []  # a second resume adds nothing

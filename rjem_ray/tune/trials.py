@@ -119,15 +119,16 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     last = checkpoint_report(storage.join(trial_storage(cfg, trial_dir), RUN_NAME)) if stored is not None else {}
     step = int(last.get("step") or (storage.name(stored).rsplit("-", 1)[-1] if stored is not None else 0))
     trained = step >= cfg.train.steps
-    if ctx.metric in last and not trained:
-        # Continuing from a checkpoint of an evaluation step: report that evaluation again first. The head that
-        # ran it may have died before its driver saw the report, and the trial will not evaluate that step
-        # again; SweepRuns logs only what its run lacks, and Tune takes a repeated step as it is.
-        tune.report(last)
-    cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
     run_file = trial_dir / RUN_FILE
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     run_id = run.get("run_id")
+    if stored is not None and run_id and run.get("tracking_uri"):
+        backfill_evaluations(run["tracking_uri"], run_id, upto=step)
+    if ctx.metric in last and not trained:
+        # Continuing from a checkpoint of an evaluation step: report that evaluation again first, for Tune's
+        # scheduler (the trial will not evaluate that step again); SweepRuns logs only what its run lacks.
+        tune.report(last)
+    cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
     if run.get("tracking_uri"):
         # The store the driver resolved: Tune runs a trial in its own working directory, where a relative
         # sqlite:///mlflow.db (the shipped configs' default) would name a new, empty store.
@@ -140,6 +141,30 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
         # reported. Report the final evaluation (the one the last checkpoint carries, else evaluated again).
         tune.report(last if ctx.metric in last else _evaluate_final(cfg, outcome.checkpoint))
     sample_grid(outcome.checkpoint, cfg, trial_dir / "samples.png", ctx.seed)
+
+
+def backfill_evaluations(tracking_uri: str, run_id: str, upto: int) -> list[tuple[str, int]]:
+    """Give a resumed trial's run, under the sweep's names (``fid``, ``accuracy``, ...), every evaluation up to
+    step ``upto`` that its rank 0 logged itself (``train/fid`` ... at the step it ran, before the checkpoint)
+    and the run lacks. The sweep's names are logged by the driver from Tune's results: a head lost between an
+    evaluation and its driver's logging of it would leave holes in the objective's history, and the resumed
+    trial evaluates only the steps after ``upto``. Returns the (name, step) pairs it logged."""
+    from ..tracking import Tracker
+    from .sweep import FIGURES
+
+    tracker = Tracker(tracking_uri, run_id)
+    logged = set(tracker.client.get_run(run_id).data.metrics)
+    added = []
+    for name in FIGURES:
+        if f"train/{name}" not in logged:
+            continue
+        have = {m.step for m in tracker.client.get_metric_history(run_id, name)} if name in logged else set()
+        for m in tracker.client.get_metric_history(run_id, f"train/{name}"):
+            if m.step <= upto and m.step not in have:
+                tracker.log_metrics({name: m.value}, step=m.step)
+                have.add(m.step)
+                added.append((name, m.step))
+    return added
 
 
 def checkpoint_report(run_dir: str | Path) -> dict:
