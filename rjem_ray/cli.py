@@ -27,7 +27,7 @@ def _progress(prefix: str):
 
 def check_writable(path: str | Path, flag: str, directory: bool) -> None:
     """Fail before any work when ``path`` (a directory, or a file's directory; or a storage URI) cannot be written."""
-    from . import storage
+    from .core import storage
 
     if storage.is_uri(path):
         return storage.check_writable(str(path), flag)
@@ -60,8 +60,8 @@ def model_store(args, config: str | None = None) -> tuple[str, str]:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .storage import is_uri
-    from .train_driver import run_training
+    from .core.storage import is_uri
+    from .distributed.train_driver import run_training
 
     cfg = load_config(args.config, args.set)
     if is_uri(args.out):
@@ -81,14 +81,14 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .checkpoint import load_model
+    from .method.checkpoint import load_model
     from .config import Config, apply_overrides
-    from .data import to_uint8
-    from .generate import generate
-    from .images import save_grid
-    from .checkpoint import verify_checkpoint
-    from .devices import resolve_device
-    from .prior import gmm_for_checkpoint
+    from .core.data import to_uint8
+    from .evaluation.generate import generate
+    from .core.images import save_grid
+    from .method.checkpoint import verify_checkpoint
+    from .core.devices import resolve_device
+    from .method.prior import gmm_for_checkpoint
     from .tracking import resolve_checkpoint
 
     args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args, args.config))
@@ -136,7 +136,7 @@ def eval_artifact_dir(source: str, checkpoint_dir: str) -> Path:
     download is removed at exit) ``./rjem-eval/<the URI as one folder name>`` in the working directory."""
     import re
 
-    from .evaluate import default_artifact_dir
+    from .evaluation.evaluate import default_artifact_dir
     from .tracking import MODEL_URI_SCHEMES
 
     if str(source).startswith(MODEL_URI_SCHEMES):
@@ -167,11 +167,12 @@ def eval_store(args, source: str, cfg, store: tuple[str, str]) -> dict | None:
 
 
 def cmd_eval(args) -> int:
-    from .checkpoint import config_from_state, verify_checkpoint
-    from .config import Config, apply_overrides, first_line, with_tracking_env
-    from .evaluate import evaluate_checkpoint
+    from .method.checkpoint import config_from_state, verify_checkpoint
+    from .config import Config, apply_overrides, with_tracking_env
+    from .core.errors import first_line
+    from .evaluation.evaluate import evaluate_checkpoint
     from .tracking import drawn_files, log_evaluation, resolve_checkpoint
-    from .train_driver import merge_json
+    from .distributed.train_driver import merge_json
 
     source = args.checkpoint
     store = model_store(args)
@@ -381,10 +382,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
+    from .method.checkpoint import CheckpointError
     from .config import ConfigError
-    from .data import DataError
-    from .train_driver import TrainingFailed
+    from .core.data import DataError
+    from .distributed.train_driver import TrainingFailed
 
     args = build_parser().parse_args(argv)
     if getattr(args, "n", None) is not None and args.n < 1:

@@ -2,7 +2,7 @@
 
 Units: every ε and step size is in the model's input space [-1, 1] (0.1 there is 12.75/255 on the usual
 [0, 1] scale). How batch, learning rate, buffer and schedules follow ``trainer.num_workers`` is
-``trainer.scaling`` (``rjem_ray/scaling.py``): under ``weak`` (the default) ``train.batch_size`` and
+``trainer.scaling`` (``rjem_ray/method/scaling.py``): under ``weak`` (the default) ``train.batch_size`` and
 ``buffer.size`` are per worker and ``optim.lr`` is scaled by ``optim.lr_scaling``; under ``strong`` they are
 global and nothing is rescaled. Step-valued keys count reference steps of ``train.batch_size`` images.
 
@@ -22,19 +22,13 @@ from typing import Any, Literal
 
 import yaml
 
-from .ddp import GRAD_COMPRESSIONS
-from .scaling import LR_SCALINGS, SCALINGS
-from .storage import check_storage_path
+from .method.ddp import GRAD_COMPRESSIONS
+from .method.scaling import LR_SCALINGS, SCALINGS
+from .core.storage import check_storage_path
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the key and what is allowed."""
-
-
-def first_line(exc: BaseException, fallback: str = "") -> str:
-    """``exc``'s message up to its first line break, for a one-line error (torch's, pyarrow's and MLflow's
-    messages run over many lines); ``fallback`` when the message is empty."""
-    return (str(exc).strip().splitlines() or [fallback])[0]
 
 
 MODES = ("classifier", "robust-classifier", "jempp", "robust-jem")
@@ -48,18 +42,18 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 FID_EXTRACTORS = ("auto", "inception", "reference-classifier", "robust-reference-classifier")
 SECOND_FID_EXTRACTORS = ("auto", "none") + FID_EXTRACTORS[1:]
-# AutoAttack (rjem_ray/autoattack.py, library pyautoattack): every attack name its AutoAttack accepts,
+# AutoAttack (rjem_ray/robustness/autoattack.py, library pyautoattack): every attack name its AutoAttack accepts,
 # the standard version's list in its order, and the versions we offer (custom = a chosen sub-list).
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 AUTOATTACK_VERSIONS = ("standard", "custom")
-# Minimum-norm attacks (rjem_ray/minnorm.py) as ATTACK-NORM names, and their public reference.
+# Minimum-norm attacks (rjem_ray/robustness/minnorm.py) as ATTACK-NORM names, and their public reference.
 MIN_NORM_RUNS = ("logbarrier-l2", "logbarrier-linf", "proxlogbarrier-l0", "proxlogbarrier-l1", "proxlogbarrier-l2",
                  "proxlogbarrier-linf")
 MIN_NORM_REFERENCES = ("fab", "none")
 CERTIFY_METHODS = ("smoothing", "gaussian-average")
 DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "svhn")
-# OOD detection (rjem_ray/ood.py describes each): synthetic shifts, then the datasets; scores
+# OOD detection (rjem_ray/evaluation/ood.py describes each): synthetic shifts, then the datasets; scores
 OOD_SHIFTS = ("uniform", "gaussian", "smooth", "constant", "photos", "inverted") + DATASET_NAMES
 OOD_SCORES = ("logsumexp", "max_softmax", "grad_norm")
 # keys that were renamed: the unknown-key error names the new one
@@ -93,7 +87,7 @@ class OptimConfig:
     name: str = "sgd"
     lr: float = 0.1  # weak scaling: for one worker's batch, times the lr rule; strong: for the global batch
     # weak scaling's learning-rate rule for N workers: linear (× N) | sqrt (× √N) | none | auto (linear for
-    # sgd, sqrt for adam); rjem_ray/scaling.py
+    # sgd, sqrt for adam); rjem_ray/method/scaling.py
     lr_scaling: str = "auto"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -145,7 +139,7 @@ class BufferConfig:
     # the energy to rank it below data (docs/RESULTS.md "An energy that is also a density").
     noise_init: float = 0.0
     gmm_max_mb: int = 256  # memory bound for the class-conditional Gaussian mixture factors
-    # Where each worker's slots live (rjem_ray/buffer_actor.py): true = in a shard actor the worker creates on
+    # Where each worker's slots live (rjem_ray/distributed/buffer_actor.py): true = in a shard actor the worker creates on
     # its own node (survives the worker's process; draws reinitialisations off the step); false = inside the
     # worker process; auto = true when trainer.num_workers > 1. YAML booleans are normalised to "true"/"false".
     shared: Literal["auto", "true", "false"] | bool = "auto"
@@ -175,7 +169,7 @@ class TrainConfig:
     # robust modes) | classification+positive = x_cls and the clean positive batch x_pos of robust-jem (the
     # earlier behaviour: running statistics then average two distributions; docs/RESULTS.md). training.py
     bn_running_stats: str = "classification"
-    # autocast of the network's passes (rjem_ray/speed.py): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16;
+    # autocast of the network's passes (rjem_ray/method/speed.py): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16;
     # weights, optimiser state, images and Langevin iterates stay fp32 in every case
     precision: str = "auto"
     # NHWC memory layout / torch.compile of the network used by every pass: auto (on for CUDA) | true | false
@@ -185,7 +179,7 @@ class TrainConfig:
     # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; training.py)
     fuse_passes: bool = True
     # robust modes' classification term: pgd (CE at PGD's x_adv, the attack.* keys) | gradreg (CE at the
-    # clean x + gradreg_strength * mean ||grad_x CE||_*^2 by finite differences, no PGD; rjem_ray/gradreg.py)
+    # clean x + gradreg_strength * mean ||grad_x CE||_*^2 by finite differences, no PGD; rjem_ray/method/gradreg.py)
     robust_term: str = "pgd"
     gradreg_strength: float = 0.01  # lambda, in ([-1, 1] unit)^2 so that the penalty is a loss (1.0 stalled the demo)
     gradreg_step: float = 0.01  # finite-difference step h, [-1, 1] units (L-inf: per pixel; L2: per image)
@@ -201,7 +195,7 @@ class TrainConfig:
 class TrainerConfig:
     num_workers: int = 1
     # weak (batch_size and buffer.size per worker, lr scaled by optim.lr_scaling) | strong (global batch);
-    # rjem_ray/scaling.py
+    # rjem_ray/method/scaling.py
     scaling: str = "weak"
     # elastic training (Ray Train's num_workers=(min, max)): > 0 lets a run continue on as few as this many
     # workers when nodes are lost, and grow back up to num_workers; 0 = a fixed worker group
@@ -215,7 +209,7 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     max_failures: int = 0
     # Where Ray keeps the run's checkpoints (and a sweep's Tune state): None = OUT/ray; a directory, or a URI
-    # such as s3://bucket/prefix (rjem_ray/storage.py). One run per storage path: rerunning continues it.
+    # such as s3://bucket/prefix (rjem_ray/core/storage.py). One run per storage path: rerunning continues it.
     storage_path: str | None = None
 
 
@@ -265,7 +259,7 @@ class EvalConfig:
     fid_second_extractor: str = "auto"
     fid_samples: int = 1000
     inception_weights: str | None = None  # local Inception weights for offline clusters
-    # OOD detection (rjem_ray/ood.py): the test split against each shift, AUROC per score; auto = the dataset's
+    # OOD detection (rjem_ray/evaluation/ood.py): the test split against each shift, AUROC per score; auto = the dataset's
     # suite (ood.DEFAULT_SHIFTS). ood_auroc, the headline, is the worst shift under the logsumexp score.
     ood_shifts: list[str] = field(default_factory=lambda: ["auto"])
     ood_scores: list[str] = field(default_factory=lambda: list(OOD_SCORES))
@@ -273,7 +267,7 @@ class EvalConfig:
     # precision / recall (Kynkäänniemi et al. 2019, torch-fidelity's) of the FID samples against as many training
     # images drawn at random (seed 0), k-th nearest neighbour radii, in the FID's first feature space
     prc_neighborhood: int = 3
-    # min-norm (rjem_ray/minnorm.py): per-image minimum-norm perturbations on a seeded subset; distances in
+    # min-norm (rjem_ray/robustness/minnorm.py): per-image minimum-norm perturbations on a seeded subset; distances in
     # [-1, 1] units (L0: changed pixels); the curve and the plot also give them on the [0, 1] scale
     min_norm_runs: list[str] = field(default_factory=lambda: list(MIN_NORM_RUNS))
     min_norm_max_samples: int = 100
@@ -284,12 +278,12 @@ class EvalConfig:
     min_norm_mu: float | None = None
     min_norm_mu_decay: float = 0.5
     # the barrier also runs from a targeted start toward each of this many most likely wrong classes, keeping
-    # the closest result (1 + targets runs per image; 0: the untargeted start only); rjem_ray/minnorm.py
+    # the closest result (1 + targets runs per image; 0: the untargeted start only); rjem_ray/robustness/minnorm.py
     min_norm_targets: int = 3
     min_norm_reference: str = "fab"  # fab (pyautoattack's FAB, L1/L2/Linf runs) | none
     min_norm_reference_iterations: int = 100
     min_norm_curve_points: int = 21  # eps grid of the robust-accuracy curve, 0 .. the largest finite distance
-    # certified (rjem_ray/certify.py): L2 certificates; sigma and radii in [-1, 1] units (halve for [0, 1])
+    # certified (rjem_ray/robustness/certify.py): L2 certificates; sigma and radii in [-1, 1] units (halve for [0, 1])
     certify_methods: list[str] = field(default_factory=lambda: ["smoothing", "gaussian-average"])
     certify_sigma: float = 0.5  # Gaussian noise std of the smoothed classifier (0.25 on [0, 1])
     certify_n0: int = 100  # noisy copies that choose the class
@@ -623,6 +617,21 @@ METRIC_NAMES = ("accuracy", "robust", "autoattack", "masking", "ece", "ebr", "mi
 
 
 # ----------------------------------------------------------------------------------------------- loading
+
+
+_REQUIRED = object()
+
+
+def get_dotted(data: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """``data["a"]["b"]`` for ``key = "a.b"``; a missing key raises ``KeyError`` unless ``default`` is given."""
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _REQUIRED:
+                raise KeyError(key)
+            return default
+        node = node[part]
+    return node
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

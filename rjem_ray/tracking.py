@@ -299,7 +299,7 @@ import numpy as np
 
 class RjemClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from rjem_ray.checkpoint import load_model
+        from rjem_ray.method.checkpoint import load_model
 
         self.model, self.cfg = load_model(context.artifacts["checkpoint"])
 
@@ -334,11 +334,11 @@ def log_model(client, run_id: str, ckpt_dir: str | Path, registered_model_name: 
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model, infer_signature
 
-    from .checkpoint import load_model
+    from .method.checkpoint import load_model
 
     model, cfg = load_model(ckpt_dir)
     if example is None:
-        from .data import dataset_info
+        from .core.data import dataset_info
 
         info = dataset_info(cfg.data.name)
         example = torch.zeros((2, info.channels, info.size, info.size))
@@ -455,8 +455,8 @@ def resolve_checkpoint(path_or_uri: str, tracking_uri: str, registry_uri: str | 
     import yaml
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    from .checkpoint import STATE_FILE, CheckpointError
-    from .config import first_line
+    from .method.checkpoint import STATE_FILE, CheckpointError
+    from .core.errors import first_line
 
     if dst is None:  # removed when the process exits
         import atexit
@@ -645,7 +645,7 @@ def check_database(uri: str, timeout_s: float = DATABASE_TIMEOUT_S) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    from .config import first_line
+    from .core.errors import first_line
 
     return first_line(exc, type(exc).__name__)
 
@@ -875,7 +875,7 @@ def _move_artifacts(src, destination: str, say) -> dict[str, str]:
 
     import pyarrow.fs as pafs
 
-    from . import storage
+    from .core import storage
 
     dst_fs, dst_root = storage.filesystem(destination)
     moved = {}

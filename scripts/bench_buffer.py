@@ -1,9 +1,9 @@
 """Benchmark (not a test): the replay buffer's share of a training step at 1, 2 and 4 workers.
 
 One local Ray on 127.0.0.1; for each worker count it starts that many worker actors (one CPU each, one torch
-thread each), each running the real training step (:class:`rjem_ray.training.Learner`, robust-jem: PGD, then
+thread each), each running the real training step (:class:`rjem_ray.method.training.Learner`, robust-jem: PGD, then
 lease → PYLD sampler → write-back, then the loss) on CIFAR-shaped data, with its
-:class:`~rjem_ray.buffer_actor.SharedReplayBuffer` wrapped in a stopwatch. Two layouts (``--layout``):
+:class:`~rjem_ray.distributed.buffer_actor.SharedReplayBuffer` wrapped in a stopwatch. Two layouts (``--layout``):
 
 * ``worker`` (what ``rjem train`` does): every worker creates its own shard actor beside it
   (``buffer_actor.create_worker_shard``) holding ``--size`` slots;
@@ -64,9 +64,9 @@ def _sim_worker_class():
         def __init__(self, cfg, gmm, shard, rank, prefetch):
             import torch
 
-            from rjem_ray.buffer_actor import SharedReplayBuffer, create_worker_shard
+            from rjem_ray.distributed.buffer_actor import SharedReplayBuffer, create_worker_shard
             from rjem_ray.config import Config
-            from rjem_ray.training import Learner
+            from rjem_ray.method.training import Learner
 
             torch.set_num_threads(1)
             c = Config.from_dict(cfg)
@@ -119,8 +119,8 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from rjem_ray.buffer_actor import create_worker_shard
-    from rjem_ray.gmm import fit_class_gmm
+    from rjem_ray.distributed.buffer_actor import create_worker_shard
+    from rjem_ray.method.gmm import fit_class_gmm
 
     torch.set_num_threads(1)
     ray_tmpdir = tempfile.mkdtemp(prefix="rjbb-", dir="/tmp")  # private, short path

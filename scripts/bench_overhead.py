@@ -1,6 +1,6 @@
 """Ray Train's per-step overhead: the same training loop bare and inside a 1-worker ``TorchTrainer``.
 
-Every measurement builds the same :class:`rjem_ray.training.Learner` (same config, data, seed, one torch
+Every measurement builds the same :class:`rjem_ray.method.training.Learner` (same config, data, seed, one torch
 thread per ``trainer.cpus_per_worker``), takes ``--warmup`` untimed steps, then times each iteration of
 ``run_loop`` (one optimiser step plus its share of the real reporting schedule: metrics every
 ``train.log_every`` steps, a checkpoint every ``train.checkpoint_every`` steps and at the end). Rows:
@@ -48,9 +48,9 @@ def build_learner(cfg_dict: dict):
     import torch
 
     from rjem_ray.config import Config
-    from rjem_ray.data import load_split
-    from rjem_ray.prior import load_train_gmm
-    from rjem_ray.training import Learner
+    from rjem_ray.core.data import load_split
+    from rjem_ray.method.prior import load_train_gmm
+    from rjem_ray.method.training import Learner
 
     cfg = Config.from_dict(cfg_dict)
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
@@ -65,7 +65,7 @@ def timed_loop(learner, report, steps: int) -> list[float]:
     An iteration runs from the start of one optimiser step to the start of the next (the last one to the
     loop's return), so it includes the metric averaging, ``report`` and checkpoint writing of its step.
     """
-    from rjem_ray.training import run_loop
+    from rjem_ray.method.training import run_loop
 
     starts: list[float] = []
     step = learner.step
@@ -86,7 +86,7 @@ def timed_loop(learner, report, steps: int) -> list[float]:
 
 def local_report(directory: str):
     """The bare loop's ``report``: the checkpoint files the worker would write, to a local directory."""
-    from rjem_ray.checkpoint import save_checkpoint
+    from rjem_ray.method.checkpoint import save_checkpoint
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None:
@@ -109,14 +109,14 @@ def ray_worker(config: dict) -> None:
     both see the same load on the machine."""
     import ray.train
 
-    from rjem_ray.checkpoint import save_checkpoint
-    from rjem_ray.training import is_eval_step
+    from rjem_ray.method.checkpoint import save_checkpoint
+    from rjem_ray.method.training import is_eval_step
 
     learner = build_learner(config["cfg"])
     for _ in range(config["warmup"]):
         learner.step()
 
-    def ray_report(metrics: dict, state: dict | None) -> None:  # as in rjem_ray.train_worker
+    def ray_report(metrics: dict, state: dict | None) -> None:  # as in rjem_ray.distributed.train_worker
         if state is None:
             if is_eval_step(int(metrics["step"]), learner.cfg):
                 ray.train.report(metrics)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import rjem_ray  # noqa: F401  (torchvision shim)
     from rjem_ray.config import load_config
-    from rjem_ray.ray_setup import ensure_ray
+    from rjem_ray.distributed.ray_setup import ensure_ray
 
     cfg = load_config(args.config, args.set + ["trainer.num_workers=1", "tracking.enabled=false"])
     # Align every timed window with the reporting schedule, so that the bare run and each block inside the

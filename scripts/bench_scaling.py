@@ -2,10 +2,10 @@
 
 Every worker is a process started by ``torch.multiprocessing`` (spawn), joined in one ``torch.distributed``
 process group (gloo on CPUs; nccl with one GPU per rank when ``torch.cuda.is_available()``: the same
-script), and runs a real :class:`rjem_ray.training.Learner` on the digits (``load_split('mnist5k',
+script), and runs a real :class:`rjem_ray.method.training.Learner` on the digits (``load_split('mnist5k',
 'train')``; random images of the dataset's shape if they do not load, as in ``bench_step.py``), with the
-class-conditional Gaussian mixture of ``rjem_ray.gmm`` for the replay buffer, and its loss module wrapped by
-``rjem_ray.ddp.wrap_ddp(module, device, grad_compression)`` (no wrap on one worker, as ``train_worker``
+class-conditional Gaussian mixture of ``rjem_ray.method.gmm`` for the replay buffer, and its loss module wrapped by
+``rjem_ray.method.ddp.wrap_ddp(module, device, grad_compression)`` (no wrap on one worker, as ``train_worker``
 does). Each rank runs **one torch thread** (``--threads``), ``--warmup`` untimed steps, then ``--steps``
 timed ones.
 
@@ -127,8 +127,8 @@ def _noop_hook(state, bucket):
 def _data(cfg):
     from bench_step import load_images
 
-    from rjem_ray.data import dataset_info, to_model_space
-    from rjem_ray.gmm import fit_class_gmm
+    from rjem_ray.core.data import dataset_info, to_model_space
+    from rjem_ray.method.gmm import fit_class_gmm
 
     images, labels, desc = load_images(cfg, "auto", max(2000, cfg.buffer.size))
     info = dataset_info(cfg.data.name)
@@ -152,7 +152,7 @@ def make_learner(p: dict, rank: int, world: int, device, images, labels, gmm, wr
     takes ``train.batch_size`` as it is; one that still divides ``train.batch_size`` by the world size is
     rebuilt with ``batch · N``. Under ``strong`` ``train.batch_size`` is the global batch either way."""
     from rjem_ray.config import load_config
-    from rjem_ray.training import Learner
+    from rjem_ray.method.training import Learner
 
     want = p["batch"] if p["mode"] == "weak" else p["batch"] // world
     for setting in ((p["batch"], p["batch"] * world) if p["mode"] == "weak" else (p["batch"],)):
@@ -177,8 +177,8 @@ class ProbeWork:
     def __init__(self, cfg, device, batch: int, reps: int = 6):
         import torch
 
-        from rjem_ray.data import dataset_info
-        from rjem_ray.models import build_model
+        from rjem_ray.core.data import dataset_info
+        from rjem_ray.method.models import build_model
 
         info = dataset_info(cfg.data.name)
         self.device = device
@@ -208,7 +208,7 @@ def _step_worker(rank: int, world: int, device, p: dict) -> dict:
     import torch.distributed as dist
 
     from rjem_ray.config import load_config
-    from rjem_ray.ddp import wrap_ddp
+    from rjem_ray.method.ddp import wrap_ddp
 
     cfg0 = load_config(p["config"], p["overrides"])
     images, labels, gmm, desc = _data(cfg0)

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rjem_ray.config import Config, load_config  # noqa: E402
-from rjem_ray.data import Augmenter, dataset_info, to_model_space  # noqa: E402
-from rjem_ray.energy import marginal_energy  # noqa: E402
-from rjem_ray.gmm import fit_class_gmm  # noqa: E402
-from rjem_ray.models import build_model  # noqa: E402
+from rjem_ray.core.data import Augmenter, dataset_info, to_model_space  # noqa: E402
+from rjem_ray.method.energy import marginal_energy  # noqa: E402
+from rjem_ray.method.gmm import fit_class_gmm  # noqa: E402
+from rjem_ray.method.models import build_model  # noqa: E402
 
 PHASES = ("attack", "sampler", "loss", "optimiser", "buffer")
 
@@ -207,7 +207,7 @@ def _timed(fn, phase):
 
 def _instrument_training():
     """Time the phases of ``Learner.step`` by wrapping the functions it calls (once per process)."""
-    import rjem_ray.training as training
+    import rjem_ray.method.training as training
 
     if not hasattr(training.pgd, "__wrapped__"):
         for name, phase in (("pgd", "attack"), ("run_sampler", "sampler"), ("attack_and_sample_fused", "attack")):
@@ -218,7 +218,7 @@ class ProjectStep:
     """``training.Learner.step`` with its phases timed (attack, sampler, buffer, optimiser; the rest is the loss)."""
 
     def __init__(self, cfg: Config, images, labels, gmm, device, phases: Phases):
-        from rjem_ray.training import Learner
+        from rjem_ray.method.training import Learner
 
         _instrument_training()
         self.learner = lrn = Learner(cfg, images, labels, gmm, device=device)
@@ -237,7 +237,7 @@ class ProjectStep:
 def count_step_flops(cfg: Config, images, labels, gmm, device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rjem_ray.training import Learner
+    from rjem_ray.method.training import Learner
 
     class _NoModules:  # FlopCounterMode's per-module breakdown hooks refuse autograd.grad (torch 2.13)
         parents = {"Global"}
@@ -278,7 +278,7 @@ def load_images(cfg: Config, how: str, synthetic_n: int):
     info = dataset_info(cfg.data.name)
     if how in ("auto", "real"):
         try:
-            from rjem_ray.data import load_split
+            from rjem_ray.core.data import load_split
 
             x, y = load_split(cfg.data.name, "train", cfg.data.data_dir)
             return x, y, f"{cfg.data.name} train split ({len(y)} images)"
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from rjem_ray.devices import resolve_device
+    from rjem_ray.core.devices import resolve_device
 
     device = resolve_device(args.device)
     cfg0 = load_config(args.config, args.set)

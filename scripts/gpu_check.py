@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rjem_ray.config import load_config  # noqa: E402
-from rjem_ray.data import dataset_info, to_model_space  # noqa: E402
-from rjem_ray.devices import resolve_device  # noqa: E402
-from rjem_ray.gmm import fit_class_gmm  # noqa: E402
+from rjem_ray.core.data import dataset_info, to_model_space  # noqa: E402
+from rjem_ray.core.devices import resolve_device  # noqa: E402
+from rjem_ray.method.gmm import fit_class_gmm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def synthetic(cfg, n: int):
 
 
 def learner_steps(name: str, config: str, steps: int, device, overrides: list[str]) -> tuple[dict, object, object]:
-    from rjem_ray.training import Learner
+    from rjem_ray.method.training import Learner
 
     cfg = load_config(REPO / config, overrides)
     x, y, gmm = synthetic(cfg, max(1000, cfg.buffer.size))
@@ -92,7 +92,7 @@ def learner_steps(name: str, config: str, steps: int, device, overrides: list[st
 
 
 def generation(learner, gmm, device) -> dict:
-    from rjem_ray.generate import generate
+    from rjem_ray.evaluation.generate import generate
 
     out = {}
     for mode in ("energy", "pgd", "combined"):
@@ -109,8 +109,8 @@ def generation(learner, gmm, device) -> dict:
 
 
 def metrics(learner, device) -> dict:
-    from rjem_ray.metrics import accuracy, energy_scores, expected_calibration_error, ood_auroc, predict_logits, robust_accuracy
-    from rjem_ray.speed import FastNet
+    from rjem_ray.evaluation.metrics import accuracy, energy_scores, expected_calibration_error, ood_auroc, predict_logits, robust_accuracy
+    from rjem_ray.method.speed import FastNet
 
     cfg = learner.cfg
     info = dataset_info(cfg.data.name)

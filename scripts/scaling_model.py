@@ -1,4 +1,4 @@
-"""The step-time model (``rjem_ray/stepmodel.py``) for the paper-scale run on the cluster's DDP node type,
+"""The step-time model (``rjem_ray/distributed/stepmodel.py``) for the paper-scale run on the cluster's DDP node type,
 and its check against steps measured on this box.
 
 **Modelled** (no GPU is needed): the step of ``--config`` (default ``tune_configs/cifar10.yaml``: WRN-28-10,
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rjem_ray.stepmodel import (  # noqa: E402
+from rjem_ray.distributed.stepmodel import (  # noqa: E402
     Cluster,
     Compute,
     Link,
@@ -141,8 +141,8 @@ def count_network(cfg) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rjem_ray.data import dataset_info
-    from rjem_ray.models import build_model
+    from rjem_ray.core.data import dataset_info
+    from rjem_ray.method.models import build_model
 
     class _Ops(TorchDispatchMode):
         def __init__(self):

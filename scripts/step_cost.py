@@ -16,9 +16,9 @@ import torch
 
 import rjem_ray  # noqa: F401
 from rjem_ray.config import load_config
-from rjem_ray.data import load_split, to_model_space
-from rjem_ray.gmm import fit_class_gmm
-from rjem_ray.training import Learner
+from rjem_ray.core.data import load_split, to_model_space
+from rjem_ray.method.gmm import fit_class_gmm
+from rjem_ray.method.training import Learner
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 Trains ``classifier``, ``robust-classifier``, ``jempp`` and ``robust-jem`` from one base config
 (``tune_configs/demo.yaml``: the same network, optimiser, data, step budget and sampler for all),
 robust-jem also at several training ε, each with several seeds. Every model is then evaluated with one
-protocol (``rjem_ray.evaluate.evaluate_model``): clean accuracy, AutoAttack robust accuracy at the
+protocol (``rjem_ray.evaluation.evaluate.evaluate_model``): clean accuracy, AutoAttack robust accuracy at the
 *same* evaluation ε for every model, PGD accuracy, ECE, OOD AUROC, and FID/KID/IS of each generation mode
 (``energy``, ``pgd``, ``combined``) beside the Gaussian-mixture seeds alone, in both feature spaces
 (the plain and the adversarially trained reference classifier).
@@ -53,12 +53,12 @@ def train_and_evaluate(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from rjem_ray.checkpoint import save_checkpoint
+    from rjem_ray.method.checkpoint import save_checkpoint
     from rjem_ray.config import Config, apply_overrides, load_config
-    from rjem_ray.data import load_split
-    from rjem_ray.evaluate import evaluate_model
-    from rjem_ray.prior import load_train_gmm
-    from rjem_ray.training import DivergenceError, Learner, run_loop
+    from rjem_ray.core.data import load_split
+    from rjem_ray.evaluation.evaluate import evaluate_model
+    from rjem_ray.method.prior import load_train_gmm
+    from rjem_ray.method.training import DivergenceError, Learner, run_loop
 
     out = Path(job["out"])
     overrides = list(job["overrides"]) + [f"train.mode={job['mode']}", f"train.seed={job['seed']}"]
@@ -95,7 +95,7 @@ def train_and_evaluate(job: dict) -> dict:
     result["generation"] = {}
     from torchvision.utils import save_image
 
-    from rjem_ray.generate import generate
+    from rjem_ray.evaluation.generate import generate
 
     grids = out / "grids"
     grids.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval.autoattack_attacks=[apgd-ce]", "eval.autoattack_max_samples=24", "eval.fid_samples=40",
         ] + overrides
     from rjem_ray.config import load_config
-    from rjem_ray.ood import shifts_for
+    from rjem_ray.evaluation.ood import shifts_for
 
     modes = [m for m in a.modes.split(",") if m]
     for m in modes:

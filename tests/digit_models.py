@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rjem_ray.data import load_split, to_model_space
+from rjem_ray.core.data import load_split, to_model_space
 
 
 def digits_14(split: str) -> tuple[torch.Tensor, torch.Tensor]:

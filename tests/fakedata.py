@@ -1,7 +1,7 @@
 """Tiny datasets written in the exact standard on-disk formats, for tests of anything that loads data.
 
 Each writer returns ``(train_x, train_y, test_x, test_y)``: the images it wrote as ``uint8``
-``[N, 3, 32, 32]`` (NCHW, as ``rjem_ray.data.load_split`` must return them) and the labels as
+``[N, 3, 32, 32]`` (NCHW, as ``rjem_ray.core.data.load_split`` must return them) and the labels as
 ``int64 [N]`` in ``[0, num_classes)``. Pixels are random but the three channels differ by construction
 (channel c of every image lies in ``[85 c, 85 c + 84]``), so a channel-order mistake is visible.
 

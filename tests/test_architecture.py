@@ -1,9 +1,11 @@
-"""The layer rule of docs/ARCHITECTURE.md: algorithm modules import neither Ray nor MLflow.
+"""The layer rule of docs/ARCHITECTURE.md: the folders are the layers, and a module imports only from its own
+layer and those below it; the import graph has no circle; no module is over 500 lines.
 
-Checked twice: statically (every ``import`` statement, function-level ones included, of each algorithm
-module and of every ``rjem_ray`` module it imports, transitively) and dynamically (a fresh interpreter in
-which importing ``ray`` or ``mlflow`` raises imports every algorithm module, and neither appears in
-``sys.modules`` afterwards). Also: MLflow is imported by the tracking module only.
+The Ray-free layers (core, config, method, robustness, evaluation) import neither Ray nor MLflow, checked twice:
+statically (every ``import`` statement, function-level ones included, of each module and of every ``rjem_ray``
+module it imports, transitively) and dynamically (a fresh interpreter in which importing ``ray`` or ``mlflow``
+raises imports every one of them, and neither appears in ``sys.modules`` afterwards). MLflow is imported by the
+tracking layer only.
 """
 
 from __future__ import annotations
@@ -19,14 +21,41 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "rjem_ray"
 FORBIDDEN = ("ray", "mlflow")
-# Layer 1 of docs/ARCHITECTURE.md: pure functions of tensors and a model, the Ray-free training step and evaluation,
-# the prior and checkpoint files.
-ALGORITHMS = ("attacks", "samplers", "energy", "training", "metrics", "gmm", "prior", "generate", "masking",
-              "autoattack", "fidelity", "evaluate", "replay_buffer", "models", "data", "checkpoint", "speed",
-              "devices", "minnorm", "certify", "gradreg", "ood")
-TRACKING = ("tracking",)  # the one module that talks to MLflow
-BASE = ("_torchvision_compat", "config", "ddp", "images", "scaling", "storage")
-PACKAGE_API = ("__init__",)  # layer 1 too; runs first whenever a submodule is imported
+# The layers of docs/ARCHITECTURE.md, bottom up: a folder (or a top-level module) and the layers it may import.
+# The package's __init__ (its Python API and the torchvision shim) runs first whenever a submodule is imported.
+LAYERS = {
+    "core": (),
+    "config": ("core",),
+    "api": ("core", "config", "method"),
+    "method": ("core", "config"),
+    "robustness": ("core", "config", "method"),
+    "evaluation": ("core", "config", "method", "robustness"),
+    "tracking": ("core", "config", "method"),
+    "distributed": ("core", "config", "method", "robustness", "evaluation", "tracking"),
+    "tune": ("core", "config", "method", "robustness", "evaluation", "tracking", "distributed"),
+    "entry": ("api", "core", "config", "method", "robustness", "evaluation", "tracking", "distributed", "tune"),
+}
+RAY_FREE = ("core", "config", "api", "method", "robustness", "evaluation")  # run where neither Ray nor MLflow is installed
+TOP_LEVEL = {"__init__": "api", "_torchvision_compat": "core", "config": "config", "tracking": "tracking",
+             "cli": "entry", "__main__": "entry"}
+# config.py composes every section and checks names against the lists their modules own: it may import those
+# modules (and only those that import nothing of the package back, so no circle can close through them).
+CONFIG_NAME_HOMES = ("method.ddp", "method.scaling", "core.storage", "core.errors")
+
+
+def layer_of(module: str) -> str:
+    """The layer of ``rjem_ray.<module>``: its folder, or for a top-level module its entry in ``TOP_LEVEL``."""
+    head = module.split(".")[0]
+    return TOP_LEVEL[head] if head in TOP_LEVEL else head
+
+
+def _package_modules() -> list[str]:
+    return sorted(str(p.relative_to(PACKAGE).with_suffix("")).replace(os.sep, ".").removesuffix(".__init__")
+                  for p in PACKAGE.rglob("*.py"))
+
+
+def _ray_free_modules() -> list[str]:
+    return [m for m in _package_modules() if layer_of(m) in RAY_FREE]
 
 
 def _module_file(module: str) -> Path:
@@ -48,19 +77,22 @@ def _imports(module: str) -> tuple[set[str], set[str]]:
             if node.level:  # from .x import y / from . import y: resolve against the module's package
                 base = package[: len(package) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
-                names = [target] if node.module else [f"{target}.{a.name}" if target else a.name for a in node.names]
+                names = [target] if node.module else []
+                names += [f"{target}.{a.name}" if target else a.name for a in node.names]  # y may be a module
                 names = [f"rjem_ray.{n}" if n else "rjem_ray" for n in names]
             else:
-                names = [node.module]
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
-            absolute.add(name)
             if name == "rjem_ray" or name.startswith("rjem_ray."):
                 inner = name[len("rjem_ray."):] if name != "rjem_ray" else "__init__"
-                if inner != "__init__" and not _module_file(inner).is_file():  # from rjem_ray import function
-                    inner = inner.rsplit(".", 1)[0] if "." in inner else "__init__"
+                if inner != "__init__" and not _module_file(inner).is_file():  # a name imported from a module
+                    continue
+                absolute.add(name)
                 internal.add(inner)
+            elif isinstance(node, ast.Import) or name == node.module:
+                absolute.add(name)
     return absolute, internal
 
 
@@ -80,46 +112,95 @@ def _forbidden_in(module: str) -> list[str]:
     return sorted(n for n in _imports(module)[0] if n.split(".")[0] in FORBIDDEN)
 
 
-def test_algorithm_modules_exist():
-    assert [m for m in ALGORITHMS if not _module_file(m).is_file()] == []
+def test_every_module_is_in_a_layer():
+    assert sorted(m for m in _package_modules() if layer_of(m) not in LAYERS) == []
+    assert [m for m in CONFIG_NAME_HOMES if not _module_file(m).is_file()] == []
 
 
 def test_import_parser_sees_relative_and_function_level_imports(tmp_path, monkeypatch):
-    # The checker itself: a planted lazy `import ray` inside a function, reached through a relative import.
+    # The checker itself: a planted lazy `import ray` inside a function, reached through a relative import,
+    # and a module imported by name from its package (`from .pkg import mod`).
     fake = tmp_path / "rjem_ray"
-    fake.mkdir()
+    (fake / "pkg").mkdir(parents=True)
     (fake / "__init__.py").write_text("")
+    (fake / "pkg" / "__init__.py").write_text("")
     (fake / "alg.py").write_text("from .helper import f\n")
-    (fake / "helper.py").write_text("def f():\n    from ray import tune\n    return tune\n")
+    (fake / "helper.py").write_text("from .pkg import mod\ndef f():\n    from ray import tune\n    return tune\n")
+    (fake / "pkg" / "mod.py").write_text("from ..alg import nothing\n")
     monkeypatch.setitem(globals(), "PACKAGE", fake)
-    assert _closure("alg") == {"alg", "helper", "__init__"}
+    assert _closure("alg") == {"alg", "helper", "pkg", "pkg.mod", "__init__"}
     assert _forbidden_in("helper") == ["ray"]
+    assert _circles() == [["alg", "helper", "pkg.mod"]]
 
 
-@pytest.mark.parametrize("module", ALGORITHMS)
-def test_algorithm_module_imports_neither_ray_nor_mlflow_statically(module):
+@pytest.mark.parametrize("module", _ray_free_modules())
+def test_ray_free_module_imports_neither_ray_nor_mlflow_statically(module):
     offenders = {m: _forbidden_in(m) for m in sorted(_closure(module)) if _forbidden_in(m)}
-    assert offenders == {}, (f"rjem_ray.{module} reaches Ray/MLflow through {offenders}; algorithm modules "
-                             "must stay importable and runnable without them (docs/ARCHITECTURE.md)")
+    assert offenders == {}, (f"rjem_ray.{module} reaches Ray/MLflow through {offenders}; the layers "
+                             f"{RAY_FREE} must stay importable and runnable without them (docs/ARCHITECTURE.md)")
 
 
-@pytest.mark.parametrize("module", ALGORITHMS)
-def test_algorithm_module_reaches_only_base_and_algorithm_modules(module):
-    assert sorted(_closure(module) - set(BASE) - set(ALGORITHMS) - set(PACKAGE_API)) == []
+def _layer_breaks(module: str) -> list[str]:
+    mine = layer_of(module)
+    allowed = {mine, *LAYERS[mine]}
+    out = []
+    for target in sorted(_imports(module)[1]):
+        if target == "__init__" or layer_of(target) in allowed:
+            continue
+        if mine == "config" and target in CONFIG_NAME_HOMES:
+            continue
+        out.append(f"{module} ({mine}) -> {target} ({layer_of(target)})")
+    return out
 
 
-def _package_modules() -> list[str]:
-    return sorted(str(p.relative_to(PACKAGE).with_suffix("")).replace(os.sep, ".") for p in PACKAGE.rglob("*.py"))
+def test_each_module_imports_only_its_own_layer_and_those_below():
+    assert [b for m in _package_modules() for b in _layer_breaks(m)] == []
 
 
-def _module_paths_named_in(text: str, prefix: str = "") -> set[str]:
-    """``rjem_ray`` module paths in backticks in ``text`` (``prefix`` is put before bare file names)."""
-    import re
+def test_the_modules_config_takes_names_from_import_nothing_of_the_package_but_core():
+    assert {m: sorted(t for t in _imports(m)[1] if layer_of(t) != "core") for m in CONFIG_NAME_HOMES} == \
+        {m: [] for m in CONFIG_NAME_HOMES}
 
-    names = set(re.findall(r"`(rjem_ray/[\w/]+\.py)`", text))
-    if prefix:
-        names |= {prefix + n for n in re.findall(r"`([\w]+\.py)`", text)}
-    return names
+
+def _circles() -> list[list[str]]:
+    """Strongly connected groups (more than one module) of the import graph, function-level imports included."""
+    graph = {m: sorted(_imports(m)[1] - {"__init__", m}) for m in _package_modules()}
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, []):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def test_no_import_circle():
+    assert _circles() == []
+
+
+def test_no_module_over_500_lines():
+    sizes = {m: len(_module_file(m).read_text().splitlines()) for m in _package_modules()}
+    assert {m: n for m, n in sizes.items() if n > 500} == {}
 
 
 FILE_MAP = "## Where things are"
@@ -148,9 +229,9 @@ def test_architecture_doc_layer_table_and_file_map_match_the_tree():
         assert path in readme
 
 
-def test_only_the_tracking_module_imports_mlflow():
+def test_only_the_tracking_layer_imports_mlflow():
     users = sorted(m for m in _package_modules() if any(n.split(".")[0] == "mlflow" for n in _imports(m)[0]))
-    assert users == list(TRACKING)
+    assert users and {layer_of(m) for m in users} == {"tracking"}
 
 
 _BLOCKER = """
@@ -173,9 +254,9 @@ def _run_blocked(body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_algorithm_modules_import_with_ray_and_mlflow_blocked():
+def test_ray_free_modules_import_with_ray_and_mlflow_blocked():
     proc = _run_blocked(
-        f"for module in {ALGORITHMS!r}:\n"
+        f"for module in {_ray_free_modules()!r}:\n"
         "    importlib.import_module('rjem_ray.' + module)\n"
         f"print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))\n"
         "print('FROM', importlib.import_module('rjem_ray').__file__)\n"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rjem_ray.attacks import L2Step, LinfStep, pgd
+from rjem_ray.method.attacks import L2Step, LinfStep, pgd
 
 SHAPE = (1, 4, 4)
 CLASSES = 3

@@ -1,4 +1,4 @@
-"""rjem_ray.autoattack: the scale change to AutoAttack's [0, 1], ε on both scales, and the bookkeeping.
+"""rjem_ray.robustness.autoattack: the scale change to AutoAttack's [0, 1], ε on both scales, and the bookkeeping.
 
 Each test fails if the wrapper, the ε conversion, the per-attack cascade or the protocol is wrong. A small
 MLP trained for ~2 s on the offline mnist5k digits (average-pooled to 14×14) is the "small trained model".
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
-from rjem_ray import autoattack as aa
-from rjem_ray.metrics import accuracy, robust_accuracy
+from rjem_ray.robustness import autoattack as aa
+from rjem_ray.evaluation.metrics import accuracy, robust_accuracy
 
 from digit_models import digits_14, train_digit_mlp
 
@@ -173,11 +173,11 @@ def test_bad_arguments_name_what_is_allowed(kwargs, fragment):
 def test_package_imports_without_the_library_and_without_ray_or_mlflow():
     code = (
         "import sys; sys.modules['pyautoattack'] = None\n"  # as if it were not installed
-        "import rjem_ray.autoattack, rjem_ray.masking, rjem_ray.evaluate\n"
+        "import rjem_ray.robustness.autoattack, rjem_ray.evaluation.masking, rjem_ray.evaluation.evaluate\n"
         "assert 'ray' not in sys.modules and 'mlflow' not in sys.modules, 'pure modules import Ray or MLflow'\n"
         "import torch\n"
         "try:\n"
-        "    rjem_ray.autoattack.autoattack_accuracy(torch.nn.Linear(4, 2), torch.zeros(1, 4),"
+        "    rjem_ray.robustness.autoattack.autoattack_accuracy(torch.nn.Linear(4, 2), torch.zeros(1, 4),"
         " torch.zeros(1, dtype=torch.long), eps=0.1)\n"
         "except ImportError:\n"
         "    print('lazy')\n"

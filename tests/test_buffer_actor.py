@@ -1,4 +1,4 @@
-"""The replay buffer's shard actors (rjem_ray/buffer_actor.py): one per worker, created by the worker on its own
+"""The replay buffer's shard actors (rjem_ray/distributed/buffer_actor.py): one per worker, created by the worker on its own
 node; prefetched leases; the kept snapshot written by the shard; a killed shard back with its snapshot; a real
 two-worker ``run_training`` whose checkpoint holds each worker's part."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from rjem_ray.buffer_actor import (
+from rjem_ray.distributed.buffer_actor import (
     SHARED_KIND,
     DrawReserve,
     SharedReplayBuffer,
@@ -21,8 +21,8 @@ from rjem_ray.buffer_actor import (
     is_shared_state,
 )
 from rjem_ray.config import ConfigError, load_config
-from rjem_ray.gmm import as_init_fn, fit_class_gmm
-from rjem_ray.replay_buffer import LocalReplayBuffer
+from rjem_ray.method.gmm import as_init_fn, fit_class_gmm
+from rjem_ray.method.replay_buffer import LocalReplayBuffer
 
 SHAPE = (3, 4, 4)
 REPO = Path(__file__).resolve().parents[1]
@@ -216,8 +216,8 @@ def test_killed_shard_comes_back_with_its_kept_snapshot(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_run_training_keeps_each_workers_buffer_part_in_its_own_file(cluster, cache_dir, tmp_path):
-    from rjem_ray import train_driver
-    from rjem_ray.checkpoint import load_state
+    from rjem_ray.distributed import train_driver
+    from rjem_ray.method.checkpoint import load_state
 
     cfg = load_config(REPO / "tune_configs" / "smoke.yaml", [
         "trainer.num_workers=2", "train.steps=4", "train.log_every=2", "train.checkpoint_every=4",

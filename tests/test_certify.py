@@ -1,4 +1,4 @@
-"""Certified radii (rjem_ray/certify.py) against their closed forms on linear models."""
+"""Certified radii (rjem_ray/robustness/certify.py) against their closed forms on linear models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
-from rjem_ray import certify
+from rjem_ray.robustness import certify
 
 NORMAL = torch.distributions.Normal(0.0, 1.0)
 

@@ -2,10 +2,11 @@ import pytest
 import torch
 
 import rjem_ray
-from rjem_ray.checkpoint import CheckpointError, atomic_torch_save, copy_checkpoint, load_state, save_checkpoint
+from rjem_ray.core.files import atomic_torch_save
+from rjem_ray.method.checkpoint import CheckpointError, copy_checkpoint, load_state, save_checkpoint
 from rjem_ray.config import Config, load_config
-from rjem_ray.data import dataset_info
-from rjem_ray.models import build_model
+from rjem_ray.core.data import dataset_info
+from rjem_ray.method.models import build_model
 
 
 def _state(step=3):
@@ -83,7 +84,7 @@ def test_copy_checkpoint_copies_every_file(tmp_path):
 @pytest.fixture(scope="module")
 def full_checkpoint(tmp_path_factory):
     """A checkpoint directory as `rjem train` leaves it with two workers: state.pt, gmm.pt and rank-1.pt."""
-    from rjem_ray.gmm import fit_class_gmm
+    from rjem_ray.method.gmm import fit_class_gmm
 
     d = tmp_path_factory.mktemp("full") / "checkpoint"
     _, state = _state()
@@ -129,7 +130,7 @@ def test_a_damaged_file_is_one_line_and_exit_2(full_checkpoint, tmp_path, cache_
 
 def test_the_intact_checkpoint_passes_the_same_commands(full_checkpoint, tmp_path, cache_dir):
     """The damage above is what fails: the same directory, intact, samples and evaluates."""
-    from rjem_ray.checkpoint import verify_checkpoint
+    from rjem_ray.method.checkpoint import verify_checkpoint
     from rjem_ray.cli import main
 
     assert verify_checkpoint(full_checkpoint)["step"] == 3
@@ -145,8 +146,8 @@ def test_an_unwritable_output_fails_before_any_work(full_checkpoint, tmp_path, c
     argv = _argv(command, full_checkpoint, tmp_path / "file" / "sub", cache_dir)
     if command == "train":
         argv = [a for a in argv if a not in ("--resume", str(full_checkpoint))]
-    for heavy in ("rjem_ray.generate.generate", "rjem_ray.evaluate.evaluate_checkpoint",
-                  "rjem_ray.train_driver.run_training", "rjem_ray.checkpoint.load_model"):
+    for heavy in ("rjem_ray.evaluation.generate.generate", "rjem_ray.evaluation.evaluate.evaluate_checkpoint",
+                  "rjem_ray.distributed.train_driver.run_training", "rjem_ray.method.checkpoint.load_model"):
         monkeypatch.setattr(heavy, lambda *a, **k: pytest.fail(f"work started before the output was checked"))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -55,7 +55,7 @@ def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained, monk
     import mlflow
     import torch
 
-    from rjem_ray.checkpoint import load_model
+    from rjem_ray.method.checkpoint import load_model
 
     model_uri = f"runs:/{r.info.run_id}/model"
     assert client.search_logged_models([exp.experiment_id])[0].source_run_id == r.info.run_id
@@ -216,11 +216,11 @@ def tiny_checkpoint(tmp_path_factory):
     argument checks (made in a second, no training)."""
     import torch
 
-    from rjem_ray.checkpoint import save_checkpoint
+    from rjem_ray.method.checkpoint import save_checkpoint
     from rjem_ray.config import load_config
-    from rjem_ray.data import dataset_info
-    from rjem_ray.gmm import fit_class_gmm
-    from rjem_ray.models import build_model
+    from rjem_ray.core.data import dataset_info
+    from rjem_ray.method.gmm import fit_class_gmm
+    from rjem_ray.method.models import build_model
 
     cfg = load_config("tune_configs/smoke.yaml")
     model = build_model(cfg.model, dataset_info(cfg.data.name))
@@ -310,7 +310,7 @@ def _one_error_line(capsys, command: str) -> str:
 
 @pytest.mark.parametrize("argv, fragment", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    for work in ("rjem_ray.ray_setup.ensure_ray", "rjem_ray.generate.generate", "rjem_ray.tune.cli.run_sweep"):
+    for work in ("rjem_ray.distributed.ray_setup.ensure_ray", "rjem_ray.evaluation.generate.generate", "rjem_ray.tune.cli.run_sweep"):
         monkeypatch.setattr(work, lambda *a, **k: pytest.fail(f"{argv[0]} started its work"))
     argv = _expand(argv, tmp_path, tiny_checkpoint)
     assert main(argv) == 2

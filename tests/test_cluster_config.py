@@ -233,7 +233,7 @@ def load_cifar10(*overrides: str):
 
 def trainer_group(cfg) -> tuple[list[dict], str]:
     """The placement group Ray Train V2 creates for ``rjem train`` with ``cfg``: bundles and strategy."""
-    from rjem_ray.ray_setup import scaling_config
+    from rjem_ray.distributed.ray_setup import scaling_config
 
     sc = scaling_config(cfg, use_gpu=True)
     return [dict(sc._resources_per_worker_not_none)] * sc.max_workers, sc.placement_strategy

@@ -1,4 +1,4 @@
-"""Tests of rjem_ray.data: loaders on standard-format files, scaling, augmentation, shards, batch streams."""
+"""Tests of rjem_ray.core.data: loaders on standard-format files, scaling, augmentation, shards, batch streams."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rjem_ray.data import (
+from rjem_ray.core.data import (
     DATASETS,
     Augmenter,
     ImageStream,

@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rjem_ray.config import load_config
-from rjem_ray.data import load_split, to_model_space
-from rjem_ray.ddp import wrap_ddp
-from rjem_ray.training import Learner
+from rjem_ray.core.data import load_split, to_model_space
+from rjem_ray.method.ddp import wrap_ddp
+from rjem_ray.method.training import Learner
 
 GLOBAL = 16
 

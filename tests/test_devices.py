@@ -1,9 +1,9 @@
-"""Device choice: the GPU a process was given, never one it merely sees (rjem_ray/devices.py)."""
+"""Device choice: the GPU a process was given, never one it merely sees (rjem_ray/core/devices.py)."""
 
 import pytest
 import torch
 
-from rjem_ray.devices import choose_device, default_device, resolve_device
+from rjem_ray.core.devices import choose_device, default_device, resolve_device
 
 
 @pytest.mark.parametrize("kw, expected", [

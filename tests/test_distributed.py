@@ -26,8 +26,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rjem_ray import train_driver
-from rjem_ray.checkpoint import buffer_parts, load_state
+from rjem_ray.distributed import train_driver
+from rjem_ray.method.checkpoint import buffer_parts, load_state
 from rjem_ray.cli import main as rjem_main
 from rjem_ray.config import load_config
 
@@ -61,7 +61,7 @@ def _hooked_entry(spy_dir: str, pause_rank: int | None = None, pause_before_step
         import torch
         import torch.distributed as dist
 
-        import rjem_ray.train_worker as tw
+        import rjem_ray.distributed.train_worker as tw
 
         spy = Path(spy_dir)
         rank = ray.train.get_context().get_world_rank()

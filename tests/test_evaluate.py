@@ -10,12 +10,12 @@ from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
 from rjem_ray.config import Config, load_config
-from rjem_ray.evaluate import evaluate_model
+from rjem_ray.evaluation.evaluate import evaluate_model
 
 
 def _linear_mnist() -> nn.Module:
     """A linear classifier of the 28×28 digits (~0.85 test accuracy): 100 full-batch Adam steps, seed 0."""
-    from rjem_ray.data import load_split, to_model_space
+    from rjem_ray.core.data import load_split, to_model_space
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before torch_fidelity is imported)
-from rjem_ray import fidelity as fd
+from rjem_ray.evaluation import fidelity as fd
 
 NUM_TRAIN = 1297  # the remaining 500 digits are the "test" set
 
@@ -232,9 +232,9 @@ def test_targeted_pgd_fools_the_plain_extractor_far_more_than_the_robust_one(cla
     the plain extractor's share of argmax = c rises 0.002 → 0.72, the robust one's 0.000 → 0.32.
     """
     from rjem_ray.config import GenerateConfig
-    from rjem_ray.data import to_model_space, to_uint8
-    from rjem_ray.generate import generate
-    from rjem_ray.gmm import fit_class_gmm
+    from rjem_ray.core.data import to_model_space, to_uint8
+    from rjem_ray.evaluation.generate import generate
+    from rjem_ray.method.gmm import fit_class_gmm
 
     x_tr, y_tr, _, _ = digits
     generator = fd.train_reference_classifier(x_tr, y_tr, 10, epochs=10, seed=1)

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from rjem_ray.config import GenerateConfig, SamplerConfig
-from rjem_ray.data import load_split, to_model_space
-from rjem_ray.generate import generate, reduce_contrast
-from rjem_ray.gmm import fit_class_gmm
-from rjem_ray.models import WideResNet
+from rjem_ray.core.data import load_split, to_model_space
+from rjem_ray.evaluation.generate import generate, reduce_contrast
+from rjem_ray.method.gmm import fit_class_gmm
+from rjem_ray.method.models import WideResNet
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_class_mean_contrast_keeps_a_black_background_black():
 def test_combined_mode_reduces_contrast_about_the_configured_centre(setup, monkeypatch):
     """With PGD and the sampler replaced by the identity, combined mode is m + κ (x0 − m) of its own seeds,
     m = that sample's class mean (class-mean), its own mean (image-mean) or −1 (floor)."""
-    import rjem_ray.generate as gen_mod
+    import rjem_ray.evaluation.generate as gen_mod
 
     model, gmm = setup
     seen = {}
@@ -207,7 +207,7 @@ def test_modes_chain_their_stages_in_order_on_the_requested_classes(setup, monke
     """With PGD and the sampler replaced by marked recorders, each mode is exactly its chain of stages:
     pgd = PGD(x0 → c, targeted); energy = Langevin(x0 | c, or unconditional); combined = Langevin(m + κ(PGD(x0) − m) | c),
     all from the Gaussian-mixture seeds of the requested classes."""
-    import rjem_ray.generate as gen_mod
+    import rjem_ray.evaluation.generate as gen_mod
 
     model, gmm = setup
     calls = []

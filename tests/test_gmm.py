@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rjem_ray import gmm as gmm_mod
-from rjem_ray.gmm import (
+from rjem_ray.method import gmm as gmm_mod
+from rjem_ray.method.gmm import (
     ClassConditionalGMM,
     as_init_fn,
     choose_rank,

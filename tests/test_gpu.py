@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _synthetic(cfg, n=256):
-    from rjem_ray.data import dataset_info, to_model_space
-    from rjem_ray.gmm import fit_class_gmm
+    from rjem_ray.core.data import dataset_info, to_model_space
+    from rjem_ray.method.gmm import fit_class_gmm
 
     info = dataset_info(cfg.data.name)
     g = torch.Generator().manual_seed(0)
@@ -38,7 +38,7 @@ def _synthetic(cfg, n=256):
 
 def _learner(*overrides, device="cuda:0"):
     from rjem_ray.config import load_config
-    from rjem_ray.training import Learner
+    from rjem_ray.method.training import Learner
 
     cfg = load_config(REPO / "tune_configs" / "smoke.yaml", ["buffer.size=64", "train.batch_size=16", *overrides])
     x, y, gmm = _synthetic(cfg)
@@ -47,7 +47,7 @@ def _learner(*overrides, device="cuda:0"):
 
 @gpu
 def test_cuda_is_the_default_device_of_a_plain_process():
-    from rjem_ray.devices import default_device
+    from rjem_ray.core.devices import default_device
 
     assert torch.cuda.is_available(), "this test needs a CUDA device"
     assert default_device() == torch.device("cuda", 0)
@@ -79,7 +79,7 @@ def test_bf16_compiled_channels_last_step_on_cuda_matches_fp32():
 def test_checkpoint_round_trip_restores_the_cuda_generator(tmp_path=None):
     import tempfile
 
-    from rjem_ray.checkpoint import load_state, save_checkpoint
+    from rjem_ray.method.checkpoint import load_state, save_checkpoint
 
     tmp = Path(tmp_path or tempfile.mkdtemp())
     a = _learner("train.precision=fp32", "train.compile=false")
@@ -96,10 +96,10 @@ def test_checkpoint_round_trip_restores_the_cuda_generator(tmp_path=None):
 
 @gpu
 def test_fused_pass_equals_separate_on_cuda():
-    from rjem_ray.attacks import pgd
-    from rjem_ray.models import WideResNet
-    from rjem_ray.samplers import run_sampler
-    from rjem_ray.training import attack_and_sample_fused
+    from rjem_ray.method.attacks import pgd
+    from rjem_ray.method.models import WideResNet
+    from rjem_ray.method.samplers import run_sampler
+    from rjem_ray.method.training import attack_and_sample_fused
 
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen=2, num_classes=10, in_channels=3, norm="batch").cuda().eval()

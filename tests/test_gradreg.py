@@ -1,4 +1,4 @@
-"""The finite-difference input-gradient norm (rjem_ray/gradreg.py) against autograd on a smooth model."""
+"""The finite-difference input-gradient norm (rjem_ray/method/gradreg.py) against autograd on a smooth model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
-from rjem_ray import gradreg
+from rjem_ray.method import gradreg
 
 
 def _smooth_model():

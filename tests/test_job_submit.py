@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rjem_ray.checkpoint import load_state
+from rjem_ray.method.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""rjem_ray.masking: the report flags a model made to mask its gradients and passes the same model unmasked.
+"""rjem_ray.evaluation.masking: the report flags a model made to mask its gradients and passes the same model unmasked.
 
 The masked model is a quantising input layer ``round(x·k)/k`` in front of a small trained MLP: its
 gradient is zero almost everywhere, so PGD and APGD stall while the black-box Square attack still works;
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
-from rjem_ray import masking
-from rjem_ray.metrics import accuracy
+from rjem_ray.evaluation import masking
+from rjem_ray.evaluation.metrics import accuracy
 
 from digit_models import digits_14, train_digit_mlp
 

@@ -1,4 +1,4 @@
-"""Properties of rjem_ray.metrics, each of which fails if the formula or its bookkeeping is wrong."""
+"""Properties of rjem_ray.evaluation.metrics, each of which fails if the formula or its bookkeeping is wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
-from rjem_ray import attacks, metrics
+from rjem_ray.evaluation import metrics
+from rjem_ray.method import attacks
 
 
 class FixedLinear(nn.Module):

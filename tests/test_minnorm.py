@@ -1,4 +1,4 @@
-"""LogBarrier / ProxLogBarrier (rjem_ray/minnorm.py) on a small digit classifier, against PGD and FAB."""
+"""LogBarrier / ProxLogBarrier (rjem_ray/robustness/minnorm.py) on a small digit classifier, against PGD and FAB."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
-from rjem_ray import minnorm
-from rjem_ray.attacks import pgd
+from rjem_ray.robustness import minnorm
+from rjem_ray.method.attacks import pgd
 
 from digit_models import digits_14, train_digit_mlp
 
@@ -121,7 +121,7 @@ def test_robust_curve_counts_distances_above_eps():
 
 
 def test_fab_reference_is_not_better_than_logbarrier_by_much(digits):
-    from rjem_ray.autoattack import fab_min_norm
+    from rjem_ray.robustness.autoattack import fab_min_norm
 
     model, x, y = digits
     _, d = minnorm.min_norm_attack(model, x, y, attack="logbarrier", norm="l2",

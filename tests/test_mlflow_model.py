@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rjem_ray.checkpoint import load_model, save_checkpoint
+from rjem_ray.method.checkpoint import load_model, save_checkpoint
 from rjem_ray.cli import main
 from rjem_ray.config import load_config
-from rjem_ray.data import dataset_info, load_split
-from rjem_ray.models import build_model
+from rjem_ray.core.data import dataset_info, load_split
+from rjem_ray.method.models import build_model
 from rjem_ray.config import ConfigError
 from rjem_ray.tracking import (MODEL_NAME, Tracker, check_model_name, client_for, register_run_model,
                                resolve_checkpoint)

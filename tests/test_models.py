@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from rjem_ray.energy import joint_energy, marginal_energy
-from rjem_ray.models import WideResNet
+from rjem_ray.method.energy import joint_energy, marginal_energy
+from rjem_ray.method.models import WideResNet
 
 
 @pytest.mark.parametrize("channels, size, stride", [(1, 28, 1), (3, 32, 1), (3, 17, 2), (1, 12, 1)])
@@ -96,8 +96,8 @@ def test_farkas_wrn_keeps_an_active_unit_in_every_layer(channels, stride):
 
 def test_farkas_wrn_trains_through_build_model_and_keeps_the_stem_linear():
     from rjem_ray.config import load_config
-    from rjem_ray.data import dataset_info
-    from rjem_ray.models import FarkasConv2d, build_model
+    from rjem_ray.core.data import dataset_info
+    from rjem_ray.method.models import FarkasConv2d, build_model
 
     cfg = load_config("tune_configs/smoke.yaml", ["model.norm=farkas"])
     m = build_model(cfg.model, dataset_info("mnist5k"))

@@ -1,4 +1,4 @@
-"""The OOD suite (rjem_ray/ood.py): what each shift is, what each score computes, how the report ranks them."""
+"""The OOD suite (rjem_ray/evaluation/ood.py): what each shift is, what each score computes, how the report ranks them."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from rjem_ray import ood
+from rjem_ray.evaluation import ood
 from rjem_ray.config import ConfigError, load_config
-from rjem_ray.data import load_split, to_model_space
+from rjem_ray.core.data import load_split, to_model_space
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_config_names_the_renamed_key_and_guards_the_suite(tmp_path):
 
 
 def test_noise_init_starts_that_fraction_of_chains_from_uniform_noise():
-    from rjem_ray.gmm import as_init_fn, fit_class_gmm
+    from rjem_ray.method.gmm import as_init_fn, fit_class_gmm
 
     imgs, labels = load_split("mnist5k", "train")
     pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:800]  # the split is class-sorted

@@ -1,4 +1,4 @@
-"""Tests of rjem_ray.prior: the experiment's Gaussian-mixture prior, cached once, and a checkpoint's own."""
+"""Tests of rjem_ray.method.prior: the experiment's Gaussian-mixture prior, cached once, and a checkpoint's own."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import rjem_ray.gmm
-from rjem_ray.checkpoint import GMM_FILE, atomic_torch_save
+import rjem_ray.method.gmm
+from rjem_ray.core.files import atomic_torch_save
+from rjem_ray.method.checkpoint import GMM_FILE
 from rjem_ray.config import load_config
-from rjem_ray.data import load_split, to_model_space
-from rjem_ray.prior import gmm_cache_file, gmm_for_checkpoint, load_train_gmm
+from rjem_ray.core.data import load_split, to_model_space
+from rjem_ray.method.prior import gmm_cache_file, gmm_for_checkpoint, load_train_gmm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def test_train_prior_is_the_training_split_fitted_once_then_read_from_the_cache(
     def no_refit(*args, **kwargs):
         raise AssertionError("refitted although the cache holds the prior")
 
-    monkeypatch.setattr(rjem_ray.gmm, "fit_class_gmm", no_refit)
+    monkeypatch.setattr(rjem_ray.method.gmm, "fit_class_gmm", no_refit)
     assert _same(load_train_gmm(cfg, x, y), gmm)
     other = _cfg(tmp_path, "buffer.gmm_max_mb=1")  # another budget is another prior (low rank): not this cache
     assert gmm_cache_file(other) != gmm_cache_file(cfg)
@@ -58,14 +59,14 @@ def test_checkpoint_prior_is_the_one_stored_beside_it_else_the_datasets(tmp_path
 
 
 def test_the_prior_has_one_home():
-    import rjem_ray.evaluate
-    import rjem_ray.prior
-    import rjem_ray.train_driver
-    import rjem_ray.train_worker
+    import rjem_ray.evaluation.evaluate
+    import rjem_ray.method.prior
+    import rjem_ray.distributed.train_driver
+    import rjem_ray.distributed.train_worker
 
     # The training code and the evaluation call the same functions, not copies of them.
-    assert rjem_ray.train_worker.load_train_gmm is rjem_ray.prior.load_train_gmm
-    assert rjem_ray.train_driver.load_train_gmm is rjem_ray.prior.load_train_gmm
-    assert rjem_ray.train_driver.gmm_for_checkpoint is rjem_ray.prior.gmm_for_checkpoint
-    source = Path(rjem_ray.evaluate.__file__).read_text()
+    assert rjem_ray.distributed.train_worker.load_train_gmm is rjem_ray.method.prior.load_train_gmm
+    assert rjem_ray.distributed.train_driver.load_train_gmm is rjem_ray.method.prior.load_train_gmm
+    assert rjem_ray.distributed.train_driver.gmm_for_checkpoint is rjem_ray.method.prior.gmm_for_checkpoint
+    source = Path(rjem_ray.evaluation.evaluate.__file__).read_text()
     assert "train_worker" not in source and "train_driver" not in source  # no import circle through evaluate

@@ -39,7 +39,7 @@ def init_calls(monkeypatch) -> list[tuple[dict, dict]]:
 def test_joining_a_cluster_leaves_ray_trains_health_checks_and_preemption_to_ray(init_calls, monkeypatch):
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
-    from rjem_ray.ray_setup import ensure_ray
+    from rjem_ray.distributed.ray_setup import ensure_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as `ray job submit` sets it for the driver
     ensure_ray()
@@ -54,7 +54,7 @@ def test_joining_a_cluster_leaves_ray_trains_health_checks_and_preemption_to_ray
 def test_a_local_ray_gets_the_fast_local_settings(init_calls):
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
-    from rjem_ray.ray_setup import ensure_ray
+    from rjem_ray.distributed.ray_setup import ensure_ray
 
     ensure_ray()
     [(kwargs, env)] = init_calls
@@ -66,7 +66,7 @@ def test_a_local_ray_gets_the_fast_local_settings(init_calls):
 
 @pytest.mark.parametrize("address", [None, "127.0.0.1:6379"], ids=["local", "cluster"])
 def test_values_the_user_set_win(init_calls, monkeypatch, address):
-    from rjem_ray.ray_setup import ensure_ray
+    from rjem_ray.distributed.ray_setup import ensure_ray
 
     if address:
         monkeypatch.setenv("RAY_ADDRESS", address)
@@ -121,7 +121,7 @@ def test_the_output_is_progress_and_results(smoke_output):
 HOLD = """
 import json, os, sys
 import ray
-from rjem_ray.ray_setup import ensure_ray
+from rjem_ray.distributed.ray_setup import ensure_ray
 
 ensure_ray()
 ctx = ray.get_runtime_context()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rjem_ray.replay_buffer import Lease, LocalReplayBuffer, ReplayBuffer, regroup, shard_sizes
+from rjem_ray.method.replay_buffer import Lease, LocalReplayBuffer, ReplayBuffer, regroup, shard_sizes
 
 SHAPE = (3, 2, 2)
 WRITTEN = 7.0  # outside the init range [-1, 1): a slot holding it was written back, not redrawn

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from rjem_ray import storage
-from rjem_ray.checkpoint import load_state
+from rjem_ray.core import storage
+from rjem_ray.method.checkpoint import load_state
 from rjem_ray.config import ConfigError, load_config
-from rjem_ray.train_driver import RUN_NAME, STORED_CONFIG, latest_checkpoint_path, prepare_run_dir, resolve_resume
+from rjem_ray.distributed.train_driver import RUN_NAME, STORED_CONFIG, latest_checkpoint_path, prepare_run_dir, resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]
 RJEM = str(Path(sys.executable).with_name("rjem"))

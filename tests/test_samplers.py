@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from rjem_ray.energy import energy_fn, energy_of
-from rjem_ray.models import WideResNet
-from rjem_ray.samplers import SAMPLERS, pyld, run_sampler, sgld
+from rjem_ray.method.energy import energy_fn, energy_of
+from rjem_ray.method.models import WideResNet
+from rjem_ray.method.samplers import SAMPLERS, pyld, run_sampler, sgld
 
 BATCH = 8
 

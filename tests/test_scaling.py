@@ -1,4 +1,4 @@
-"""rjem_ray/scaling.py: batch, learning rate, buffer and step increment for N workers; the config keys' errors."""
+"""rjem_ray/method/scaling.py: batch, learning rate, buffer and step increment for N workers; the config keys' errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from rjem_ray.config import ConfigError, load_config
-from rjem_ray.scaling import crossed, lr_factor, lr_rule, plan
+from rjem_ray.method.scaling import crossed, lr_factor, lr_rule, plan
 
 
 def _cfg(*overrides):
@@ -79,7 +79,7 @@ def test_images_per_run_do_not_depend_on_the_worker_count():
 
 
 def test_min_workers_makes_ray_trains_worker_group_elastic_and_the_gpu_type_is_requested():
-    from rjem_ray.ray_setup import scaling_config
+    from rjem_ray.distributed.ray_setup import scaling_config
 
     elastic = scaling_config(_cfg("trainer.num_workers=4", "trainer.min_workers=2"), use_gpu=False)
     assert elastic.num_workers == (2, 4)
@@ -89,7 +89,7 @@ def test_min_workers_makes_ray_trains_worker_group_elastic_and_the_gpu_type_is_r
 
 
 def test_the_resumed_runs_line_says_what_a_resize_changed():
-    from rjem_ray.train_worker import resize_line
+    from rjem_ray.distributed.train_worker import resize_line
 
     now = plan(_cfg("trainer.num_workers=4"))
     saved = {"world_size": 2, "global_batch": 32, "scaling": "weak"}

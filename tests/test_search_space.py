@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rjem_ray.config import Config, ConfigError
-from rjem_ray.search_space import (Param, apply_params, base_point, leaf_type, num_trials, param_space,
+from rjem_ray.tune.search_space import (Param, apply_params, base_point, leaf_type, num_trials, param_space,
                                    parse_search)
 
 BASE = Config().to_dict()

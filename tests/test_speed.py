@@ -1,4 +1,4 @@
-"""The speed settings (rjem_ray/speed.py): each leaves the network's function alone, up to round-off."""
+"""The speed settings (rjem_ray/method/speed.py): each leaves the network's function alone, up to round-off."""
 
 import warnings
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rjem_ray.config import ConfigError, load_config
-from rjem_ray.models import WideResNet
-from rjem_ray.speed import FastNet, resolve_precision, resolve_switch
+from rjem_ray.method.models import WideResNet
+from rjem_ray.method.speed import FastNet, resolve_precision, resolve_switch
 
 
 def _model():
@@ -91,9 +91,9 @@ def test_compiled_pass_equals_the_eager_pass():
 def test_a_compiled_step_with_eval_mode_batchnorm_equals_the_eager_step():
     # The loss's eval-mode view of x_q runs before the train-mode passes update the running statistics
     # in place; a compiled graph saves what it normalised with for its backward (training.batchnorm_eval).
-    from rjem_ray.data import load_split, to_model_space
-    from rjem_ray.gmm import fit_class_gmm
-    from rjem_ray.training import Learner
+    from rjem_ray.core.data import load_split, to_model_space
+    from rjem_ray.method.gmm import fit_class_gmm
+    from rjem_ray.method.training import Learner
 
     x, y = load_split("mnist5k", "train")
     x, y = x[::8], y[::8]

@@ -1,4 +1,4 @@
-"""The step-time model (``rjem_ray/stepmodel.py``) and the pure parts of ``scripts/scaling_model.py``:
+"""The step-time model (``rjem_ray/distributed/stepmodel.py``) and the pure parts of ``scripts/scaling_model.py``:
 arithmetic only, no torch work, no processes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rjem_ray import stepmodel as sm
+from rjem_ray.distributed import stepmodel as sm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -221,7 +221,7 @@ def test_rjem_ray_then_torchvision_on_a_matched_install(fake_matched_torchvision
         assert torchvision.extension._has_ops(), "the fake _C did not load"
         assert compat._extension_loaded is True, compat._extension_loaded
         assert compat._libraries == [], "the shim defined schemas although _C loads"
-        compat.ensure_torchvision_importable()  # again, as rjem_ray.fidelity and others do
+        compat.ensure_torchvision_importable()  # again, as rjem_ray.evaluation.fidelity and others do
         assert compat._libraries == []
         print("ok")
         """,

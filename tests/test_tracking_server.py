@@ -313,7 +313,7 @@ def test_a_sweep_logs_through_a_server_killed_and_restarted_mid_sweep(server, bu
     assert version.run_id == rows[0]["run_id"] and version.source.startswith(f"mlflow-artifacts:/{exp_id}/")
     import torch
 
-    from rjem_ray.checkpoint import load_model
+    from rjem_ray.method.checkpoint import load_model
 
     ckpt = tracking.resolve_checkpoint("models:/server-best/1", server.uri, dst=tmp_path / "model")
     best = outcome.out_dir / "trials" / rows[0]["trial_id"] / "checkpoint"
@@ -442,10 +442,10 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
 def sqlite_store(tmp_path):
     """Today's store: sqlite with local artifacts, holding a sweep-like parent with two children (metrics at
     steps, params, an artifact) and a registered model."""
-    from rjem_ray.checkpoint import save_checkpoint
+    from rjem_ray.method.checkpoint import save_checkpoint
     from rjem_ray.config import load_config
-    from rjem_ray.data import dataset_info
-    from rjem_ray.models import build_model
+    from rjem_ray.core.data import dataset_info
+    from rjem_ray.method.models import build_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     location = (tmp_path / "mlartifacts").as_uri()
@@ -475,7 +475,7 @@ def test_migrate_store_copies_a_sqlite_store_into_postgres_and_its_artifacts_int
         sqlite_store, postgres, bucket, s3_server, tmp_path, monkeypatch, capsys):
     import torch
 
-    from rjem_ray.checkpoint import load_model
+    from rjem_ray.method.checkpoint import load_model
     from rjem_ray.cli import main
 
     uri, parent_id, children, ckpt = sqlite_store

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rjem_ray.checkpoint import buffer_parts, load_state
+from rjem_ray.method.checkpoint import buffer_parts, load_state
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from rjem_ray.config import load_config
-from rjem_ray.data import load_split, to_model_space
-from rjem_ray.energy import marginal_energy
-from rjem_ray.gmm import fit_class_gmm
-from rjem_ray.models import WideResNet
-from rjem_ray.training import (
+from rjem_ray.core.data import load_split, to_model_space
+from rjem_ray.method.energy import marginal_energy
+from rjem_ray.method.gmm import fit_class_gmm
+from rjem_ray.method.models import WideResNet
+from rjem_ray.method.training import (
     DivergenceError, JointForward, Learner, attack_eps, batchnorm_eval, jem_loss, lr_multiplier, run_loop,
 )
 
@@ -208,7 +208,7 @@ def test_loss_sees_the_negatives_with_the_energy_the_sampler_lowered(digits, gmm
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_sampler_runs_in_the_configured_batchnorm_mode_with_its_outer_step(digits, gmm, bn_mode, monkeypatch):
-    import rjem_ray.training as training
+    import rjem_ray.method.training as training
 
     seen = {}
 
@@ -248,7 +248,7 @@ def test_batchnorm_eval_switches_only_batchnorm_and_restores_each_flag():
 def test_checkpoint_round_trip_carries_the_cuda_generator_state(digits, gmm, tmp_path, monkeypatch):
     # On a CUDA device PGD's random start and SGLD's noise draw from that device's generator: its state
     # is saved beside the CPU one and restored on load. The CUDA calls are stood in for on this CPU box.
-    from rjem_ray.checkpoint import load_state, save_checkpoint
+    from rjem_ray.method.checkpoint import load_state, save_checkpoint
 
     cuda_state = {"now": torch.arange(16, dtype=torch.uint8)}
     calls = []
@@ -274,7 +274,7 @@ def test_checkpoint_round_trip_carries_the_cuda_generator_state(digits, gmm, tmp
 
 
 def test_rollback_snapshot_is_a_cpu_copy_detached_from_the_live_state(digits, gmm):
-    from rjem_ray.training import cpu_copy
+    from rjem_ray.method.training import cpu_copy
 
     learner = make_learner(digits, gmm)
     learner.step()
@@ -326,9 +326,9 @@ def test_bf16_autocast_changes_a_step_by_little_and_keeps_the_iterates_fp32(digi
 
 
 def test_bf16_sampler_iterates_stay_fp32():
-    from rjem_ray.samplers import pyld, sgld
-    from rjem_ray.energy import energy_fn
-    from rjem_ray.speed import FastNet
+    from rjem_ray.method.samplers import pyld, sgld
+    from rjem_ray.method.energy import energy_fn
+    from rjem_ray.method.speed import FastNet
 
     torch.manual_seed(0)
     net = FastNet(WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch").eval(), precision="bf16")
@@ -353,9 +353,9 @@ def test_precision_must_be_an_allowed_value():
 
 @pytest.mark.parametrize("kind, attack_steps, sampler_steps", [("pyld", 5, 3), ("sgld", 2, 6), ("pyld", 4, 4)])
 def test_fused_attack_and_sampler_equal_the_separate_loops(kind, attack_steps, sampler_steps):
-    from rjem_ray.attacks import pgd
-    from rjem_ray.samplers import run_sampler
-    from rjem_ray.training import attack_and_sample_fused
+    from rjem_ray.method.attacks import pgd
+    from rjem_ray.method.samplers import run_sampler
+    from rjem_ray.method.training import attack_and_sample_fused
 
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2)
@@ -414,10 +414,10 @@ def test_learner_fuses_only_with_eval_mode_batchnorm_and_the_step_is_unchanged(d
 def test_inner_loops_never_read_a_tensor_back_to_the_host(loop, monkeypatch):
     # A host read (.item(), .tolist(), bool/float/int of a tensor, .numpy()) inside PGD or a Langevin loop
     # stalls a GPU once per step and breaks graph capture; every such read raises here.
-    from rjem_ray.attacks import pgd
-    from rjem_ray.samplers import pyld, sgld
-    from rjem_ray.energy import energy_fn
-    from rjem_ray.training import attack_and_sample_fused
+    from rjem_ray.method.attacks import pgd
+    from rjem_ray.method.samplers import pyld, sgld
+    from rjem_ray.method.energy import energy_fn
+    from rjem_ray.method.training import attack_and_sample_fused
 
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2).eval()
@@ -444,7 +444,7 @@ def test_inner_loops_never_read_a_tensor_back_to_the_host(loop, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["robust-classifier", "robust-jem"])
 def test_gradreg_term_replaces_pgd_with_the_finite_difference_penalty(digits, gmm, mode, monkeypatch):
-    import rjem_ray.training as training
+    import rjem_ray.method.training as training
 
     def no_pgd(*a, **k):
         raise AssertionError("gradreg must not run PGD")

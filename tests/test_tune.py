@@ -30,7 +30,7 @@ SAMPLE_KEYS = ("generate.mode", "generate.contrast", "generate.sampler.step_size
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, ray_session, cache_dir) -> Path:
     """A tiny robust-jem checkpoint (tune_configs/smoke.yaml) for the sample-scope sweeps."""
-    from rjem_ray.train_driver import run_training
+    from rjem_ray.distributed.train_driver import run_training
 
     out = tmp_path_factory.mktemp("tune-ckpt")
     cfg = load_config(CONFIGS / "smoke.yaml", [f"cache_dir={cache_dir}", "tracking.enabled=false"])
@@ -120,17 +120,17 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
     assert tuned.generate.contrast == pytest.approx(best["generate.contrast"])
     assert tuned.generate.sampler.steps == best["generate.sampler.steps"]
     # ... and `rjem sample CKPT --config best.yaml` generates with exactly those knobs.
-    import rjem_ray.generate
+    import rjem_ray.evaluation.generate
     from rjem_ray.cli import main
 
     seen = []
-    real = rjem_ray.generate.generate
+    real = rjem_ray.evaluation.generate.generate
 
     def spy(model, gmm, gen, **kw):
         seen.append(gen)
         return real(model, gmm, gen, **kw)
 
-    monkeypatch.setattr(rjem_ray.generate, "generate", spy)
+    monkeypatch.setattr(rjem_ray.evaluation.generate, "generate", spy)
     png = tmp_path / "best.png"
     assert main(["sample", str(checkpoint), "--config", str(outcome.best_config), "--n", "6", "--out", str(png)]) == 0
     assert png.is_file() and len(seen) == 1
@@ -139,7 +139,7 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
     assert seen[0].sampler.steps == best["generate.sampler.steps"] and seen[0].n == 6
 
     # The sweep's FID is the one `rjem eval` reports for best.yaml's knobs (same protocol, same seed).
-    from rjem_ray.evaluate import evaluate_checkpoint
+    from rjem_ray.evaluation.evaluate import evaluate_checkpoint
     from rjem_ray.tracking import flatten
 
     sets = [f"generate.{k}={v}" for k, v in flatten(tuned.to_dict()["generate"]).items()]
@@ -221,7 +221,7 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
     assert version.run_id == rows[0]["run_id"] == children[rows[0]["trial_id"]].info.run_id
     import torch
 
-    from rjem_ray.checkpoint import load_model
+    from rjem_ray.method.checkpoint import load_model
     from rjem_ray.tracking import resolve_checkpoint
 
     x = torch.rand(3, 1, 28, 28) * 2 - 1
@@ -419,9 +419,9 @@ def test_optuna_takes_no_grid_and_says_how_to_install_it(fake_checkpoint, tmp_pa
 @pytest.fixture
 def fake_checkpoint(tmp_path) -> Path:
     """A checkpoint file with an untrained smoke model: enough for load_sweep, no Ray."""
-    from rjem_ray.checkpoint import save_checkpoint
-    from rjem_ray.data import dataset_info
-    from rjem_ray.models import build_model
+    from rjem_ray.method.checkpoint import save_checkpoint
+    from rjem_ray.core.data import dataset_info
+    from rjem_ray.method.models import build_model
 
     cfg = load_config(CONFIGS / "smoke.yaml")
     model = build_model(cfg.model, dataset_info(cfg.data.name))

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from ..config import Config, dump_config
-from ..search_space import apply_params
+from .search_space import apply_params
 from .sweep import FIGURES, Sweep, plain
 
 
@@ -28,8 +28,8 @@ def _trial_statuses(exp_path: Path) -> dict[str, str]:
 def rank_trials(sweep: Sweep, out: Path, results) -> tuple[list[dict], bool]:
     """One row per started trial of Tune's ``results``, ranked and numbered; and whether the sweep is
     unfinished (trials missing or interrupted)."""
-    from .. import storage
-    from ..train_driver import root_message, storage_root
+    from ..core import storage
+    from ..distributed.train_driver import root_message, storage_root
 
     statuses = _trial_statuses(storage.join(storage_root(sweep.cfg, out), sweep.name))
     rows = []
@@ -83,7 +83,7 @@ def _columns(sweep: Sweep, rows: list[dict]) -> list[str]:
 def write_trials_csv(sweep: Sweep, rows: list[dict], path: Path) -> Path:
     """One row per trial: rank, status, the metric (inf for failed trials), the other figures, the
     parameters, the failure reason and the FID/KID protocol."""
-    from ..evaluate import fid_extractor_for
+    from ..evaluation.evaluate import fid_extractor_for
 
     cols = _columns(sweep, rows)
     extra = {"fid_extractor": fid_extractor_for(sweep.cfg), "fid_samples": sweep.cfg.eval.fid_samples,
@@ -136,7 +136,7 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    from ..evaluate import fid_extractor_for
+    from ..evaluation.evaluate import fid_extractor_for
 
     fig.suptitle(f"{sweep.name}: {metric} ({sweep.mode}imised); FID/KID: {fid_extractor_for(sweep.cfg)} features, "
                  f"{sweep.cfg.eval.fid_samples} samples vs {sweep.cfg.data.name} train\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError
-from ..search_space import apply_params, param_space
+from .search_space import apply_params, param_space
 from .report import plot_summary, print_ranking, rank_trials, write_best_config, write_trials_csv
 from .runs import activate, child_runs, parent_run, sweep_runs, tracking_info
 from .scoring import prepare
@@ -57,14 +57,14 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
     import ray
     from ray import tune
 
-    from ..ray_setup import cluster_has_gpus, ensure_ray
+    from ..distributed.ray_setup import cluster_has_gpus, ensure_ray
 
     if resume and callbacks:
         raise ValueError("callbacks: a resumed sweep runs with the callbacks of its first start (Tune restores them)")
 
     out = Path(out_dir or Path("runs") / "tune" / sweep.name).resolve()
-    from .. import storage
-    from ..train_driver import storage_root
+    from ..core import storage
+    from ..distributed.train_driver import storage_root
 
     root = storage_root(sweep.cfg, out)  # OUT/ray, or trainer.storage_path (Tune state in remote storage)
     exp_path = storage.join(root, sweep.name)
@@ -173,7 +173,7 @@ SWEEP_STATE = "rjem-sweep.json"  # in Tune's state directory: the resolved sweep
 def _saved_sweep(out: Path, exp_path) -> tuple[dict | None, dict]:
     """The sweep document and state (parent run id) of the first start: from Tune's state directory, which a
     new head shares through ``trainer.storage_path``, else from ``OUT`` (sweeps started before it was kept there)."""
-    from .. import storage
+    from ..core import storage
 
     stored = storage.join(exp_path, SWEEP_STATE)
     if storage.is_file(stored):
@@ -229,8 +229,8 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
             parent.finish("FINISHED" if best is not None else "FAILED")
         if best is not None and sweep.settings.register_as:  # the best trial's model: models:/NAME/VERSION
             from ..tracking import client_for, register_run_model, store_uris
-            from .. import storage
-            from ..train_driver import latest_checkpoint_path
+            from ..core import storage
+            from ..distributed.train_driver import latest_checkpoint_path
             from .trials import trial_storage
 
             trial = out / "trials" / best["trial_id"]  # a trial stopped by ASHA has only its Ray checkpoints
@@ -257,7 +257,7 @@ def _grid_for_stopped(sweep: Sweep, out: Path, row: dict, child, use_gpu: bool) 
     on a GPU when the trials had one)."""
     import ray
 
-    from ..train_driver import latest_checkpoint
+    from ..distributed.train_driver import latest_checkpoint
     from .trials import trial_storage
 
     trial_dir = out / "trials" / row["trial_id"]

@@ -12,13 +12,14 @@ Tracking trouble in the callback is printed, never raised: it must not stop the 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
-from ..search_space import apply_params
+from .search_space import apply_params
 from .sweep import FIGURES, Sweep, trial_params
 
 
@@ -97,7 +98,7 @@ def _sweep_runs_class():
     from ray.tune import Callback
 
     from ..tracking import RUN_FILE
-    from ..train_driver import root_message
+    from ..distributed.train_driver import root_message
 
     class SweepRuns(Callback):
         """Driver side: one MLflow child run per trial under the sweep's parent run.
@@ -117,11 +118,11 @@ def _sweep_runs_class():
 
         @property
         def info(self) -> dict:
-            # Imported at call time: Tune's state holds this class by value (it is built in a function), with a
+            # Looked up at call time: Tune's state holds this class by value (it is built in a function), with a
             # copy of the module globals it saw; the live registry is the module's.
-            from rjem_ray.tune import runs
+            live = importlib.import_module("rjem_ray.tune.runs")
 
-            return runs._ACTIVE.get(self._saved_info["parent_run_id"], self._saved_info)
+            return live._ACTIVE.get(self._saved_info["parent_run_id"], self._saved_info)
 
         def __getstate__(self):
             return {"_saved_info": self.info, "runs": None}

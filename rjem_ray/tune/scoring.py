@@ -8,12 +8,12 @@ uses), so a sweep's FID or KID is the one ``rjem eval`` reports for the same kno
 from __future__ import annotations
 
 from ..config import Config
-from ..devices import default_device
+from ..core.devices import default_device
 
 
 def feature_space(cfg: Config, train_imgs, train_labels) -> dict:
     """The sweep's FID/KID feature space: ``evaluate.fid_feature_space`` of the extractor ``rjem eval`` uses."""
-    from ..evaluate import fid_extractor_for, fid_feature_space
+    from ..evaluation.evaluate import fid_extractor_for, fid_feature_space
 
     return fid_feature_space(cfg, fid_extractor_for(cfg), train_imgs, train_labels)
 
@@ -27,8 +27,8 @@ def score_samples(x, cfg: Config, metrics: tuple[str, ...] = ("fid", "kid", "is"
     upward at small N, KID is not. Returns the figures and ``protocol`` (extractor, sample and reference
     counts, reference set, weights digest, generation knobs).
     """
-    from ..data import load_split, to_uint8
-    from ..fidelity import fidelity_metrics
+    from ..core.data import load_split, to_uint8
+    from ..evaluation.fidelity import fidelity_metrics
 
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
     res = fidelity_metrics(
@@ -50,13 +50,13 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
     cannot change them)."""
     import torch
 
-    from ..data import load_split
+    from ..core.data import load_split
 
     torch.set_num_threads(max(1, num_threads))
     cfg = Config.from_dict(cfg_dict)
     test_imgs, _ = load_split(cfg.data.name, "test", cfg.data.data_dir, cfg.data.download)
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
-    from ..fidelity import fidelity_metrics
+    from ..evaluation.fidelity import fidelity_metrics
 
     space = feature_space(cfg, train_imgs, train_labels)
     warm = fidelity_metrics(  # a few real test images as "samples": what is cached is the reference side
@@ -81,12 +81,12 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
     robust = {"robust_accuracy": aa, "pgd_robust_accuracy": pgd}
     out: dict = {"protocol": protocol, "robust_protocol": robust, "checkpoint_metrics": {}}
     if scope == "train" and cfg.uses_energy:
-        from ..prior import load_train_gmm
+        from ..method.prior import load_train_gmm
 
         load_train_gmm(cfg, train_imgs, train_labels)
     if scope == "sample":
-        from ..checkpoint import load_model
-        from ..evaluate import evaluate_model
+        from ..method.checkpoint import load_model
+        from ..evaluation.evaluate import evaluate_model
 
         device = default_device()  # the GPU Ray assigned this trial, else CPU
         model, _ = load_model(checkpoint, map_location=device)

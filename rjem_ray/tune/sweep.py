@@ -5,7 +5,7 @@ A sweep file (``tune_configs/tune-*.yaml``) is an experiment config with five ex
     scope: sample | train     # what a trial is (rjem_ray/tune/trials.py)
     base: demo.yaml           # scope train: the experiment config the sweep extends (relative to this file)
     checkpoint: runs/demo     # scope sample: the fixed checkpoint (a checkpoint dir or a `rjem train` OUT)
-    search: {KEY: {choice|grid|uniform|loguniform|randint: [...]}}   # see rjem_ray/search_space.py
+    search: {KEY: {choice|grid|uniform|loguniform|randint: [...]}}   # see rjem_ray/tune/search_space.py
     tune: {metric: fid, mode: min, num_samples: 8, max_concurrent: 2, search: random, ...}   # see TuneSettings
     # every other key (name, eval, generate, tracking, ...) overrides the base experiment config
 
@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from ..config import MIN_NORM_RUNS, Config, ConfigError, _build, apply_overrides, read_yaml, with_tracking_env
-from ..search_space import KINDS, Param, base_point, num_trials, parse_search
+from .search_space import KINDS, Param, base_point, num_trials, parse_search
 
 SCOPES = ("sample", "train")
 SCHEDULERS = ("fifo", "asha")
@@ -139,7 +139,7 @@ def _flatten_search(node: Any, prefix: str = "") -> dict:
 
 
 def _resolve_checkpoint(path: str | Path) -> Path:
-    from ..checkpoint import load_state
+    from ..method.checkpoint import load_state
 
     p = Path(path).expanduser().resolve()
     if (p / "checkpoint").is_dir():
@@ -151,7 +151,7 @@ def _resolve_checkpoint(path: str | Path) -> Path:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read a sweep file, apply ``--set`` overrides (to any key, e.g. ``tune.num_samples=8`` or
     ``eval.fid_samples=200``), and validate everything that can be checked before Ray starts."""
-    from ..checkpoint import config_from_state, load_state
+    from ..method.checkpoint import config_from_state, load_state
 
     path = Path(path)
     # MLflow's variables enter the sweep's own tracking section, which wins over the base or checkpoint config.

@@ -23,10 +23,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import storage
+from ..core import storage
 from ..config import Config
-from ..devices import default_device
-from ..search_space import apply_params
+from ..core.devices import default_device
+from .search_space import apply_params
 from .scoring import score_samples
 from .sweep import trial_params
 
@@ -60,7 +60,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """
     from ray import tune
 
-    from ..train_driver import root_message
+    from ..distributed.train_driver import root_message
 
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(ctx.out_dir) / "trials" / trial_id
@@ -80,10 +80,10 @@ def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     import torch
     from ray import tune
 
-    from ..checkpoint import load_model
-    from ..generate import generate
-    from ..images import save_grid
-    from ..prior import gmm_for_checkpoint
+    from ..method.checkpoint import load_model
+    from ..evaluation.generate import generate
+    from ..core.images import save_grid
+    from ..method.prior import gmm_for_checkpoint
 
     torch.set_num_threads(max(1, int(ctx.trial_cpus)))
     device = default_device()  # the GPU Ray assigned this trial, else CPU
@@ -113,7 +113,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     from ray import tune
 
     from ..tracking import RUN_FILE
-    from ..train_driver import RUN_NAME, latest_checkpoint_path, run_training
+    from ..distributed.train_driver import RUN_NAME, latest_checkpoint_path, run_training
 
     stored = latest_checkpoint_path(trial_storage(cfg, trial_dir))
     last = checkpoint_report(storage.join(trial_storage(cfg, trial_dir), RUN_NAME)) if stored is not None else {}
@@ -184,9 +184,9 @@ def checkpoint_report(run_dir: str | Path) -> dict:
 
 def _evaluate_final(cfg: Config, checkpoint: Path) -> dict:
     """``train.eval_metrics`` of a finished trial's final checkpoint, at step ``train.steps``."""
-    from ..checkpoint import load_model
-    from ..evaluate import evaluate_model
-    from ..prior import gmm_for_checkpoint
+    from ..method.checkpoint import load_model
+    from ..evaluation.evaluate import evaluate_model
+    from ..method.prior import gmm_for_checkpoint
     from .sweep import FIGURES
 
     model, _ = load_model(checkpoint, map_location=default_device())
@@ -234,10 +234,10 @@ def sample_grid(checkpoint: str | Path, cfg: Config, path: Path, seed: int = 0) 
     """A grid of ``cfg.generate.mode`` samples from ``checkpoint``: a column per class, 8 rows."""
     import torch
 
-    from ..checkpoint import load_model
-    from ..generate import generate
-    from ..images import save_grid
-    from ..prior import gmm_for_checkpoint
+    from ..method.checkpoint import load_model
+    from ..evaluation.generate import generate
+    from ..core.images import save_grid
+    from ..method.prior import gmm_for_checkpoint
 
     device = default_device()  # the GPU Ray assigned this trial, else CPU
     model, _ = load_model(checkpoint, map_location=device)

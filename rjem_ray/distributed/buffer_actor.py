@@ -34,7 +34,7 @@ in ``LocalReplayBuffer.state_dict`` it is not part of the snapshot (its slots ho
 time) and a restore revokes it.
 
 Ray appears in this module and the orchestration files only; the buffer logic is
-:class:`~rjem_ray.replay_buffer.LocalReplayBuffer`.
+:class:`~rjem_ray.method.replay_buffer.LocalReplayBuffer`.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ import numpy as np
 import ray
 import torch
 
-from .checkpoint import atomic_torch_save
-from .gmm import ClassConditionalGMM, as_init_fn
-from .replay_buffer import Lease, LocalReplayBuffer, as_numpy, check_write_back
+from ..core.files import atomic_torch_save
+from ..method.gmm import ClassConditionalGMM, as_init_fn
+from ..method.replay_buffer import Lease, LocalReplayBuffer, as_numpy, check_write_back
 
 SHARED_KIND = "shared-replay-buffer-v2"
 SNAPSHOT_FILE = "shard-{j}.pt"

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import atomic_torch_save
+from ..core.files import atomic_torch_save
 
 _STATE_VERSION = 1
 _BYTES_PER_FLOAT = 4  # everything is stored in float32

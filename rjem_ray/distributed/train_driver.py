@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from . import storage
-from .checkpoint import STATE_FILE, copy_checkpoint, load_state, verify_checkpoint
-from .config import Config, ConfigError, dump_config
-from .data import load_split
-from .gmm import ClassConditionalGMM
-from .prior import gmm_for_checkpoint, load_train_gmm
-from .tracking import RUN_FILE
-from .training import DivergenceError
+from ..core import storage
+from ..method.checkpoint import STATE_FILE, copy_checkpoint, load_state, verify_checkpoint
+from ..config import Config, ConfigError, dump_config
+from ..core.data import load_split
+from ..method.gmm import ClassConditionalGMM
+from ..method.prior import gmm_for_checkpoint, load_train_gmm
+from ..tracking import RUN_FILE
+from ..method.training import DivergenceError
 
 
 class TrainingFailed(RuntimeError):
@@ -93,8 +93,8 @@ def merge_json(path: Path, update: dict) -> dict:
 
 def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int = 8, seed: int = 0) -> dict[str, Path]:
     """One PNG grid per generation mode: a row per class, ``n_per_class`` samples each, on the model's device."""
-    from .generate import generate
-    from .images import save_grid
+    from ..evaluation.generate import generate
+    from ..core.images import save_grid
 
     device = next(model.parameters()).device
     k = gmm.num_classes
@@ -111,8 +111,8 @@ def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int 
 
 def grids_from_checkpoint(ckpt_dir: str | Path, gmm: ClassConditionalGMM, cfg: Config, out_dir: str | Path) -> dict:
     """:func:`write_sample_grids` of a checkpoint, on the device this process was given (``devices.py``)."""
-    from .checkpoint import load_model
-    from .devices import default_device
+    from ..method.checkpoint import load_model
+    from ..core.devices import default_device
 
     model, _ = load_model(ckpt_dir, map_location=default_device())
     return write_sample_grids(model, gmm, cfg, Path(out_dir))
@@ -142,7 +142,7 @@ def _submission_id() -> str:
 def _run_tags(cfg: Config) -> dict[str, str]:
     import ray
 
-    from .tracking import git_commit
+    from ..tracking import git_commit
 
     res = ray.cluster_resources()
     return {
@@ -205,7 +205,7 @@ def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
     if previous is not None:
         import yaml
 
-        from .search_space import get_dotted
+        from ..config import get_dotted
 
         old, new = yaml.safe_load(previous) or {}, cfg.to_dict()
         where, other = (run_dir, "trainer.storage_path") if cfg.trainer.storage_path else (out, "--out")
@@ -229,7 +229,7 @@ def _close_stale_run(out: Path, tracker) -> None:
     except ValueError:
         prev = {}
     if prev.get("run_id") and prev.get("tracking_uri") == tracker.tracking_uri and prev["run_id"] != tracker.run_id:
-        from .tracking import Tracker
+        from ..tracking import Tracker
 
         old = Tracker(tracker.tracking_uri, prev["run_id"])
         try:
@@ -258,7 +258,7 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     from ray.train.torch import TorchTrainer
 
     from .ray_setup import cluster_has_gpus, ensure_ray, scaling_config, train_logging_config
-    from .tracking import Tracker, store_uris, tracker_for
+    from ..tracking import Tracker, store_uris, tracker_for
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -389,7 +389,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
 
 
 def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:
-    from .checkpoint import GMM_FILE, atomic_torch_save
+    from ..core.files import atomic_torch_save
+    from ..method.checkpoint import GMM_FILE
 
     atomic_torch_save(gmm.state_dict(), ckpt_dir / GMM_FILE)
 
@@ -458,6 +459,6 @@ def root_message(error: BaseException) -> str:
 
 def worker_entry(config: dict) -> None:
     # Imported inside the worker so the package (and its torchvision shim) loads there first.
-    from rjem_ray.train_worker import train_loop_per_worker
+    from rjem_ray.distributed.train_worker import train_loop_per_worker
 
     train_loop_per_worker(config)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .energy import marginal_energy
+from ..method.energy import marginal_energy
 
 
 def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -74,7 +74,7 @@ def robust_accuracy(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
 ) -> float:
-    """Accuracy under an untargeted PGD attack with random start (``rjem_ray.attacks.pgd``).
+    """Accuracy under an untargeted PGD attack with random start (``rjem_ray.method.attacks.pgd``).
 
     A sample counts as robust only if it is classified correctly on the clean input **and** on the
     adversarial input of every one of ``restarts`` random restarts; so the result never exceeds
@@ -82,7 +82,7 @@ def robust_accuracy(
     (0.1 there is 12.75/255 on the [0, 1] scale); ``step_size`` defaults to ``2.5 · eps / steps``
     (Madry et al.). Samples already broken are not attacked again.
     """
-    from .attacks import pgd  # lazy: attacks imports nothing from here, but keep metrics importable alone
+    from ..method.attacks import pgd  # lazy: attacks imports nothing from here, but keep metrics importable alone
 
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}")

@@ -17,8 +17,8 @@ symptoms are cheap to test, and each is one part of :func:`masking_report`:
 
 Every ε is in the model's input space [-1, 1] (L∞ per pixel, L2 per flattened image); reports also give
 the [0, 1]-scale value (half). Accuracies are fractions in [0, 1]. The thresholds below are module
-constants, each with the reason for its value. Pure: torch, ``rjem_ray.metrics`` and
-``rjem_ray.autoattack`` (which imports the AutoAttack library lazily); no Ray, no MLflow.
+constants, each with the reason for its value. Pure: torch, ``rjem_ray.evaluation.metrics`` and
+``rjem_ray.robustness.autoattack`` (which imports the AutoAttack library lazily); no Ray, no MLflow.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .autoattack import autoattack_robust
+from ..robustness.autoattack import autoattack_robust
 from .metrics import accuracy, robust_accuracy
 
 __all__ = ["EPS_FACTORS", "FULL_RANGE_ACCURACY_MAX", "MONOTONE_TOLERANCE", "PGD_GAP_MAX", "BLACKBOX_MARGIN",
@@ -108,7 +108,7 @@ def masking_report(
     """Checks (a)–(c) of the module docstring on ``(x, y)``; returns the numbers and a list of warnings.
 
     ``x`` is NCHW in [-1, 1], ``eps`` the evaluation radius in that space (``norm`` ball). PGD (our
-    ``rjem_ray.attacks.pgd`` through ``metrics.robust_accuracy``: ``pgd_steps`` steps of ``2.5 ε/steps``,
+    ``rjem_ray.method.attacks.pgd`` through ``metrics.robust_accuracy``: ``pgd_steps`` steps of ``2.5 ε/steps``,
     random start, ``pgd_restarts`` restarts) runs at ``ε·f`` for each ``f`` in ``eps_factors`` (capped at
     the full range) and at the full range (:func:`full_range_eps`). ``autoattack`` is an earlier ``autoattack_robust`` /
     ``autoattack_accuracy`` result ``(robust mask or accuracy, protocol)`` *on the same images and ε*;

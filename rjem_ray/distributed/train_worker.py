@@ -1,7 +1,7 @@
 """The Ray Train per-worker function: ordinary PyTorch with ``ray.train`` calls at its edges.
 
 Each worker loads the whole training split and reads its part of the run's one image sequence
-(``data.ImageStream``), builds a :class:`~rjem_ray.training.Learner` for the worker count it was started with
+(``data.ImageStream``), builds a :class:`~rjem_ray.method.training.Learner` for the worker count it was started with
 (``scaling.plan``: per-worker batch, scaled learning rate, buffer size) whose loss module is DDP-wrapped
 (``ddp.wrap_ddp``: nccl on GPU, gloo on CPU, optional bf16 gradient compression) and steps it. Every
 ``train.log_every`` reference steps rank 0 logs the ranks' averaged metrics; every ``train.checkpoint_every``
@@ -19,7 +19,7 @@ more workers.
 
 A divergence rolls back to the last good state in memory with a lower learning rate, at most
 ``train.max_rollbacks`` times; one more ends every worker normally, and rank 0 records the message in the
-driver's :class:`~rjem_ray.train_driver.RunOutcome` actor (a divergence is a result, not a crash: no
+driver's :class:`~rjem_ray.distributed.train_driver.RunOutcome` actor (a divergence is a result, not a crash: no
 ``FailureConfig`` retry).
 """
 
@@ -34,13 +34,14 @@ from pathlib import Path
 
 import torch
 
-from . import storage
-from .checkpoint import BUFFER_FILE, atomic_torch_save, buffer_parts, load_state, save_checkpoint
-from .config import Config
-from .data import load_split
-from .prior import load_train_gmm
-from .scaling import ScalePlan, plan
-from .training import DivergenceError, Learner, is_eval_step, run_loop
+from ..core import storage
+from ..core.files import atomic_torch_save
+from ..method.checkpoint import BUFFER_FILE, buffer_parts, load_state, save_checkpoint
+from ..config import Config
+from ..core.data import load_split
+from ..method.prior import load_train_gmm
+from ..method.scaling import ScalePlan, plan
+from ..method.training import DivergenceError, Learner, is_eval_step, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
 
@@ -58,7 +59,7 @@ def read_checkpoint(directory: str | Path, cfg: Config, rank: int, world: int, i
     count (without it: no ``"rng"``); the buffer part is this worker's ``LocalReplayBuffer`` state, regrouped
     when the worker count or buffer size changed (``replay_buffer.regroup``), ``None`` without a buffer.
     """
-    from .replay_buffer import regroup
+    from ..method.replay_buffer import regroup
 
     directory = Path(directory)
     state = load_state(directory)
@@ -127,8 +128,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .ddp import wrap_ddp
-    from .gmm import as_init_fn
+    from ..method.ddp import wrap_ddp
+    from ..method.gmm import as_init_fn
 
     _quiet_report_logs()
 
@@ -170,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
-        from .tracking import Tracker
+        from ..tracking import Tracker
 
         tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"])
         if resumed_from:
@@ -207,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Rank 0 evaluates; the others wait at the next report, which is a barrier.
         if rank != 0:
             return {}
-        from .evaluate import evaluate_model
+        from ..evaluation.evaluate import evaluate_model
 
         res = evaluate_model(lrn.model, cfg, cfg.train.eval_metrics, gmm=gmm)
         lrn.model.train()

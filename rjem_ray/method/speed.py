@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from .config import first_line
+from ..core.errors import first_line
 
 __all__ = ["PRECISIONS", "SWITCHES", "FastNet", "resolve_precision", "resolve_switch", "autocast_context"]
 

@@ -176,7 +176,7 @@ def check_writable(uri: str, key: str) -> None:
     A probe object is written under ``uri`` and deleted; the error is one line naming ``key`` and ``uri``.
     (Local directories: ``cli.check_writable``.)
     """
-    from .config import first_line  # config imports this module: at call time, not at import
+    from .errors import first_line
 
     probe = join(uri, f".rjem-write-probe-{uuid.uuid4().hex}")
     try:

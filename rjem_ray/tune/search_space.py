@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError, get_dotted
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 RANGE_KINDS = ("uniform", "loguniform", "randint")
@@ -101,21 +101,6 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-
-
-_REQUIRED = object()
-
-
-def get_dotted(data: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
-    """``data["a"]["b"]`` for ``key = "a.b"``; a missing key raises ``KeyError`` unless ``default`` is given."""
-    node = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            if default is _REQUIRED:
-                raise KeyError(key)
-            return default
-        node = node[part]
-    return node
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._torchvision_compat import ensure_torchvision_importable
-from .devices import default_device
-from .checkpoint import atomic_torch_save
+from .._torchvision_compat import ensure_torchvision_importable
+from ..core.devices import default_device
+from ..core.files import atomic_torch_save
 
 ensure_torchvision_importable()  # torch_fidelity imports torchvision; also when rjem_ray/__init__ did not run
 
@@ -175,7 +175,7 @@ def train_reference_classifier(
             idx = order[start : start + batch_size]
             xb = x_train[idx]
             if adversarial_eps > 0:
-                from .attacks import pgd
+                from ..method.attacks import pgd
 
                 xb = pgd(model, xb, y_train[idx], eps=adversarial_eps, steps=adversarial_steps,
                          step_size=2.5 * adversarial_eps / adversarial_steps, generator=g)

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, first_line
+from ..config import Config, ConfigError
+from ..core.errors import first_line
+from ..core.files import atomic_torch_save
 
 STATE_FILE = "state.pt"
 GMM_FILE = "gmm.pt"
@@ -27,23 +29,6 @@ FORMAT = "rjem-checkpoint-v1"
 
 class CheckpointError(ValueError):
     """The path is not a readable rjem checkpoint; the message names the path and what was expected."""
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], gmm_state: dict | None = None) -> Path:
@@ -175,7 +160,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
 
 
 def _model_for(state: dict[str, Any]):
-    from .data import dataset_info
+    from ..core.data import dataset_info
     from .models import build_model
 
     cfg = config_from_state(state)

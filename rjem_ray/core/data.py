@@ -65,7 +65,7 @@ def _check_split(split: str) -> None:
 
 def _torchvision_class(name: str):
     """``torchvision.datasets``' class for ``name`` (imported after the torchvision shim, see ``_torchvision_compat``)."""
-    from ._torchvision_compat import ensure_torchvision_importable
+    from .._torchvision_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import torchvision.datasets as tvd

@@ -48,12 +48,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attacks import pgd
-from .config import GEN_MODES, GenerateConfig
-from .gmm import ClassConditionalGMM
-from .samplers import run_sampler
-from .speed import FastNet
-from .training import running_stats_frozen
+from ..method.attacks import pgd
+from ..config import GEN_MODES, GenerateConfig
+from ..method.gmm import ClassConditionalGMM
+from ..method.samplers import run_sampler
+from ..method.speed import FastNet
+from ..method.training import running_stats_frozen
 
 
 def reduce_contrast(x: torch.Tensor, kappa: float, center: torch.Tensor | None = None) -> torch.Tensor:

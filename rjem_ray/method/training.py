@@ -5,7 +5,7 @@ The step (METHOD.md, "Training"), for a labelled batch ``(x, y)`` in [-1, 1]:
 1. augment ``x`` (reflect-pad + crop [+ flip] + Gaussian noise of std ``data.noise_std``);
 2. robust modes: ``x_adv = PGD(x, y)`` (untargeted, ε-ball ∩ [-1, 1]) — the classification input; or,
    with ``train.robust_term: gradreg``, the clean ``x`` plus the finite-difference input-gradient
-   penalty ``λ mean_i ((CE(x_i + h d_i) − CE(x_i)) / h)²`` (``rjem_ray/gradreg.py``; no PGD);
+   penalty ``λ mean_i ((CE(x_i + h d_i) − CE(x_i)) / h)²`` (``rjem_ray/method/gradreg.py``; no PGD);
 3. energy modes: lease B samples from the replay buffer (5 % re-initialised from the class-conditional
    Gaussian mixture), run SGLD/PYLD on ``E(x)``, write them back;
 4. ``L = CE(f(x_cls), y) + w_px (mean E(x) − mean E(x_q)) + λ (E(x)² + E(x_q)²).mean()``.
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import pgd, pgd_objective, pgd_start
-from .config import Config
-from .data import Augmenter, ImageStream, dataset_info
+from ..config import Config
+from ..core.data import Augmenter, ImageStream, dataset_info
 from .energy import marginal_energy
 from .gmm import ClassConditionalGMM, as_init_fn
 from .gradreg import gradreg_penalty, loss_gradient, steepest_direction

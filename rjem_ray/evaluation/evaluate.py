@@ -4,10 +4,10 @@ Every figure comes with its protocol (split, number of samples, ε and its unit,
 set, feature extractor), because a figure without one cannot be compared. ε is given in the model's
 [-1, 1] input space and, for convenience, on the [0, 1] pixel scale (half of it).
 
-Robustness: ``robust_accuracy`` is AutoAttack's (metric ``autoattack``, ``rjem_ray/autoattack.py``), the
+Robustness: ``robust_accuracy`` is AutoAttack's (metric ``autoattack``, ``rjem_ray/robustness/autoattack.py``), the
 figure the field accepts; ``pgd_robust_accuracy`` is our PGD (metric ``robust``), a cheap signal that
 overstates robustness when gradients are masked; ``masking`` holds the gradient-masking report
-(``rjem_ray/masking.py``) and its warnings.
+(``rjem_ray/evaluation/masking.py``) and its warnings.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from .config import METRIC_NAMES, Config, ConfigError
-from .data import dataset_info, load_split, to_model_space, to_uint8
+from ..config import METRIC_NAMES, Config, ConfigError
+from ..core.data import dataset_info, load_split, to_model_space, to_uint8
 
 Progress = Callable[[str], None]
 
@@ -75,7 +75,7 @@ def evaluate_model(
     device = next(model.parameters()).device
     model.eval()
     # Every metric's passes under train.precision's autocast (logits in fp32; speed.py).
-    from .speed import FastNet
+    from ..method.speed import FastNet
 
     model = FastNet(model, precision=cfg.train.precision, device=device).eval()
     imgs, labels = load_split(cfg.data.name, "test", cfg.data.data_dir)
@@ -127,7 +127,7 @@ def evaluate_model(
         }
     aa_result = None
     if "autoattack" in metrics or "masking" in metrics:
-        from .autoattack import autoattack_robust
+        from ..robustness.autoattack import autoattack_robust
 
         sub, how = subset(e.autoattack_max_samples)
         x_aa, y_aa = x[sub], y[sub]
@@ -158,7 +158,7 @@ def evaluate_model(
             if r["median"] is not None:
                 out[f"min_norm_median_{run.replace('-', '_')}"] = r["median"]
     if "certified" in metrics:
-        from .certify import certified_report
+        from ..robustness.certify import certified_report
 
         sub, how = subset(e.certify_max_samples)
         out["certified"] = certified_report(
@@ -199,16 +199,16 @@ def evaluate_model(
 
 
 def _min_norm(model, x, y, cfg: Config, subset, seed: int, progress: Progress, artifact_dir) -> tuple[dict, dict]:
-    """``(min_norm block, its protocol)`` (``rjem_ray/minnorm.py``): per run, distances, median, robust-accuracy curve;
+    """``(min_norm block, its protocol)`` (``rjem_ray/robustness/minnorm.py``): per run, distances, median, robust-accuracy curve;
     FAB (pyautoattack) as the reference where ``eval.min_norm_reference`` is fab."""
-    from .minnorm import MU_DEFAULT, min_norm_report
+    from ..robustness.minnorm import MU_DEFAULT, min_norm_report
 
     e = cfg.eval
     sub, how = subset(e.min_norm_max_samples)
     xs, ys = x[sub], y[sub]
     reference = None
     if e.min_norm_reference == "fab":
-        from .autoattack import FAB_NORMS, fab_min_norm
+        from ..robustness.autoattack import FAB_NORMS, fab_min_norm
 
         def reference(norm):
             if norm not in FAB_NORMS:
@@ -222,7 +222,7 @@ def _min_norm(model, x, y, cfg: Config, subset, seed: int, progress: Progress, a
         batch_size=e.batch_size, seed=seed, reference=reference, progress=progress,
     )
     protocol = {
-        "attacks": "LogBarrier (Finlay et al. 2019), ProxLogBarrier (Pooladian et al. 2019); rjem_ray/minnorm.py",
+        "attacks": "LogBarrier (Finlay et al. 2019), ProxLogBarrier (Pooladian et al. 2019); rjem_ray/robustness/minnorm.py",
         "runs": list(e.min_norm_runs), "outer_steps": e.min_norm_outer_steps, "inner_steps": e.min_norm_inner_steps,
         "mu": e.min_norm_mu if e.min_norm_mu is not None else {"per norm": dict(MU_DEFAULT)}, "mu_decay": e.min_norm_mu_decay,
         "targets": e.min_norm_targets, "starts": "the untargeted start (noise / margin ascent, bisected) and a targeted "
@@ -250,7 +250,7 @@ def write_min_norm_artifacts(runs: dict, protocol: dict, directory: Path) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .minnorm import robust_curve
+    from ..robustness.minnorm import robust_curve
 
     directory.mkdir(parents=True, exist_ok=True)
     norms = list(dict.fromkeys(r["norm"] for r in runs.values()))
@@ -308,7 +308,7 @@ def _fidelity(model, cfg: Config, gmm, metrics, device, progress: Progress, seed
     e = cfg.eval
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
     if gmm is None:
-        from .prior import load_train_gmm
+        from ..method.prior import load_train_gmm
 
         gmm = load_train_gmm(cfg, train_imgs, train_labels)
     n = e.fid_samples
@@ -384,10 +384,10 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
     """``rjem eval``: the checkpoint's model on ``device`` (None/"auto": the GPU this process was given,
     else CPU; ``devices.resolve_device``), every metric computed there. Drawn files go to ``eval.artifact_dir``,
     else ``artifact_dir``, else :func:`default_artifact_dir` of the checkpoint."""
-    from .checkpoint import load_model
-    from .config import apply_overrides
-    from .devices import resolve_device
-    from .prior import gmm_for_checkpoint
+    from ..method.checkpoint import load_model
+    from ..config import apply_overrides
+    from ..core.devices import resolve_device
+    from ..method.prior import gmm_for_checkpoint
 
     model, cfg = load_model(path, map_location=resolve_device(device))
     if overrides:

@@ -2,7 +2,7 @@
 training split gets it, and which one a checkpoint uses.
 
 The prior initialises the replay buffer and the generation modes (METHOD.md): a class-conditional
-Gaussian mixture (:class:`~rjem_ray.gmm.ClassConditionalGMM`) fitted to the full training split in the
+Gaussian mixture (:class:`~rjem_ray.method.gmm.ClassConditionalGMM`) fitted to the full training split in the
 model's [-1, 1] pixel space. It is fitted once per dataset and memory budget and cached under
 ``cache_dir/gmm/``; a final checkpoint keeps the one it was trained with beside it (``gmm.pt``), so
 sampling and evaluating a checkpoint uses exactly that prior, and falls back to the dataset's cached
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_gmm_state
-from .config import Config
-from .data import dataset_info, load_split, to_model_space
+from ..config import Config
+from ..core.data import dataset_info, load_split, to_model_space
 from .gmm import ClassConditionalGMM, load_or_fit_gmm
 
 

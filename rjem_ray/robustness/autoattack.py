@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .config import AUTOATTACK_ATTACKS, AUTOATTACK_STANDARD, AUTOATTACK_VERSIONS
+from ..config import AUTOATTACK_ATTACKS, AUTOATTACK_STANDARD, AUTOATTACK_VERSIONS
 
 __all__ = ["ATTACKS", "STANDARD_ATTACKS", "VERSIONS", "LIBRARY", "UnitIntervalModel", "to_unit_interval",
            "autoattack_accuracy", "autoattack_robust", "fab_min_norm"]
@@ -301,7 +301,7 @@ FAB_NORMS = {"l1": "L1", "l2": "L2", "linf": "Linf"}
 def fab_min_norm(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "l2", iterations: int = 100,
                  restarts: int = 1, seed: int = 0, batch_size: int = 256) -> tuple[Tensor, dict]:
     """Per-image minimum-norm distances found by FAB (Croce & Hein 2020, the library's ``FABAttack_PT``,
-    untargeted), the public reference for ``rjem_ray/minnorm.py``.
+    untargeted), the public reference for ``rjem_ray/robustness/minnorm.py``.
 
     FAB attacks ``u = (x + 1)/2`` through ``g(u) = f(2u − 1)``; its L1/L2/L∞ distances on [0, 1] are
     doubled back to the model's [-1, 1] space (the map is affine with factor ½). Returns ``d`` ``[N]``

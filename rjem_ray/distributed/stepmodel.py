@@ -29,7 +29,7 @@ One optimiser step of a worker with ``b`` images (``t`` in seconds)::
   bandwidth and the file system's aggregate bandwidth, every ``checkpoint_every`` reference steps; weak
   scaling advances ``N`` reference steps per optimiser step.
 
-Scaling (``trainer.scaling``, ``rjem_ray/scaling.py``): ``weak`` keeps ``b`` per worker (global ``N b``),
+Scaling (``trainer.scaling``, ``rjem_ray/method/scaling.py``): ``weak`` keeps ``b`` per worker (global ``N b``),
 ``strong`` splits a global ``B`` (``b = B / N``). Efficiencies: weak ``E(N) = t(1) / t(N)``, strong
 ``E(N) = t(1) / (N · t(N))``; 1 is perfect.
 """

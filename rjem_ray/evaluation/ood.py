@@ -1,7 +1,7 @@
 """Out-of-distribution detection: the shifts a model is tested against and the scores that rank them.
 
 A score ``s(x)`` is larger for inputs the model takes to be in distribution; a shift's figure is the AUROC
-of "test image scores above shifted image" (:func:`rjem_ray.metrics.ood_auroc`, scikit-learn's
+of "test image scores above shifted image" (:func:`rjem_ray.evaluation.metrics.ood_auroc`, scikit-learn's
 ``roc_auc_score``). All images are in the model's **[-1, 1]** space with the in-distribution shape.
 
 Scores (JEM, Grathwohl et al. 2020, Table 3):
@@ -25,7 +25,7 @@ Shifts:
 * ``inverted`` -- the in-distribution test images with their pixels negated (``-x``: white background,
   dark strokes for digits), a transformed copy of the data.
 * a dataset name (``svhn``, ``cifar100``, ``cifar10``, ``mnist5k``) -- its test split through
-  :func:`rjem_ray.data.load_split` (torchvision's own dataset classes for SVHN and CIFAR), converted to
+  :func:`rjem_ray.core.data.load_split` (torchvision's own dataset classes for SVHN and CIFAR), converted to
   the in-distribution channels and side.
 """
 
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import OOD_SCORES as SCORE_NAMES
-from .config import OOD_SHIFTS as SHIFT_NAMES
-from .data import DATASETS, load_split, to_model_space
+from ..config import OOD_SCORES as SCORE_NAMES
+from ..config import OOD_SHIFTS as SHIFT_NAMES
+from ..core.data import DATASETS, load_split, to_model_space
 
 # eval.ood_shifts = [auto]: the suite of each dataset. Digits: noise, real photographs, a synthetic image and
 # a transformed copy of the digits; natural images: the usual SVHN / CIFAR-100 (CIFAR-10 for the others),
@@ -145,7 +145,7 @@ def shift_images(name: str, n: int, x_in: torch.Tensor, generator: torch.Generat
 def ood_scores(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, score: str,
                batch_size: int = 256) -> torch.Tensor:
     """Per-image score ``[N]`` (float32, CPU) of :data:`SCORE_NAMES`; larger = more in distribution."""
-    from .energy import marginal_energy
+    from ..method.energy import marginal_energy
     from .metrics import predict_logits
 
     if score not in SCORE_NAMES:

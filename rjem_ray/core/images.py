@@ -11,7 +11,7 @@ from PIL import Image
 
 def to_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
     """Tile ``x`` ``[N, C, H, W]`` in [-1, 1] into one uint8 image ``[H', W', C]`` (C is 1 or 3)."""
-    from ._torchvision_compat import ensure_torchvision_importable
+    from .._torchvision_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from torchvision.utils import make_grid
