@@ -1,7 +1,7 @@
 """Benchmark (not a test): the replay buffer's share of a training step at 1, 2 and 4 workers.
 
 One local Ray on 127.0.0.1; for each worker count it starts that many worker actors (one CPU each, one torch
-thread each), each running the real training step (:class:`rjem_ray.method.training.Learner`, robust-jem: PGD, then
+thread each), each running the real training step (:class:`rjem_ray.method.learner.Learner`, robust-jem: PGD, then
 lease → PYLD sampler → write-back, then the loss) on CIFAR-shaped data, with its
 :class:`~rjem_ray.distributed.buffer_actor.SharedReplayBuffer` wrapped in a stopwatch. Two layouts (``--layout``):
 
@@ -66,7 +66,7 @@ def _sim_worker_class():
 
             from rjem_ray.distributed.buffer_actor import SharedReplayBuffer, create_worker_shard
             from rjem_ray.config import Config
-            from rjem_ray.method.training import Learner
+            from rjem_ray.method.learner import Learner
 
             torch.set_num_threads(1)
             c = Config.from_dict(cfg)

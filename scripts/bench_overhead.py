@@ -1,6 +1,6 @@
 """Ray Train's per-step overhead: the same training loop bare and inside a 1-worker ``TorchTrainer``.
 
-Every measurement builds the same :class:`rjem_ray.method.training.Learner` (same config, data, seed, one torch
+Every measurement builds the same :class:`rjem_ray.method.learner.Learner` (same config, data, seed, one torch
 thread per ``trainer.cpus_per_worker``), takes ``--warmup`` untimed steps, then times each iteration of
 ``run_loop`` (one optimiser step plus its share of the real reporting schedule: metrics every
 ``train.log_every`` steps, a checkpoint every ``train.checkpoint_every`` steps and at the end). Rows:
@@ -50,7 +50,7 @@ def build_learner(cfg_dict: dict):
     from rjem_ray.config import Config
     from rjem_ray.core.data import load_split
     from rjem_ray.method.prior import load_train_gmm
-    from rjem_ray.method.training import Learner
+    from rjem_ray.method.learner import Learner
 
     cfg = Config.from_dict(cfg_dict)
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
@@ -65,7 +65,7 @@ def timed_loop(learner, report, steps: int) -> list[float]:
     An iteration runs from the start of one optimiser step to the start of the next (the last one to the
     loop's return), so it includes the metric averaging, ``report`` and checkpoint writing of its step.
     """
-    from rjem_ray.method.training import run_loop
+    from rjem_ray.method.loop import run_loop
 
     starts: list[float] = []
     step = learner.step
@@ -110,7 +110,7 @@ def ray_worker(config: dict) -> None:
     import ray.train
 
     from rjem_ray.method.checkpoint import save_checkpoint
-    from rjem_ray.method.training import is_eval_step
+    from rjem_ray.method.loop import is_eval_step
 
     learner = build_learner(config["cfg"])
     for _ in range(config["warmup"]):

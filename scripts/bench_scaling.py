@@ -2,7 +2,7 @@
 
 Every worker is a process started by ``torch.multiprocessing`` (spawn), joined in one ``torch.distributed``
 process group (gloo on CPUs; nccl with one GPU per rank when ``torch.cuda.is_available()``: the same
-script), and runs a real :class:`rjem_ray.method.training.Learner` on the digits (``load_split('mnist5k',
+script), and runs a real :class:`rjem_ray.method.learner.Learner` on the digits (``load_split('mnist5k',
 'train')``; random images of the dataset's shape if they do not load, as in ``bench_step.py``), with the
 class-conditional Gaussian mixture of ``rjem_ray.method.gmm`` for the replay buffer, and its loss module wrapped by
 ``rjem_ray.method.ddp.wrap_ddp(module, device, grad_compression)`` (no wrap on one worker, as ``train_worker``
@@ -152,7 +152,7 @@ def make_learner(p: dict, rank: int, world: int, device, images, labels, gmm, wr
     takes ``train.batch_size`` as it is; one that still divides ``train.batch_size`` by the world size is
     rebuilt with ``batch · N``. Under ``strong`` ``train.batch_size`` is the global batch either way."""
     from rjem_ray.config import load_config
-    from rjem_ray.method.training import Learner
+    from rjem_ray.method.learner import Learner
 
     want = p["batch"] if p["mode"] == "weak" else p["batch"] // world
     for setting in ((p["batch"], p["batch"] * world) if p["mode"] == "weak" else (p["batch"],)):

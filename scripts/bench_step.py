@@ -5,7 +5,7 @@ Rows (all on the same device, same config, same batch):
 (a) ``reference``: the step written out below as plain fp32 eager PyTorch, the way the JEM++ reference
     code does it (a buffer tensor, a per-step draw of a full batch of fresh starts of which 5 % are kept,
     PGD and PYLD/SGLD loops over ``torch.autograd.grad``, three separate forward passes for the loss);
-(b) ``project fp32``: ``training.Learner.step`` with every speed setting off;
+(b) ``project fp32``: ``learner.Learner.step`` with every speed setting off;
 (c) the project with each speed setting alone (``bf16``, ``channels_last``, ``compile``, ``fused`` — the
     last needs BatchNorm in eval mode for attack and sampler, so its row and its own fp32 baseline run
     with ``attack.bn_mode=eval train.sampler_bn_mode=eval``) and with all of them.
@@ -101,7 +101,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int, repeats: in
 class ReferenceStep:
     """The robust-JEM step as plain fp32 eager code, after the JEM++ reference implementation.
 
-    Same mathematics as ``training.Learner.step`` for the given config: augmentation, PGD (L∞, random
+    Same mathematics as ``learner.Learner.step`` for the given config: augmentation, PGD (L∞, random
     start) with BatchNorm as ``attack.bn_mode`` says, a replay buffer tensor with ``reinit_freq`` fresh
     Gaussian-mixture starts, PYLD (or SGLD) on ``E(x) = −logsumexp f(x)`` with BatchNorm as
     ``train.sampler_bn_mode`` says, and ``CE(f(x_adv), y) + w (mean E(x) − mean E(x_q)) + λ (E(x)² +
@@ -207,18 +207,20 @@ def _timed(fn, phase):
 
 def _instrument_training():
     """Time the phases of ``Learner.step`` by wrapping the functions it calls (once per process)."""
-    import rjem_ray.method.training as training
+    import rjem_ray.method.inputs as inputs
+    import rjem_ray.method.negatives as negatives
 
-    if not hasattr(training.pgd, "__wrapped__"):
-        for name, phase in (("pgd", "attack"), ("run_sampler", "sampler"), ("attack_and_sample_fused", "attack")):
-            setattr(training, name, _timed(getattr(training, name), phase))
+    if not hasattr(inputs.pgd, "__wrapped__"):
+        for module, name, phase in ((inputs, "pgd", "attack"), (negatives, "run_sampler", "sampler"),
+                                    (inputs, "attack_and_sample_fused", "attack")):
+            setattr(module, name, _timed(getattr(module, name), phase))
 
 
 class ProjectStep:
-    """``training.Learner.step`` with its phases timed (attack, sampler, buffer, optimiser; the rest is the loss)."""
+    """``learner.Learner.step`` with its phases timed (attack, sampler, buffer, optimiser; the rest is the loss)."""
 
     def __init__(self, cfg: Config, images, labels, gmm, device, phases: Phases):
-        from rjem_ray.method.training import Learner
+        from rjem_ray.method.learner import Learner
 
         _instrument_training()
         self.learner = lrn = Learner(cfg, images, labels, gmm, device=device)
@@ -237,7 +239,7 @@ class ProjectStep:
 def count_step_flops(cfg: Config, images, labels, gmm, device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rjem_ray.method.training import Learner
+    from rjem_ray.method.learner import Learner
 
     class _NoModules:  # FlopCounterMode's per-module breakdown hooks refuse autograd.grad (torch 2.13)
         parents = {"Global"}

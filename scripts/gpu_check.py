@@ -55,7 +55,7 @@ def synthetic(cfg, n: int):
 
 
 def learner_steps(name: str, config: str, steps: int, device, overrides: list[str]) -> tuple[dict, object, object]:
-    from rjem_ray.method.training import Learner
+    from rjem_ray.method.learner import Learner
 
     cfg = load_config(REPO / config, overrides)
     x, y, gmm = synthetic(cfg, max(1000, cfg.buffer.size))

@@ -199,7 +199,7 @@ def step_shape(cfg, net: dict) -> dict:
     per_image = f * (2 * (k + s) + 3 * lb)
     ops = (k + s) * net["ops"]["input_grad"] + lb * net["ops"]["full"]
     backward_share = 2 * lb / (2 * (k + s) + 3 * lb)  # the loss backward's share of the FLOPs
-    # With BatchNorm the loss's batches go through the network as separate calls (training.JointForward), and
+    # With BatchNorm the loss's batches go through the network as separate calls (loss.JointForward), and
     # autograd runs the last call's backward first: a gradient is complete, and its bucket can be sent,
     # only during the backward of the batch processed last, 1/L of the loss backward.
     window = backward_share / lb if net["has_batchnorm"] else backward_share

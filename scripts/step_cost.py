@@ -1,4 +1,4 @@
-"""Seconds per optimiser step of the Ray-free training step (``training.Learner``) for a few config variants.
+"""Seconds per optimiser step of the Ray-free training step (``learner.Learner``) for a few config variants.
 
 A quick cost comparison, not a robustness measurement: e.g. ``train.robust_term`` pgd vs gradreg, or
 ``model.norm`` batch vs farkas, on the demo config, with the training accuracy reached in those steps.
@@ -18,7 +18,7 @@ import rjem_ray  # noqa: F401
 from rjem_ray.config import load_config
 from rjem_ray.core.data import load_split, to_model_space
 from rjem_ray.method.gmm import fit_class_gmm
-from rjem_ray.method.training import Learner
+from rjem_ray.method.learner import Learner
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ protocol (``rjem_ray.evaluation.evaluate.evaluate_model``): clean accuracy, Auto
 (``energy``, ``pgd``, ``combined``) beside the Gaussian-mixture seeds alone, in both feature spaces
 (the plain and the adversarially trained reference classifier).
 
-Training is Ray-free (``training.Learner`` + ``run_loop``): the study runs on one machine, ``--jobs``
+Training is Ray-free (``learner.Learner`` + ``loop.run_loop``): the study runs on one machine, ``--jobs``
 runs at a time, each on one torch thread. Writes ``OUT/results.json`` (every figure and protocol),
 ``OUT/RESULTS.md`` (the tables with mean ± std over seeds, the claims of the paper checked, the
 protocol, the command and the wall times) and ``OUT/grids/<run>-<mode>.png``.
@@ -58,7 +58,8 @@ def train_and_evaluate(job: dict) -> dict:
     from rjem_ray.core.data import load_split
     from rjem_ray.evaluation.evaluate import evaluate_model
     from rjem_ray.method.prior import load_train_gmm
-    from rjem_ray.method.training import DivergenceError, Learner, run_loop
+    from rjem_ray.method.learner import DivergenceError, Learner
+    from rjem_ray.method.loop import run_loop
 
     out = Path(job["out"])
     overrides = list(job["overrides"]) + [f"train.mode={job['mode']}", f"train.seed={job['seed']}"]

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from rjem_ray.config import load_config
 from rjem_ray.core.data import load_split, to_model_space
 from rjem_ray.method.ddp import wrap_ddp
-from rjem_ray.method.training import Learner
+from rjem_ray.method.learner import Learner
 
 GLOBAL = 16
 

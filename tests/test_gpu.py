@@ -38,7 +38,7 @@ def _synthetic(cfg, n=256):
 
 def _learner(*overrides, device="cuda:0"):
     from rjem_ray.config import load_config
-    from rjem_ray.method.training import Learner
+    from rjem_ray.method.learner import Learner
 
     cfg = load_config(REPO / "tune_configs" / "smoke.yaml", ["buffer.size=64", "train.batch_size=16", *overrides])
     x, y, gmm = _synthetic(cfg)
@@ -99,7 +99,7 @@ def test_fused_pass_equals_separate_on_cuda():
     from rjem_ray.method.attacks import pgd
     from rjem_ray.method.models import WideResNet
     from rjem_ray.method.samplers import run_sampler
-    from rjem_ray.method.training import attack_and_sample_fused
+    from rjem_ray.method.inputs import attack_and_sample_fused
 
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen=2, num_classes=10, in_channels=3, norm="batch").cuda().eval()

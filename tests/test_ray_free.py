@@ -1,4 +1,4 @@
-"""The Ray-free core (training.Learner, attacks, samplers, generation, metrics) imports and runs where Ray
+"""The Ray-free core (learner.Learner, attacks, samplers, generation, metrics) imports and runs where Ray
 and MLflow are not installed, as on the GPU check machine (scripts/gpu_check.sh)."""
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ for name in ("ray", "mlflow"):
     else:
         raise SystemExit(f"the blocker let {name} import")
 
-import rjem_ray.method.training, rjem_ray.method.attacks, rjem_ray.method.samplers, rjem_ray.evaluation.generate, rjem_ray.evaluation.metrics
+import rjem_ray.method.learner, rjem_ray.method.loop, rjem_ray.method.attacks, rjem_ray.method.samplers, rjem_ray.evaluation.generate, rjem_ray.evaluation.metrics
 from rjem_ray.config import load_config
 from rjem_ray.core.data import to_model_space
 from rjem_ray.evaluation.generate import generate
 from rjem_ray.method.gmm import fit_class_gmm
 from rjem_ray.evaluation.metrics import accuracy
-from rjem_ray.method.training import Learner
+from rjem_ray.method.learner import Learner
 
 cfg = load_config("tune_configs/smoke.yaml", ["buffer.size=32", "train.batch_size=8"])
 g = torch.Generator().manual_seed(0)

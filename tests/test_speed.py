@@ -90,10 +90,10 @@ def test_compiled_pass_equals_the_eager_pass():
 @pytest.mark.slow  # compiles every graph variant a step uses (~2 min here)
 def test_a_compiled_step_with_eval_mode_batchnorm_equals_the_eager_step():
     # The loss's eval-mode view of x_q runs before the train-mode passes update the running statistics
-    # in place; a compiled graph saves what it normalised with for its backward (training.batchnorm_eval).
+    # in place; a compiled graph saves what it normalised with for its backward (batchnorm.batchnorm_eval).
     from rjem_ray.core.data import load_split, to_model_space
     from rjem_ray.method.gmm import fit_class_gmm
-    from rjem_ray.method.training import Learner
+    from rjem_ray.method.learner import Learner
 
     x, y = load_split("mnist5k", "train")
     x, y = x[::8], y[::8]

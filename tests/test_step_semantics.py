@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from rjem_ray.config import load_config
 from rjem_ray.core.data import load_split, to_model_space
 from rjem_ray.method.gmm import fit_class_gmm
-from rjem_ray.method.training import Learner, attack_eps, running_stats_frozen
+from rjem_ray.method.batchnorm import running_stats_frozen
+from rjem_ray.method.learner import Learner
+from rjem_ray.method.schedules import attack_eps
 
 
 @pytest.fixture(scope="module")

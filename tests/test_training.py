@@ -10,9 +10,11 @@ from rjem_ray.core.data import load_split, to_model_space
 from rjem_ray.method.energy import marginal_energy
 from rjem_ray.method.gmm import fit_class_gmm
 from rjem_ray.method.models import WideResNet
-from rjem_ray.method.training import (
-    DivergenceError, JointForward, Learner, attack_eps, batchnorm_eval, jem_loss, lr_multiplier, run_loop,
-)
+from rjem_ray.method.batchnorm import batchnorm_eval
+from rjem_ray.method.learner import DivergenceError, Learner
+from rjem_ray.method.loop import run_loop
+from rjem_ray.method.loss import JointForward, jem_loss
+from rjem_ray.method.schedules import attack_eps, lr_multiplier
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,9 @@ def digits():
 def gmm(digits):
     x, y = digits
     return fit_class_gmm(to_model_space(x), y, 10)
+
+
+_EVAL_BN = ("attack.bn_mode=eval", "train.sampler_bn_mode=eval")
 
 
 def make_learner(digits, gmm, *overrides):
@@ -185,7 +190,7 @@ def test_loss_sees_the_negatives_with_the_energy_the_sampler_lowered(digits, gmm
     learner.step()  # running statistics away from their (0, 1) initialisation
     model = learner.model
     model.train()
-    x_q = learner._sample_negatives()  # exactly as a step samples (eval-mode model when bn_mode=eval)
+    x_q = learner.negatives.sample()  # exactly as a step samples (eval-mode model when bn_mode=eval)
     x_cls, x_pos = to_model_space(digits[0][:8]), to_model_space(digits[0][8:16])
     with torch.no_grad():
         model.eval()
@@ -208,7 +213,7 @@ def test_loss_sees_the_negatives_with_the_energy_the_sampler_lowered(digits, gmm
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_sampler_runs_in_the_configured_batchnorm_mode_with_its_outer_step(digits, gmm, bn_mode, monkeypatch):
-    import rjem_ray.method.training as training
+    import rjem_ray.method.negatives as negatives
 
     seen = {}
 
@@ -216,7 +221,7 @@ def test_sampler_runs_in_the_configured_batchnorm_mode_with_its_outer_step(digit
         seen.update(kw, modes={m.training for m in model.modules()})
         return x.clone()
 
-    monkeypatch.setattr(training, "run_sampler", fake_sampler)
+    monkeypatch.setattr(negatives, "run_sampler", fake_sampler)
     learner = make_learner(digits, gmm, f"train.sampler_bn_mode={bn_mode}", "sampler.outer_step_size=0.5",
                            "train.fuse_passes=false")  # the separate sampler loop (fusion: the test below)
     learner.step()
@@ -274,7 +279,7 @@ def test_checkpoint_round_trip_carries_the_cuda_generator_state(digits, gmm, tmp
 
 
 def test_rollback_snapshot_is_a_cpu_copy_detached_from_the_live_state(digits, gmm):
-    from rjem_ray.method.training import cpu_copy
+    from rjem_ray.method.learner import cpu_copy
 
     learner = make_learner(digits, gmm)
     learner.step()
@@ -355,7 +360,7 @@ def test_precision_must_be_an_allowed_value():
 def test_fused_attack_and_sampler_equal_the_separate_loops(kind, attack_steps, sampler_steps):
     from rjem_ray.method.attacks import pgd
     from rjem_ray.method.samplers import run_sampler
-    from rjem_ray.method.training import attack_and_sample_fused
+    from rjem_ray.method.inputs import attack_and_sample_fused
 
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2)
@@ -393,6 +398,22 @@ def test_fused_attack_and_sampler_equal_the_separate_loops(kind, attack_steps, s
     assert calls == [12] * both + [6] * (max(attack_steps, sampler_steps) - both)
 
 
+@pytest.mark.parametrize("overrides, kind", [
+    (["train.mode=classifier"], "CleanInput"),
+    (["train.mode=jempp", "train.robust_term=gradreg"], "CleanInput"),  # gradreg is a robust modes' term
+    (["train.mode=robust-classifier", *_EVAL_BN], "PGDInput"),  # nothing to fuse with: no sampler
+    (["train.mode=robust-jem"], "PGDInput"),  # the sampler in train mode (the default)
+    (["train.mode=robust-jem", *_EVAL_BN], "FusedPGDInput"),
+    (["train.mode=robust-jem", *_EVAL_BN, "train.fuse_passes=false"], "PGDInput"),
+    (["train.mode=robust-jem", *_EVAL_BN, "train.robust_term=gradreg"], "GradRegInput"),
+])
+def test_the_classification_input_is_chosen_once_from_the_config(digits, gmm, overrides, kind):
+    learner = make_learner(digits, gmm, *overrides)
+    assert type(learner.cls_input).__name__ == kind
+    assert learner.fused is (kind == "FusedPGDInput")
+    assert type(learner.negatives).__name__ == ("Negatives" if learner.cfg.uses_energy else "NoNegatives")
+
+
 def test_learner_fuses_only_with_eval_mode_batchnorm_and_the_step_is_unchanged(digits, gmm):
     modes = ["attack.bn_mode=eval", "train.sampler_bn_mode=eval", "attack.eps_warmup_steps=0"]
     assert not make_learner(digits, gmm, "train.sampler_bn_mode=eval", "attack.bn_mode=train").fused
@@ -417,7 +438,7 @@ def test_inner_loops_never_read_a_tensor_back_to_the_host(loop, monkeypatch):
     from rjem_ray.method.attacks import pgd
     from rjem_ray.method.samplers import pyld, sgld
     from rjem_ray.method.energy import energy_fn
-    from rjem_ray.method.training import attack_and_sample_fused
+    from rjem_ray.method.inputs import attack_and_sample_fused
 
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen=1, num_classes=10, in_channels=1, norm="batch", stem_stride=2).eval()
@@ -444,13 +465,13 @@ def test_inner_loops_never_read_a_tensor_back_to_the_host(loop, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["robust-classifier", "robust-jem"])
 def test_gradreg_term_replaces_pgd_with_the_finite_difference_penalty(digits, gmm, mode, monkeypatch):
-    import rjem_ray.method.training as training
+    import rjem_ray.method.inputs as inputs
 
     def no_pgd(*a, **k):
         raise AssertionError("gradreg must not run PGD")
 
-    monkeypatch.setattr(training, "pgd", no_pgd)
-    monkeypatch.setattr(training, "attack_and_sample_fused", no_pgd)
+    monkeypatch.setattr(inputs, "pgd", no_pgd)
+    monkeypatch.setattr(inputs, "attack_and_sample_fused", no_pgd)
     learner = make_learner(digits, gmm, f"train.mode={mode}", "train.robust_term=gradreg",
                            "train.gradreg_strength=2.0", "train.gradreg_step=0.05", "attack.bn_mode=eval",
                            "train.sampler_bn_mode=eval", "train.energy_l2=0", "train.energy_weight=1")

@@ -31,7 +31,7 @@ from ..core.data import load_split
 from ..method.gmm import ClassConditionalGMM
 from ..method.prior import gmm_for_checkpoint, load_train_gmm
 from ..tracking import RUN_FILE
-from ..method.training import DivergenceError
+from ..method.learner import DivergenceError
 
 
 class TrainingFailed(RuntimeError):

@@ -1,7 +1,7 @@
 """The Ray Train per-worker function: ordinary PyTorch with ``ray.train`` calls at its edges.
 
 Each worker loads the whole training split and reads its part of the run's one image sequence
-(``data.ImageStream``), builds a :class:`~rjem_ray.method.training.Learner` for the worker count it was started with
+(``data.ImageStream``), builds a :class:`~rjem_ray.method.learner.Learner` for the worker count it was started with
 (``scaling.plan``: per-worker batch, scaled learning rate, buffer size) whose loss module is DDP-wrapped
 (``ddp.wrap_ddp``: nccl on GPU, gloo on CPU, optional bf16 gradient compression) and steps it. Every
 ``train.log_every`` reference steps rank 0 logs the ranks' averaged metrics; every ``train.checkpoint_every``
@@ -41,7 +41,8 @@ from ..config import Config
 from ..core.data import load_split
 from ..method.prior import load_train_gmm
 from ..method.scaling import ScalePlan, plan
-from ..method.training import DivergenceError, Learner, is_eval_step, run_loop
+from ..method.learner import DivergenceError, Learner
+from ..method.loop import is_eval_step, run_loop
 
 RANK_FILE = "rank-{rank}.pt"
 

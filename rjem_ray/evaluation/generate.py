@@ -53,7 +53,7 @@ from ..config import GEN_MODES, GenerateConfig
 from ..method.gmm import ClassConditionalGMM
 from ..method.samplers import run_sampler
 from ..method.speed import FastNet
-from ..method.training import running_stats_frozen
+from ..method.batchnorm import running_stats_frozen
 
 
 def reduce_contrast(x: torch.Tensor, kappa: float, center: torch.Tensor | None = None) -> torch.Tensor:

@@ -169,7 +169,7 @@ def pgd_start(
     """Validate the arguments of :func:`pgd` and return ``(step object, x0, first iterate, steps to run)``.
 
     The pieces of the PGD loop, for callers that share its network passes with other work
-    (``training.attack_and_sample_fused``): ``steps`` is 0 when there is no budget (``eps`` or ``steps``
+    (``inputs.attack_and_sample_fused``): ``steps`` is 0 when there is no budget (``eps`` or ``steps``
     zero), the first iterate is the random start (or ``x0``), and each iteration is
     ``x ← attack.update(x, ∇_x pgd_objective(f(x), y), x0)``.
     """

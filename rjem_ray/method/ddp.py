@@ -1,6 +1,6 @@
 """DistributedDataParallel for the training step's loss module, with optional gradient compression.
 
-``wrap_ddp(module, device, grad_compression)`` is the ``wrap`` a multi-worker :class:`~rjem_ray.method.training.Learner`
+``wrap_ddp(module, device, grad_compression)`` is the ``wrap`` a multi-worker :class:`~rjem_ray.method.learner.Learner`
 gets (the Ray Train worker, the benchmarks and the gloo tests alike). DDP all-reduces gradients in buckets
 (25 MB by default) from autograd hooks, so a bucket is sent as soon as the backward has produced all of its
 gradients and the communication overlaps the rest of the backward; only the last bucket waits after it.
