@@ -12,6 +12,7 @@ import torch
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before torch_fidelity is imported)
 from rjem_ray.evaluation import fidelity as fd
+from rjem_ray.evaluation import reference_classifier as rc
 
 NUM_TRAIN = 1297  # the remaining 500 digits are the "test" set
 
@@ -32,7 +33,7 @@ def digits():
 def classifier(digits, tmp_path_factory):
     x_tr, y_tr, _, _ = digits
     cache_dir = tmp_path_factory.mktemp("classifier")
-    path = fd.load_or_train_reference_classifier(cache_dir, "digits8", x_tr, y_tr, 10, epochs=10)
+    path = rc.load_or_train_reference_classifier(cache_dir, "digits8", x_tr, y_tr, 10, epochs=10)
     return path
 
 
@@ -47,7 +48,7 @@ def _fid(samples, reference, weights, cache_root, name, **kw):
 
 
 def test_reference_classifier_reaches_high_heldout_accuracy(classifier, digits):
-    model, meta = fd.load_reference_classifier(classifier)
+    model, meta = rc.load_reference_classifier(classifier)
     assert meta["heldout_accuracy"] > 0.9, meta
     assert (meta["channels"], meta["size"], meta["num_classes"], meta["dataset"]) == (1, 8, 10, "digits8")
     # ... and it generalises to digits it never saw (neither trained on nor held out).
@@ -64,13 +65,13 @@ def test_classifier_file_is_reused_without_retraining(classifier, digits, monkey
     def no_training(*a, **k):
         raise AssertionError("retrained although the cached file exists")
 
-    monkeypatch.setattr(fd, "train_reference_classifier", no_training)
-    again = fd.load_or_train_reference_classifier(classifier.parent, "digits8", x_tr, y_tr, 10)
-    assert again == classifier == fd.reference_classifier_path(classifier.parent, "digits8")
+    monkeypatch.setattr(rc, "train_reference_classifier", no_training)
+    again = rc.load_or_train_reference_classifier(classifier.parent, "digits8", x_tr, y_tr, 10)
+    assert again == classifier == rc.reference_classifier_path(classifier.parent, "digits8")
     assert classifier.read_bytes() == before
     # A cached file for other shapes is refused, not silently overwritten.
     with pytest.raises(ValueError, match="delete it"):
-        fd.load_or_train_reference_classifier(classifier.parent, "digits8", x_tr.repeat(1, 3, 1, 1), y_tr, 10)
+        rc.load_or_train_reference_classifier(classifier.parent, "digits8", x_tr.repeat(1, 3, 1, 1), y_tr, 10)
 
 
 def test_classifier_file_is_written_atomically(tmp_path, digits, monkeypatch):
@@ -88,23 +89,23 @@ def test_classifier_file_is_written_atomically(tmp_path, digits, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError):
-        fd.load_or_train_reference_classifier(tmp_path, "tiny", x, y, 10, epochs=1)
+        rc.load_or_train_reference_classifier(tmp_path, "tiny", x, y, 10, epochs=1)
     assert list(tmp_path.iterdir()) == []  # no truncated final file, no temporary left behind
 
     monkeypatch.setattr(torch, "save", real_save)
-    path = fd.load_or_train_reference_classifier(tmp_path, "tiny", x, y, 10, epochs=1)
+    path = rc.load_or_train_reference_classifier(tmp_path, "tiny", x, y, 10, epochs=1)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
-    model, meta = fd.load_reference_classifier(path)
+    model, meta = rc.load_reference_classifier(path)
     assert meta["num_train"] + meta["num_heldout"] == 200
 
 
 def test_extractor_reads_channel_zero_scaled_to_unit_range(classifier):
-    ext = fd.ReferenceClassifierExtractor(
-        fd.REFERENCE_EXTRACTOR, ["logits_unbiased", "penultimate"], feature_extractor_weights_path=str(classifier)
+    ext = rc.ReferenceClassifierExtractor(
+        rc.REFERENCE_EXTRACTOR, ["logits_unbiased", "penultimate"], feature_extractor_weights_path=str(classifier)
     )
     gray = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     logits, h = ext(gray.expand(-1, 3, -1, -1))  # features come back in the requested order
-    model, _ = fd.load_reference_classifier(classifier)
+    model, _ = rc.load_reference_classifier(classifier)
     h_ref, logits_ref = model.features(gray.float() / 127.5 - 1)
     torch.testing.assert_close(h, h_ref)
     torch.testing.assert_close(logits, logits_ref)
@@ -148,14 +149,14 @@ def test_reference_statistics_are_cached_and_reused(classifier, digits, tmp_path
     x_tr, _, x_te, _ = digits
     seen = []
 
-    class Counting(fd.ReferenceClassifierExtractor):
+    class Counting(rc.ReferenceClassifierExtractor):
         def forward(self, x):
             seen.append(x.shape[0])
             return super().forward(x)
 
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    monkeypatch.setitem(FEATURE_EXTRACTORS_REGISTRY, fd.REFERENCE_EXTRACTOR, Counting)
+    monkeypatch.setitem(FEATURE_EXTRACTORS_REGISTRY, rc.REFERENCE_EXTRACTOR, Counting)
     first = _fid(x_te, x_tr, classifier, tmp_path, "digits8-ref")
     assert sum(seen) == len(x_te) + len(x_tr)
     assert any(p.name.startswith("digits8-ref-") and "stat-fid" in p.name for p in tmp_path.iterdir())
@@ -208,20 +209,20 @@ def test_inception_path_passes_the_offline_weights_to_torch_fidelity(digits, tmp
 def robust_classifier(classifier, digits):
     """Adversarially trained (the kind's own ε and PGD steps), in the same cache directory as the plain one."""
     x_tr, y_tr, _, _ = digits
-    return fd.load_or_train_reference_classifier(
+    return rc.load_or_train_reference_classifier(
         classifier.parent, "digits8", x_tr, y_tr, 10, kind="robust-reference-classifier", epochs=3)
 
 
 def test_robust_classifier_is_cached_beside_the_plain_one_and_adversarially_trained(classifier, robust_classifier):
-    assert robust_classifier == fd.reference_classifier_path(classifier.parent, "digits8", "robust-reference-classifier")
+    assert robust_classifier == rc.reference_classifier_path(classifier.parent, "digits8", "robust-reference-classifier")
     assert robust_classifier.name == "robust-reference-classifier-digits8.pt" and classifier.exists()
-    _, meta = fd.load_reference_classifier(robust_classifier)
-    _, plain_meta = fd.load_reference_classifier(classifier)
-    assert (meta["adversarial_eps"], meta["adversarial_steps"]) == (fd.ROBUST_REFERENCE_EPS, fd.ROBUST_REFERENCE_STEPS)
+    _, meta = rc.load_reference_classifier(robust_classifier)
+    _, plain_meta = rc.load_reference_classifier(classifier)
+    assert (meta["adversarial_eps"], meta["adversarial_steps"]) == (rc.ROBUST_REFERENCE_EPS, rc.ROBUST_REFERENCE_STEPS)
     assert plain_meta["adversarial_eps"] == 0.0
     assert meta["heldout_accuracy"] > 0.85, meta  # still a good classifier of clean digits
     with pytest.raises(ValueError, match="kind must be one of"):
-        fd.reference_classifier_path(classifier.parent, "digits8", "inception")
+        rc.reference_classifier_path(classifier.parent, "digits8", "inception")
 
 
 def test_targeted_pgd_fools_the_plain_extractor_far_more_than_the_robust_one(classifier, robust_classifier, digits):
@@ -237,10 +238,10 @@ def test_targeted_pgd_fools_the_plain_extractor_far_more_than_the_robust_one(cla
     from rjem_ray.method.gmm import fit_class_gmm
 
     x_tr, y_tr, _, _ = digits
-    generator = fd.train_reference_classifier(x_tr, y_tr, 10, epochs=10, seed=1)
+    generator = rc.train_reference_classifier(x_tr, y_tr, 10, epochs=10, seed=1)
     gmm = fit_class_gmm(to_model_space(x_tr), (y_tr + 1) % 10, 10)
-    plain, _ = fd.load_reference_classifier(classifier)
-    robust, _ = fd.load_reference_classifier(robust_classifier)
+    plain, _ = rc.load_reference_classifier(classifier)
+    robust, _ = rc.load_reference_classifier(robust_classifier)
     cfg = GenerateConfig(pgd_eps=0.5, pgd_steps=20, pgd_step_size=2.5 * 0.5 / 20, batch_size=50)
     hits = {"plain": [0, 0], "robust": [0, 0]}  # [seeds, PGD images] predicted as the target class
     for c in range(10):

@@ -1,1 +1,3 @@
-"""Evaluation: the metrics, FID/KID/IS and precision/recall, generation, the OOD suite, the gradient-masking report, and `rjem eval`. No Ray, no MLflow."""
+"""Evaluation: the metrics of `rjem eval` (a registry of metric objects, one threat model for the robustness ones),
+FID/KID/IS and precision/recall, the reference classifiers, generation, the OOD suite, the gradient-masking report.
+No Ray, no MLflow."""

@@ -57,7 +57,12 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
     """Fraction in [0, 1] of inputs whose arg-max logit equals the label."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}")
-    pred = predict_logits(model, x, batch_size).argmax(dim=1)
+    return accuracy_of_logits(predict_logits(model, x, batch_size), y)
+
+
+def accuracy_of_logits(logits: Tensor, y: Tensor) -> float:
+    """Fraction in [0, 1] of rows of ``logits`` ``[N, K]`` whose arg-max equals the label."""
+    pred = logits.argmax(dim=1)
     return (pred == y.to(pred.device)).double().mean().item()
 
 

@@ -27,12 +27,14 @@ Shifts:
 * a dataset name (``svhn``, ``cifar100``, ``cifar10``, ``mnist5k``) -- its test split through
   :func:`rjem_ray.core.data.load_split` (torchvision's own dataset classes for SVHN and CIFAR), converted to
   the in-distribution channels and side.
+
+:class:`OODDetection` is ``rjem eval``'s ``ood`` metric: the suite of ``eval.ood_shifts`` and its headline figure.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -41,6 +43,10 @@ import torch.nn.functional as F
 from ..config import OOD_SCORES as SCORE_NAMES
 from ..config import OOD_SHIFTS as SHIFT_NAMES
 from ..core.data import DATASETS, load_split, to_model_space
+from .metric_base import Metric, MetricResult
+
+if TYPE_CHECKING:
+    from .metric_base import EvalContext
 
 # eval.ood_shifts = [auto]: the suite of each dataset. Digits: noise, real photographs, a synthetic image and
 # a transformed copy of the digits; natural images: the usual SVHN / CIFAR-100 (CIFAR-10 for the others),
@@ -181,3 +187,25 @@ def ood_report(model, x_in: torch.Tensor, shifts: list[str], scores: list[str], 
         "num_in": len(x_in), "shifts": described,
     }
     return figures, protocol
+
+
+class OODDetection(Metric):
+    """``ood``: per shift of ``eval.ood_shifts`` (``eval.ood_samples`` images each) and per score of
+    ``eval.ood_scores``, the AUROC in [0, 1] of "a test image scores above a shifted one" (0.5: chance), as
+    ``ood`` ``{shift: {score: AUROC}}``; the headline ``ood_auroc`` is the worst shift under logsumexp.
+    Protocol (``protocol.ood_auroc``): the AUROC, the scores, each shift's images, the headline's shift."""
+
+    name = "ood"
+    protocol_key = "ood_auroc"
+    config_keys = ("eval.ood_shifts", "eval.ood_scores", "eval.ood_samples")
+
+    def run(self, ctx: EvalContext) -> MetricResult:
+        e, data = ctx.cfg.eval, ctx.cfg.data
+        shifts = shifts_for(data.name, e.ood_shifts)
+        ctx.progress(f"OOD AUROC against {', '.join(shifts)} ({', '.join(e.ood_scores)})")
+        figures, proto = ood_report(ctx.model, ctx.x, shifts, list(e.ood_scores), e.ood_samples,
+                                    torch.Generator().manual_seed(ctx.seed), data.data_dir, ctx.batch_size)
+        worst = min(shifts, key=lambda s: figures[s]["logsumexp"])
+        return MetricResult({"ood": figures, "ood_auroc": figures[worst]["logsumexp"]},
+                            {**proto, "in": f"{data.name} test split",
+                             "headline": f"ood_auroc = the worst shift under logsumexp ({worst})"})

@@ -83,7 +83,7 @@ def _columns(sweep: Sweep, rows: list[dict]) -> list[str]:
 def write_trials_csv(sweep: Sweep, rows: list[dict], path: Path) -> Path:
     """One row per trial: rank, status, the metric (inf for failed trials), the other figures, the
     parameters, the failure reason and the FID/KID protocol."""
-    from ..evaluation.evaluate import fid_extractor_for
+    from ..evaluation.generation_metrics import fid_extractor_for
 
     cols = _columns(sweep, rows)
     extra = {"fid_extractor": fid_extractor_for(sweep.cfg), "fid_samples": sweep.cfg.eval.fid_samples,
@@ -136,7 +136,7 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    from ..evaluation.evaluate import fid_extractor_for
+    from ..evaluation.generation_metrics import fid_extractor_for
 
     fig.suptitle(f"{sweep.name}: {metric} ({sweep.mode}imised); FID/KID: {fid_extractor_for(sweep.cfg)} features, "
                  f"{sweep.cfg.eval.fid_samples} samples vs {sweep.cfg.data.name} train\n"

@@ -13,7 +13,7 @@ from ..core.devices import default_device
 
 def feature_space(cfg: Config, train_imgs, train_labels) -> dict:
     """The sweep's FID/KID feature space: ``evaluate.fid_feature_space`` of the extractor ``rjem eval`` uses."""
-    from ..evaluation.evaluate import fid_extractor_for, fid_feature_space
+    from ..evaluation.generation_metrics import fid_extractor_for, fid_feature_space
 
     return fid_feature_space(cfg, fid_extractor_for(cfg), train_imgs, train_labels)
 
