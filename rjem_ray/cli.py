@@ -48,7 +48,8 @@ def model_store(args, config: str | None = None) -> tuple[str, str]:
     """The MLflow stores (tracking, registry) that a ``models:/`` or ``runs:/`` argument is looked up in:
     ``--set tracking.*`` > MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI > ``config``'s tracking section > the
     default, as for ``rjem train``; a checkpoint directory needs none (then nothing is read)."""
-    from .tracking import MODEL_URI_SCHEMES, store_uris
+    from .tracking.models import MODEL_URI_SCHEMES
+    from .tracking.stores import store_uris
 
     if not str(args.checkpoint).startswith(MODEL_URI_SCHEMES):
         return "", ""
@@ -89,7 +90,7 @@ def cmd_sample(args) -> int:
     from .method.checkpoint import verify_checkpoint
     from .core.devices import resolve_device
     from .method.prior import gmm_for_checkpoint
-    from .tracking import resolve_checkpoint
+    from .tracking.models import resolve_checkpoint
 
     args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args, args.config))
     verify_checkpoint(args.checkpoint)
@@ -137,7 +138,7 @@ def eval_artifact_dir(source: str, checkpoint_dir: str) -> Path:
     import re
 
     from .evaluation.evaluate import default_artifact_dir
-    from .tracking import MODEL_URI_SCHEMES
+    from .tracking.models import MODEL_URI_SCHEMES
 
     if str(source).startswith(MODEL_URI_SCHEMES):
         return Path.cwd() / "rjem-eval" / re.sub(r"[^A-Za-z0-9._@-]+", "_", str(source)).strip("_")
@@ -149,8 +150,9 @@ def eval_store(args, source: str, cfg, store: tuple[str, str]) -> dict | None:
 
     ``cfg``'s tracking section (the checkpoint's own, under MLflow's environment variables and ``--set``);
     without an explicit store (``--set tracking.tracking_uri`` or MLFLOW_TRACKING_URI) the store of the
-    training run when it is known (``tracking.training_run_of``), and the run nests under it there."""
-    from .tracking import store_uris, training_run_of
+    training run when it is known (``tracking.eval_runs.training_run_of``), and the run nests under it there."""
+    from .tracking.eval_runs import training_run_of
+    from .tracking.stores import store_uris
 
     t = cfg.tracking
     if not t.enabled:
@@ -171,7 +173,8 @@ def cmd_eval(args) -> int:
     from .config import Config, apply_overrides, with_tracking_env
     from .core.errors import first_line
     from .evaluation.evaluate import evaluate_checkpoint
-    from .tracking import drawn_files, log_evaluation, resolve_checkpoint
+    from .tracking.eval_runs import drawn_files, log_evaluation
+    from .tracking.models import resolve_checkpoint
     from .distributed.train_driver import merge_json
 
     source = args.checkpoint
@@ -216,7 +219,7 @@ def cmd_eval(args) -> int:
 
 def cmd_ui(args) -> int:
     from .config import ConfigError, load_config
-    from .tracking import is_server_uri, resolve_artifact_location, resolve_tracking_uri
+    from .tracking.stores import is_server_uri, resolve_artifact_location, resolve_tracking_uri
 
     cfg = load_config(args.config, args.set)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -235,8 +238,8 @@ def cmd_ui(args) -> int:
 
 def cmd_server(args) -> int:
     """``rjem server``: check the backend store, then run ``mlflow server`` (foreground, or ``--detach``)."""
-    from .tracking import (ARTIFACTS_ENV, BACKEND_ENV, check_database, is_database_uri, masked, resolve_tracking_uri,
-                           server_command, start_server, stop_server)
+    from .tracking.server import ARTIFACTS_ENV, BACKEND_ENV, server_command, start_server, stop_server
+    from .tracking.stores import check_database, is_database_uri, masked, resolve_tracking_uri
 
     backend = args.backend_store_uri or os.environ.get(BACKEND_ENV, "")
     artifacts = args.artifacts_destination or os.environ.get(ARTIFACTS_ENV, "")
@@ -271,8 +274,9 @@ def cmd_server(args) -> int:
 
 
 def cmd_migrate_store(args) -> int:
-    """``rjem migrate-store``: copy a sqlite store into the server's database (``tracking.migrate_store``)."""
-    from .tracking import ARTIFACTS_ENV, BACKEND_ENV, migrate_store
+    """``rjem migrate-store``: copy a sqlite store into the server's database (``tracking.migrate.migrate_store``)."""
+    from .tracking.migrate import migrate_store
+    from .tracking.server import ARTIFACTS_ENV, BACKEND_ENV
 
     target = args.to or os.environ.get(BACKEND_ENV, "")
     if not target:

@@ -17,8 +17,9 @@ from rjem_ray.config import load_config
 from rjem_ray.core.data import dataset_info, load_split
 from rjem_ray.method.models import build_model
 from rjem_ray.config import ConfigError
-from rjem_ray.tracking import (MODEL_NAME, Tracker, check_model_name, client_for, register_run_model,
-                               resolve_checkpoint)
+from rjem_ray.tracking.models import MODEL_NAME, check_model_name, register_run_model, resolve_checkpoint
+from rjem_ray.tracking.stores import client_for
+from rjem_ray.tracking.tracker import Tracker
 
 NAME = "rjem-test-model"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from rjem_ray.config import ConfigError, load_config
-from rjem_ray.tracking import Tracker, resolve_artifact_location, resolve_tracking_uri, store_uris
+from rjem_ray.tracking.stores import resolve_artifact_location, resolve_tracking_uri, store_uris
+from rjem_ray.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
@@ -64,7 +65,7 @@ def test_runs_that_log_one_dataset_at_once_share_it(tmp_path):
 def test_other_dataset_errors_are_not_retried(tmp_path):
     from mlflow.exceptions import MlflowException
 
-    import rjem_ray.tracking as tracking
+    from rjem_ray.tracking.tracker import DATASET_ATTEMPTS
 
     t = Tracker.create(f"sqlite:///{tmp_path}/mlflow.db", "errors", (tmp_path / "art").as_uri())
     calls = []
@@ -86,7 +87,7 @@ def test_other_dataset_errors_are_not_retried(tmp_path):
     t.client.log_inputs = always_racing
     with pytest.raises(MlflowException, match="UNIQUE"):
         t.log_dataset("digits", IMAGES, LABELS)
-    assert len(calls) == tracking.DATASET_ATTEMPTS
+    assert len(calls) == DATASET_ATTEMPTS
 
 
 @pytest.fixture
@@ -202,7 +203,7 @@ def mlflow_server(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from rjem_ray.tracking import Tracker
+from rjem_ray.tracking.tracker import Tracker
 
 uri, run_id, index, steps, go, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]), Path(sys.argv[6])
 tracker = Tracker(uri, run_id)

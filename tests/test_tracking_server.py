@@ -2,7 +2,7 @@
 
 The parts are real: PostgreSQL 16 (pgserver's self-contained build, from the ``[test]`` extra) on a Unix socket
 in a temporary directory, moto's S3 on 127.0.0.1 (``s3_server`` in conftest.py), and ``mlflow server`` started
-by the code of ``rjem server`` (``tracking.start_server``). Only the server holds the S3 credentials: the
+by the code of ``rjem server`` (``tracking.server.start_server``). Only the server holds the S3 credentials: the
 sweeps' processes upload their artifacts through it (proxied artifacts).
 
 Slow: a train sweep of 4 trials whose server is killed (SIGKILL) and restarted mid-sweep; a sweep whose head
@@ -28,7 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from rjem_ray import tracking
+from rjem_ray.tracking.models import register_run_model, resolve_checkpoint
+from rjem_ray.tracking.server import ARTIFACTS_ENV, BACKEND_ENV, start_server, stop_server
+from rjem_ray.tracking.stores import StoreError, check_database, client_for
+from rjem_ray.tracking.tracker import Tracker
 from rjem_ray.tune import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,11 +113,11 @@ class Server:
         self.proc = None
 
     def start(self) -> None:
-        self.proc = tracking.start_server(self.db, self.destination, port=self.port, log=self.log, env=self.env)
+        self.proc = start_server(self.db, self.destination, port=self.port, log=self.log, env=self.env)
 
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc is not None:
-            tracking.stop_server(self.proc.pid, sig)
+            stop_server(self.proc.pid, sig)
             self.proc.wait(timeout=30)
             self.proc = None
 
@@ -152,12 +155,12 @@ def test_a_wrong_or_unreachable_database_is_one_line_with_the_password_masked(po
     from rjem_ray.cli import main
 
     good = postgres("checked")
-    tracking.check_database(good)  # a real server accepts it
+    check_database(good)  # a real server accepts it
     closed = f"postgresql+psycopg://mlflow:{PASSWORD}@127.0.0.1:{_free_port()}/mlflow"
     wrong = good.replace("/checked?", "/no_such_db?")
     for uri, why in ((closed, "Connection refused"), (wrong, 'database "no_such_db" does not exist')):
-        with pytest.raises(tracking.StoreError) as err:
-            tracking.check_database(uri)
+        with pytest.raises(StoreError) as err:
+            check_database(uri)
         msg = str(err.value)
         assert "\n" not in msg and PASSWORD not in msg and why in msg, msg
         assert msg.startswith(f"the MLflow backend store {uri.replace(PASSWORD, '***')} cannot be reached")
@@ -171,8 +174,8 @@ def test_a_wrong_or_unreachable_database_is_one_line_with_the_password_masked(po
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rjem server: error: the MLflow backend store ") and PASSWORD not in err
     assert not pid.exists() and not log.exists()
-    with pytest.raises(tracking.StoreError, match=r"write postgresql:// .*not postgres://"):
-        tracking.check_database("postgres://u:p@127.0.0.1/db")
+    with pytest.raises(StoreError, match=r"write postgresql:// .*not postgres://"):
+        check_database("postgres://u:p@127.0.0.1/db")
 
     # `rjem tune` with the store in a database it cannot reach: one line before Ray starts, nothing logged elsewhere.
     import ray
@@ -194,8 +197,8 @@ def test_a_wrong_or_unreachable_database_is_one_line_with_the_password_masked(po
 def test_rjem_server_without_a_database_says_the_runs_will_not_outlive_the_machine(tmp_path, capsys, monkeypatch):
     from rjem_ray.cli import main
 
-    monkeypatch.delenv(tracking.BACKEND_ENV, raising=False)
-    monkeypatch.delenv(tracking.ARTIFACTS_ENV, raising=False)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.delenv(ARTIFACTS_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     ran = []
 
@@ -209,20 +212,20 @@ def test_rjem_server_without_a_database_says_the_runs_will_not_outlive_the_machi
     out = capsys.readouterr().out
     assert "runs are kept in sqlite:///" in out and "will not outlive it (`ray down` deletes them)" in out
     argv, env = ran[0]
-    assert argv[1] == "server" and env[tracking.BACKEND_ENV] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert argv[1] == "server" and env[BACKEND_ENV] == f"sqlite:///{tmp_path}/mlflow.db"
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
 
     # With the database and object store in MLflow's own variables: no warning, and those are what it runs on,
     # passed in its environment (argv is public: `ps` shows it to every user).
     db = f"postgresql+psycopg://mlflow:{PASSWORD}@db.internal:5432/mlflow"
-    monkeypatch.setenv(tracking.BACKEND_ENV, db)
-    monkeypatch.setenv(tracking.ARTIFACTS_ENV, "s3://bucket/mlflow")
-    monkeypatch.setattr(tracking, "check_database", lambda uri: None)  # no database at that address here
+    monkeypatch.setenv(BACKEND_ENV, db)
+    monkeypatch.setenv(ARTIFACTS_ENV, "s3://bucket/mlflow")
+    monkeypatch.setattr("rjem_ray.tracking.stores.check_database", lambda uri: None)  # no database at that address here
     with pytest.raises(SystemExit):
         main(["server"])
     assert "WARNING" not in capsys.readouterr().out
     argv, env = ran[1]
-    assert env[tracking.BACKEND_ENV] == db and env[tracking.ARTIFACTS_ENV] == "s3://bucket/mlflow"
+    assert env[BACKEND_ENV] == db and env[ARTIFACTS_ENV] == "s3://bucket/mlflow"
     assert not any(PASSWORD in a for a in argv)
     assert "--default-artifact-root" not in argv and "--no-serve-artifacts" not in argv  # proxied artifacts
 
@@ -315,7 +318,7 @@ def test_a_sweep_logs_through_a_server_killed_and_restarted_mid_sweep(server, bu
 
     from rjem_ray.method.checkpoint import load_model
 
-    ckpt = tracking.resolve_checkpoint("models:/server-best/1", server.uri, dst=tmp_path / "model")
+    ckpt = resolve_checkpoint("models:/server-best/1", server.uri, dst=tmp_path / "model")
     best = outcome.out_dir / "trials" / rows[0]["trial_id"] / "checkpoint"
     x = torch.rand(2, 1, 28, 28) * 2 - 1
     assert torch.equal(load_model(ckpt)[0](x), load_model(best)[0](x))
@@ -449,10 +452,10 @@ def sqlite_store(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     location = (tmp_path / "mlartifacts").as_uri()
-    parent = tracking.Tracker.create(uri, "old-sweep", location, run_name="sweep", tags={"rjem.sweep": "true"})
+    parent = Tracker.create(uri, "old-sweep", location, run_name="sweep", tags={"rjem.sweep": "true"})
     children = []
     for i in range(2):
-        child = tracking.Tracker.create(uri, "old-sweep", location, run_name=f"trial-{i}", parent_run_id=parent.run_id,
+        child = Tracker.create(uri, "old-sweep", location, run_name=f"trial-{i}", parent_run_id=parent.run_id,
                                         tags={"rjem.trial_id": f"t{i}"})
         child.log_params({"optim": {"lr": 0.001 * (i + 1)}})
         for step in (1, 2, 3):
@@ -464,7 +467,7 @@ def sqlite_store(tmp_path):
     cfg = load_config(REPO / "tune_configs" / "smoke.yaml")
     ckpt = save_checkpoint(tmp_path / "ckpt", {"model": build_model(cfg.model, dataset_info(cfg.data.name)).state_dict(),
                                                "config": cfg.to_dict(), "step": 6})
-    tracking.register_run_model(tracking.client_for(uri), children[1], "old-best", ckpt)
+    register_run_model(client_for(uri), children[1], "old-best", ckpt)
     parent.finish()
     return uri, parent.run_id, children, ckpt
 
@@ -491,13 +494,13 @@ def test_migrate_store_copies_a_sqlite_store_into_postgres_and_its_artifacts_int
     port, pid_file = _free_port(), tmp_path / "server.pid"
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv(tracking.BACKEND_ENV, db)
-    monkeypatch.setenv(tracking.ARTIFACTS_ENV, f"s3://{BUCKET}/migrated")
+    monkeypatch.setenv(BACKEND_ENV, db)
+    monkeypatch.setenv(ARTIFACTS_ENV, f"s3://{BUCKET}/migrated")
     assert main(["server", "--detach", "--port", str(port), "--pid-file", str(pid_file),
                  "--log", str(tmp_path / "server.log")]) == 0
     printed = capsys.readouterr().out
     assert f"MLflow server on http://127.0.0.1:{port}" in printed and PASSWORD not in printed
-    for k in [*s3_server, tracking.BACKEND_ENV, tracking.ARTIFACTS_ENV]:
+    for k in [*s3_server, BACKEND_ENV, ARTIFACTS_ENV]:
         monkeypatch.delenv(k)
     srv_uri = f"http://127.0.0.1:{port}"
     try:
@@ -520,14 +523,14 @@ def test_migrate_store_copies_a_sqlite_store_into_postgres_and_its_artifacts_int
                    for k in _keys(bucket, "migrated/"))
         (version,) = new.search_model_versions("name = 'old-best'")
         assert version.run_id == children[1] and version.version == "1"
-        served = tracking.resolve_checkpoint("models:/old-best/1", srv_uri, dst=tmp_path / "served")
+        served = resolve_checkpoint("models:/old-best/1", srv_uri, dst=tmp_path / "served")
         x = torch.rand(2, 1, 28, 28) * 2 - 1
         assert torch.equal(load_model(served)[0](x), load_model(ckpt)[0](x))
         # New experiments continue after the copied ids.
-        fresh = tracking.Tracker.create(srv_uri, "after-migration", None)
+        fresh = Tracker.create(srv_uri, "after-migration", None)
         assert int(new.get_run(fresh.run_id).info.experiment_id) > int(exp.experiment_id)
     finally:
-        tracking.stop_server(int(pid_file.read_text()))
+        stop_server(int(pid_file.read_text()))
     # A database that already holds runs is refused, in one line.
     assert main(["migrate-store", uri, "--to", db]) == 2
     err = capsys.readouterr().err

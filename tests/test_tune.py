@@ -140,7 +140,7 @@ def test_sample_sweep_tracks_trials_and_its_best_yaml_drives_rjem_sample(checkpo
 
     # The sweep's FID is the one `rjem eval` reports for best.yaml's knobs (same protocol, same seed).
     from rjem_ray.evaluation.evaluate import evaluate_checkpoint
-    from rjem_ray.tracking import flatten
+    from rjem_ray.tracking.tracker import flatten
 
     sets = [f"generate.{k}={v}" for k, v in flatten(tuned.to_dict()["generate"]).items()]
     sets += [f"eval.fid_samples={tuned.eval.fid_samples}", f"eval.fid_extractor={tuned.eval.fid_extractor}",
@@ -222,7 +222,7 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
     import torch
 
     from rjem_ray.method.checkpoint import load_model
-    from rjem_ray.tracking import resolve_checkpoint
+    from rjem_ray.tracking.models import resolve_checkpoint
 
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     registered = load_model(resolve_checkpoint("models:/smoke-best/1", f"sqlite:///{tmp_path}/mlflow.db"))[0]

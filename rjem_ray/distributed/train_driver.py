@@ -30,7 +30,7 @@ from ..config import Config, ConfigError, dump_config
 from ..core.data import load_split
 from ..method.gmm import ClassConditionalGMM
 from ..method.prior import gmm_for_checkpoint, load_train_gmm
-from ..tracking import RUN_FILE
+from ..tracking.tracker import RUN_FILE
 from ..method.learner import DivergenceError
 
 
@@ -142,7 +142,7 @@ def _submission_id() -> str:
 def _run_tags(cfg: Config) -> dict[str, str]:
     import ray
 
-    from ..tracking import git_commit
+    from ..tracking.tracker import git_commit
 
     res = ray.cluster_resources()
     return {
@@ -229,7 +229,7 @@ def _close_stale_run(out: Path, tracker) -> None:
     except ValueError:
         prev = {}
     if prev.get("run_id") and prev.get("tracking_uri") == tracker.tracking_uri and prev["run_id"] != tracker.run_id:
-        from ..tracking import Tracker
+        from ..tracking.tracker import Tracker
 
         old = Tracker(tracker.tracking_uri, prev["run_id"])
         try:
@@ -258,7 +258,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     from ray.train.torch import TorchTrainer
 
     from .ray_setup import cluster_has_gpus, ensure_ray, scaling_config, train_logging_config
-    from ..tracking import Tracker, store_uris, tracker_for
+    from ..tracking.stores import store_uris
+    from ..tracking.tracker import Tracker, tracker_for
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
-        from ..tracking import Tracker
+        from ..tracking.tracker import Tracker
 
         tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"])
         if resumed_from:

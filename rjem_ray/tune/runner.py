@@ -82,7 +82,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
         raise ConfigError(f"--out {out} already holds a sweep; pass --resume to continue it, "
                           "or choose another --out")
     if sweep.cfg.tracking.enabled:  # an unreachable store fails now, in one line, before Ray starts
-        from ..tracking import check_store, resolve_tracking_uri
+        from ..tracking.stores import check_store, resolve_tracking_uri
 
         check_store(resolve_tracking_uri(sweep.cfg.tracking.tracking_uri))
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def _saved_sweep(out: Path, exp_path) -> tuple[dict | None, dict]:
 
 def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: bool = False) -> SweepOutcome:
     """Rank the trials, write ``trials.csv``, ``summary.png`` and ``best.yaml``, and close the MLflow runs."""
-    from ..tracking import Tracker
+    from ..tracking.tracker import Tracker
 
     rows, interrupted = rank_trials(sweep, out, results)
     finished = [r for r in rows if r["status"] in ("finished", "stopped")]
@@ -228,7 +228,8 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
         if not interrupted:
             parent.finish("FINISHED" if best is not None else "FAILED")
         if best is not None and sweep.settings.register_as:  # the best trial's model: models:/NAME/VERSION
-            from ..tracking import client_for, register_run_model, store_uris
+            from ..tracking.models import register_run_model
+            from ..tracking.stores import client_for, store_uris
             from ..core import storage
             from ..distributed.train_driver import latest_checkpoint_path
             from .trials import trial_storage
@@ -245,7 +246,7 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
     if best is not None:
         progress(f"[rjem] best trial {best['trial_id']}: {sweep.metric} {best[sweep.metric]:.4g}; config {best_path}")
     if parent:
-        from ..tracking import is_server_uri
+        from ..tracking.stores import is_server_uri
 
         browse = f"open {parent.tracking_uri}" if is_server_uri(parent.tracking_uri) else "browse with `rjem ui`"
         progress(f"[rjem] MLflow parent run {parent.run_id}; {browse}")

@@ -207,7 +207,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if settings.trial_cpus < 0 or (settings.trial_gpus or 0) < 0 or settings.max_failures < 0:
         raise ConfigError("tune.trial_cpus, tune.trial_gpus and tune.max_failures must be >= 0")
     if settings.register_as is not None:
-        from ..tracking import check_model_name
+        from ..tracking.models import check_model_name
 
         check_model_name(settings.register_as, "tune.register_as",
                          "scope sample trains no model" if scope == "sample" else None, cfg.tracking.enabled)

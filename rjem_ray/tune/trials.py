@@ -112,7 +112,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     """
     from ray import tune
 
-    from ..tracking import RUN_FILE
+    from ..tracking.tracker import RUN_FILE
     from ..distributed.train_driver import RUN_NAME, latest_checkpoint_path, run_training
 
     stored = latest_checkpoint_path(trial_storage(cfg, trial_dir))
@@ -149,7 +149,7 @@ def backfill_evaluations(tracking_uri: str, run_id: str, upto: int) -> list[tupl
     and the run lacks. The sweep's names are logged by the driver from Tune's results: a head lost between an
     evaluation and its driver's logging of it would leave holes in the objective's history, and the resumed
     trial evaluates only the steps after ``upto``. Returns the (name, step) pairs it logged."""
-    from ..tracking import Tracker
+    from ..tracking.tracker import Tracker
     from .sweep import FIGURES
 
     tracker = Tracker(tracking_uri, run_id)
