@@ -83,7 +83,6 @@ def cmd_sample(args) -> int:
     import torch
 
     from .method.checkpoint import load_model
-    from .config import Config, apply_overrides
     from .core.data import to_uint8
     from .evaluation.generate import generate
     from .core.images import save_grid
@@ -98,17 +97,16 @@ def cmd_sample(args) -> int:
     check_writable(out, "--out", directory=out.suffix.lower() != ".png")
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, map_location=device)
-    data = cfg.to_dict()
     if args.config:  # e.g. a sweep's best.yaml: its generate section replaces the checkpoint's
         from .config import load_config
 
-        data["generate"] = load_config(args.config).to_dict()["generate"]
-    mode = args.mode or (data["generate"]["mode"] if args.config else "combined")
+        cfg = cfg.replace(generate=load_config(args.config).to_dict()["generate"])
+    mode = args.mode or (cfg.generate.mode if args.config else "combined")
     overrides = list(args.set or [])
     overrides.append(f"generate.mode={mode}")
     if args.n is not None:
         overrides.append(f"generate.n={args.n}")
-    cfg = Config.from_dict(apply_overrides(data, overrides))
+    cfg = cfg.override(overrides)
     gmm = gmm_for_checkpoint(cfg, args.checkpoint)
     if args.class_ is not None and not 0 <= args.class_ < gmm.num_classes:
         raise ValueError(f"--class {args.class_} is out of range; allowed 0..{gmm.num_classes - 1}")
@@ -170,7 +168,7 @@ def eval_store(args, source: str, cfg, store: tuple[str, str]) -> dict | None:
 
 def cmd_eval(args) -> int:
     from .method.checkpoint import config_from_state, verify_checkpoint
-    from .config import Config, apply_overrides, with_tracking_env
+    from .config import load_config
     from .core.errors import first_line
     from .evaluation.evaluate import evaluate_checkpoint
     from .tracking.eval_runs import drawn_files, log_evaluation
@@ -185,7 +183,7 @@ def cmd_eval(args) -> int:
         check_writable(Path(args.json), "--json", directory=False)
     # the effective config: the checkpoint's, MLflow's variables, then --set (evaluate_checkpoint applies the same
     # --set to the model's config)
-    cfg = Config.from_dict(apply_overrides(with_tracking_env(config_from_state(state).to_dict()), args.set))
+    cfg = load_config(config_from_state(state), args.set)
     tracking = eval_store(args, source, cfg, store)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     result = evaluate_checkpoint(args.checkpoint, metrics, args.set, progress=_progress("eval"), device=args.device,

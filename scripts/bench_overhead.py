@@ -75,7 +75,7 @@ def timed_loop(learner, report, steps: int) -> list[float]:
         return step()
 
     learner.step = clocked_step
-    learner.cfg.train.steps = learner.step_count + steps
+    learner.cfg = learner.cfg.replace({"train.steps": learner.step_count + steps})
     try:
         run_loop(learner, report, log=lambda msg: None)
     finally:
@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = -(-args.warmup // period) * period
     args.block = max(1, -(-args.block // period)) * period
     args.steps = max(1, -(-args.steps // args.block)) * args.block
-    cfg.cache_dir = str(Path(cfg.cache_dir).resolve())
     cfg_dict = cfg.to_dict()
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     build_learner(cfg_dict)  # fit/cache the GMM once, outside every timing

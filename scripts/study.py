@@ -54,7 +54,7 @@ def train_and_evaluate(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from rjem_ray.method.checkpoint import save_checkpoint
-    from rjem_ray.config import Config, apply_overrides, load_config
+    from rjem_ray.config import load_config
     from rjem_ray.core.data import load_split
     from rjem_ray.evaluation.evaluate import evaluate_model
     from rjem_ray.method.prior import load_train_gmm
@@ -101,7 +101,7 @@ def train_and_evaluate(job: dict) -> dict:
     grids = out / "grids"
     grids.mkdir(parents=True, exist_ok=True)
     for gen_mode in job["gen_modes"]:
-        gcfg = Config.from_dict(apply_overrides(cfg.to_dict(), [f"generate.mode={gen_mode}"]))
+        gcfg = cfg.override([f"generate.mode={gen_mode}"])
         result["generation"][gen_mode] = evaluate_model(model, gcfg, ["fid", "is"], gmm=gmm, seed=job["eval_seed"])
         x, _ = generate(model, gmm, gcfg.generate, n=80, generator=torch.Generator().manual_seed(1))
         save_image((x + 1) / 2, grids / f"{job['name']}-{gen_mode}.png", nrow=10)

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,85 @@ def test_related_work_keys_name_the_key_and_what_is_allowed(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("tune_configs/smoke.yaml", [override])
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_is_frozen_and_every_change_is_a_new_validated_config():
+    cfg = load_config("tune_configs/smoke.yaml")
+    steps = cfg.train.steps
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 3
+    new = cfg.override(["train.steps=3", "generate.sampler.steps=2"])  # --set syntax
+    assert (new.train.steps, new.generate.sampler.steps, cfg.train.steps) == (3, 2, steps)
+    same = cfg.replace({"train.steps": 3, "generate.sampler.steps": 2})  # Python values
+    assert same == new and cfg.replace(name="best").name == "best"
+    assert cfg.replace(generate={"mode": "pgd"}).generate.mode == "pgd"  # a mapping replaces the section
+    with pytest.raises(ConfigError, match="attack.eps: -0.1 is out of range; it must be >= 0"):
+        cfg.replace({"attack.eps": -0.1})
+    with pytest.raises(ConfigError, match="unknown key train.stepz"):
+        cfg.override(["train.stepz=1"])
+    with pytest.raises(ConfigError, match="train.steps.x: steps is a value, not a section"):
+        cfg.replace({"train.steps.x": 1})
+
+
+def test_switches_take_yaml_booleans_as_their_strings_at_load():
+    cfg = load_config(None, ["buffer.shared=true", "train.channels_last=false", "train.compile=auto"])
+    assert (cfg.buffer.shared, cfg.train.channels_last, cfg.train.compile) == ("true", "false", "auto")
+    assert cfg.buffer.is_shared(1) and not load_config(None, ["buffer.shared=false"]).buffer.is_shared(4)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cache_and_data_dirs_are_absolute_from_load_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.data_dir=data"])
+    assert (cfg.cache_dir, cfg.data.data_dir) == (str(tmp_path / ".rjem_cache"), str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path.parent)  # a worker or a trial elsewhere: the same directories
+    assert Config.from_dict(cfg.to_dict()) == cfg and cfg.override(["name=x"]).cache_dir == cfg.cache_dir
+    assert load_config(None, ["data.data_dir=/abs/d"]).data.data_dir == "/abs/d"
+    assert load_config(None).data.data_dir is None
+    assert load_config(None, ["trainer.storage_path=rel/dir"]).trainer.storage_path == "rel/dir"  # may be a URI
+
+
+def test_load_config_of_a_config_applies_mlflows_variables_then_the_overrides(monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    base = Config.from_dict({})
+    cfg = load_config(base, ["train.steps=5"])
+    assert (cfg.tracking.experiment, cfg.train.steps, base.tracking.experiment) == ("from-env", 5, "rjem")
+    assert load_config(base, ["tracking.experiment=from-set"]).tracking.experiment == "from-set"
+
+
+def test_each_list_of_allowed_names_has_one_home():
+    """The config checks names against the tuples of the modules that use them, not copies."""
+    from rjem_ray.config.sections import DataConfig, EvalConfig, ModelConfig, TrainConfig
+    from rjem_ray.core.data import DATASETS
+    from rjem_ray.method import attacks, gradreg, models
+    from rjem_ray.robustness import autoattack, minnorm
+
+    def choices(cls, name):
+        return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
+
+    assert choices(DataConfig, "name") == tuple(DATASETS)
+    assert choices(ModelConfig, "norm") is models.NORMS
+    assert choices(TrainConfig, "gradreg_norm") is gradreg.NORMS is attacks.NORMS
+    assert attacks.NORMS == tuple(attacks.STEPS)
+    assert choices(EvalConfig, "min_norm_runs") is minnorm.RUNS
+    assert choices(EvalConfig, "autoattack_attacks") is autoattack.ATTACKS
+    assert minnorm.RUNS == tuple(f"{a}-{n}" for a, ns in minnorm.ATTACKS.items() for n in ns)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.stem_stride=3", "model.stem_stride: 3 is not allowed; choose one of 1, 2"),
+    ("optim.momentum=1.5", "optim.momentum: 1.5 is out of range; it must be in [0.0, 1.0]"),
+    ("optim.milestones=[0.5, 2]", "optim.milestones: 2.0 is out of range; it must be in [0.0, 1.0]"),
+    ("model.dropout=1", "model.dropout: 1.0 is out of range; it must be in [0.0, 0.99]"),
+    ("trainer.accelerator_type=' '", "trainer.accelerator_type: empty; name a GPU type"),
+    ("eval.autoattack_attacks=[apgd-ce, apgd-ce]", "eval.autoattack_attacks: ['apgd-ce', 'apgd-ce'] repeats an attack"),
+    ("eval.masking_eps_factors=[]", "eval.masking_eps_factors: empty; list one or more factors > 0 of eval.robust_eps"),
+    ("eval.certify_radii=[]", "eval.certify_radii: empty; list one or more radii >= 0 ([-1, 1] units)"),
+    ("eval.ood_shifts=[]", "eval.ood_shifts: empty; list auto or one or more of uniform, gaussian"),
+    ("buffer.size=8", "buffer.size: 8 must be at least train.batch_size"),
+    ("trainer.max_failures=-2", "trainer.max_failures: -2 is out of range; it must be >= -1"),
+])
+def test_field_constraints_and_cross_field_rules_keep_their_messages(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.batch_size=16", override])
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rjem_ray.config import Config, ConfigError
-from rjem_ray.tune.search_space import (Param, apply_params, base_point, leaf_type, num_trials, param_space,
-                                   parse_search)
+from rjem_ray.config import Config, ConfigError, apply_values
+from rjem_ray.tune.search_space import Param, base_point, leaf_type, num_trials, param_space, parse_search
 
 BASE = Config().to_dict()
 
@@ -45,15 +44,15 @@ def test_grid_becomes_grid_search_and_counts_trials():
     assert num_trials(params, num_samples=2) == 2 * 3 * 2
 
 
-def test_apply_params_sets_nested_keys_and_leaves_the_base_alone():
-    out = apply_params(BASE, {"generate.sampler.steps": 7, "optim.lr": 0.5})
+def test_apply_values_sets_nested_keys_and_leaves_the_base_alone():
+    out = apply_values(BASE, {"generate.sampler.steps": 7, "optim.lr": 0.5})
     assert out["generate"]["sampler"]["steps"] == 7 and out["optim"]["lr"] == 0.5
     assert BASE["generate"]["sampler"]["steps"] != 7 and BASE["optim"]["lr"] != 0.5
     assert Config.from_dict(out).generate.sampler.steps == 7
 
 
 def test_base_point_is_the_base_values_of_the_searched_keys_inside_their_domains():
-    base = apply_params(BASE, {"generate.contrast": 0.6, "generate.sampler.steps": 4, "generate.mode": "energy"})
+    base = apply_values(BASE, {"generate.contrast": 0.6, "generate.sampler.steps": 4, "generate.mode": "energy"})
     params = parse_search({
         "generate.contrast": {"uniform": [0.5, 0.9]},
         "generate.sampler.steps": {"randint": [2, 4]},  # 4: the inclusive upper end is inside
@@ -64,7 +63,7 @@ def test_base_point_is_the_base_values_of_the_searched_keys_inside_their_domains
                                ("generate.sampler.steps", 5, "randint(2, 4)"),
                                ("generate.mode", "pgd", "choice(energy, combined)")):
         with pytest.raises(ConfigError) as err:
-            base_point(params, apply_params(base, {key: value}))
+            base_point(params, apply_values(base, {key: value}))
         assert f"search.{key}: the base config's value {value!r} is outside {domain}" in str(err.value)
     assert not Param("k", "uniform", (0.0, 1.0)).contains(True)  # a bool is not a number here
 

@@ -278,9 +278,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     gmm = None
     if cfg.uses_energy:
         gmm = load_train_gmm(cfg, images, labels)  # cached: workers read the file instead of refitting
-    cfg.cache_dir = str(Path(cfg.cache_dir).resolve())  # workers run in another working directory
-    if cfg.data.data_dir:
-        cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())
 
     ensure_ray(min_cpus=cfg.trainer.num_workers * cfg.trainer.cpus_per_worker)
     use_gpu = cluster_has_gpus() if cfg.trainer.use_gpu is None else cfg.trainer.use_gpu

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttackStep", "LinfStep", "L2Step", "STEPS", "pgd", "pgd_start", "pgd_objective"]
+__all__ = ["AttackStep", "LinfStep", "L2Step", "STEPS", "NORMS", "pgd", "pgd_start", "pgd_objective"]
 
 _NORM_FLOOR = 1e-12  # keeps zero gradients and zero perturbations from dividing by zero
 
@@ -110,6 +110,7 @@ class L2Step(AttackStep):
 
 
 STEPS: dict[str, type[AttackStep]] = {"linf": LinfStep, "l2": L2Step}
+NORMS = tuple(STEPS)  # the attack norms (attack.norm, generate.pgd_norm and train.gradreg_norm take one)
 
 
 def _check_nonneg(name: str, value: float) -> None:

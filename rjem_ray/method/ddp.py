@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # config.py imports GRAD_COMPRESSIONS: keep the config import free of torch
+if TYPE_CHECKING:  # the config imports GRAD_COMPRESSIONS: importing it needs no torch
     import torch
     from torch import nn
 

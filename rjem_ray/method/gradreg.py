@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "loss_gradient", "steepest_direction", "finite_difference_norm", "gradreg_penalty"]
+from .attacks import NORMS  # the attack norm defended against; the penalised gradient norm is its dual
 
-NORMS = ("linf", "l2")  # the attack norm defended against; the penalised gradient norm is its dual
+__all__ = ["NORMS", "loss_gradient", "steepest_direction", "finite_difference_norm", "gradreg_penalty"]
 
 
 def loss_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

@@ -34,15 +34,13 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..config import AUTOATTACK_ATTACKS, AUTOATTACK_STANDARD, AUTOATTACK_VERSIONS
-
 __all__ = ["ATTACKS", "STANDARD_ATTACKS", "VERSIONS", "LIBRARY", "UnitIntervalModel", "to_unit_interval",
            "autoattack_accuracy", "autoattack_robust", "fab_min_norm"]
 
 LIBRARY = "pyautoattack"
-ATTACKS = AUTOATTACK_ATTACKS  # every attack name the library's AutoAttack accepts
-STANDARD_ATTACKS = AUTOATTACK_STANDARD  # the standard version, in the library's order
-VERSIONS = AUTOATTACK_VERSIONS
+ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")  # every name the library's AutoAttack accepts
+STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # the standard version, in the library's order
+VERSIONS = ("standard", "custom")  # eval.autoattack_version: custom = the sub-list eval.autoattack_attacks
 _LIBRARY_NORMS = {"linf": "Linf", "l2": "L2"}
 _LOGGER = "auto-attack"  # the library logs its checks (warnings) and progress (debug) here
 

@@ -52,13 +52,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ATTACKS", "NORMS", "LOGBARRIER_NORMS", "PROX_NORMS", "SCALE_TO_01", "MU_DEFAULT", "margin", "distance",
-           "prox", "min_norm_attack", "robust_curve"]
+__all__ = ["ATTACKS", "RUNS", "NORMS", "LOGBARRIER_NORMS", "PROX_NORMS", "SCALE_TO_01", "MU_DEFAULT", "margin",
+           "distance", "prox", "min_norm_attack", "robust_curve"]
 
 LOGBARRIER_NORMS = ("l2", "linf")
 PROX_NORMS = ("l0", "l1", "l2", "linf")
 NORMS = PROX_NORMS
 ATTACKS = {"logbarrier": LOGBARRIER_NORMS, "proxlogbarrier": PROX_NORMS}
+# Every run as ATTACK-NORM (eval.min_norm_runs takes a list of these), in the order ATTACKS lists them.
+RUNS = tuple(f"{attack}-{norm}" for attack, norms in ATTACKS.items() for norm in norms)
 # A distance in [-1, 1] units times this factor is the distance on the [0, 1] pixel scale (u = (x + 1)/2).
 SCALE_TO_01 = {"l0": 1.0, "l1": 0.5, "l2": 0.5, "linf": 0.5}
 GROW = 1.2  # step-length growth after an accepted step

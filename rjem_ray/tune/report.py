@@ -10,8 +10,7 @@ import csv
 import math
 from pathlib import Path
 
-from ..config import Config, dump_config
-from .search_space import apply_params
+from ..config import dump_config
 from .sweep import FIGURES, Sweep, plain
 
 
@@ -149,8 +148,7 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> Path | None:
 
 def write_best_config(sweep: Sweep, best: dict, path: Path) -> Path:
     """A complete experiment config with the best trial's values (``rjem train`` / ``rjem sample --config``)."""
-    cfg = Config.from_dict(apply_params(sweep.cfg.to_dict(), {p.key: best[p.key] for p in sweep.params}))
-    cfg.name = f"{sweep.name}-best"
+    cfg = sweep.cfg.replace({p.key: best[p.key] for p in sweep.params}, name=f"{sweep.name}-best")
     dump_config(cfg, path)
     values = ", ".join(f"{p.key}={best[p.key]}" for p in sweep.params)
     if sweep.scope == "sample":

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError
-from .search_space import apply_params, param_space
+from ..config import ConfigError
+from .search_space import param_space
 from .report import plot_summary, print_ranking, rank_trials, write_best_config, write_trials_csv
 from .runs import activate, child_runs, parent_run, sweep_runs, tracking_info
 from .scoring import prepare
@@ -87,10 +87,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
         check_store(resolve_tracking_uri(sweep.cfg.tracking.tracking_uri))
     out.mkdir(parents=True, exist_ok=True)
 
-    cfg = sweep.cfg
-    cfg.cache_dir = str(Path(cfg.cache_dir).resolve())  # trials run in other working directories
-    if cfg.data.data_dir:
-        cfg.data.data_dir = str(Path(cfg.data.data_dir).resolve())
+    cfg = sweep.cfg  # cache_dir and data.data_dir are absolute (load): trials run in other working directories
     st = sweep.settings
     workers = cfg.trainer.num_workers * cfg.trainer.cpus_per_worker if sweep.scope == "train" else 0
     trial_need = st.trial_cpus + workers
@@ -266,7 +263,7 @@ def _grid_for_stopped(sweep: Sweep, out: Path, row: dict, child, use_gpu: bool) 
     try:
         ckpt = latest_checkpoint(trial_storage(sweep.cfg, trial_dir))
         if ckpt is not None and not grid.exists():
-            cfg = Config.from_dict(apply_params(sweep.cfg.to_dict(), {p.key: row[p.key] for p in sweep.params}))
+            cfg = sweep.cfg.replace({p.key: row[p.key] for p in sweep.params})
             task = ray.remote(sample_grid).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
             ray.get(task.remote(ckpt.path, cfg, grid, sweep.settings.seed))
             child.set_tags({"rjem.checkpoint": ckpt.path})

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
-from .search_space import apply_params
 from .sweep import FIGURES, Sweep, trial_params
 
 
@@ -168,7 +167,7 @@ def _sweep_runs_class():
                 run_id = self.runs[trial.trial_id] = child.run_id
                 self._drop_copies(trial.trial_id, run_id)
                 try:
-                    params = Config.from_dict(apply_params(i["cfg"], trial_params(trial.config))).to_dict()
+                    params = Config.from_dict(i["cfg"]).replace(trial_params(trial.config)).to_dict()
                 except ConfigError:  # the trial will fail on it and report why
                     params = trial_params(trial.config)
                 child.log_params(params)

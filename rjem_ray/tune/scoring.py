@@ -71,10 +71,10 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
            "eps_unit": "model input space [-1, 1]", "steps": e.robust_steps,
            "step_size": e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps, "restarts": e.robust_restarts,
            "num_samples": min(e.robust_max_samples, len(test_imgs)), "split": f"{cfg.data.name} test"}
-    from ..config import AUTOATTACK_STANDARD
+    from ..robustness.autoattack import STANDARD_ATTACKS
 
     aa = {"attack": "AutoAttack (pyautoattack, the fra31/auto-attack code)", "version": e.autoattack_version,
-          "attacks": list(AUTOATTACK_STANDARD) if e.autoattack_version == "standard" else e.autoattack_attacks,
+          "attacks": list(STANDARD_ATTACKS) if e.autoattack_version == "standard" else e.autoattack_attacks,
           "norm": "linf", "eps": e.robust_eps, "eps_unit": "model input space [-1, 1]",
           "eps_01_scale": e.robust_eps / 2, "num_samples": min(e.autoattack_max_samples, len(test_imgs)),
           "split": f"{cfg.data.name} test"}

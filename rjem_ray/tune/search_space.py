@@ -21,14 +21,13 @@ key's name at the edge, not inside a trial an hour later.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import typing
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Config, ConfigError, get_dotted
+from ..config import Config, ConfigError, apply_values, get_dotted
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 RANGE_KINDS = ("uniform", "loguniform", "randint")
@@ -95,22 +94,6 @@ def leaf_type(key: str) -> type:
     return cls
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the config dict ``base`` with each dotted key of ``params`` set to its value."""
-    data = copy.deepcopy(base)
-    for key, value in params.items():
-        set_dotted(data, key, value)
-    return data
-
-
 # ----------------------------------------------------------------------------------------------- parsing
 
 
@@ -166,7 +149,7 @@ def parse_search(
             raise ConfigError(f"search.{key}: is not numeric ({tp.__name__}); use choice or grid")
         for value in param.values:  # each candidate (both ends of a range) must make a valid config
             try:
-                Config.from_dict(apply_params(base, {key: value}))
+                Config.from_dict(apply_values(base, {key: value}))
             except ConfigError as exc:
                 raise ConfigError(f"search.{key}: value {value!r} is invalid: {exc}") from None
         params.append(param)

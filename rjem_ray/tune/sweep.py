@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from ..config import MIN_NORM_RUNS, Config, ConfigError, _build, apply_overrides, read_yaml, with_tracking_env
+from ..config import Config, ConfigError, apply_overrides, build, read_yaml, with_tracking_env
+from ..robustness.minnorm import RUNS as MIN_NORM_RUNS
 from .search_space import KINDS, Param, base_point, num_trials, parse_search
 
 SCOPES = ("sample", "train")
@@ -159,7 +160,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     scope = doc.get("scope")
     if scope not in SCOPES:
         raise ConfigError(f"scope: {scope!r} is not allowed; choose one of {', '.join(SCOPES)}")
-    settings = _build(TuneSettings, doc.get("tune") or {}, "tune.")
+    settings = build(TuneSettings, doc.get("tune") or {}, "tune.")
     search = _flatten_search(doc.get("search") or {})
     experiment = {k: v for k, v in doc.items() if k not in SWEEP_KEYS}
     name = str(experiment.get("name") or path.stem)

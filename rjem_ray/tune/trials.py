@@ -26,7 +26,6 @@ from pathlib import Path
 from ..core import storage
 from ..config import Config
 from ..core.devices import default_device
-from .search_space import apply_params
 from .scoring import score_samples
 from .sweep import trial_params
 
@@ -66,7 +65,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     trial_dir = Path(ctx.out_dir) / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = Config.from_dict(apply_params(ctx.cfg, trial_params(config)))
+        cfg = Config.from_dict(ctx.cfg).replace(trial_params(config))
         (_sample_trial if ctx.scope == "sample" else _train_trial)(cfg, ctx, trial_dir)
     except Exception as exc:
         reason = root_message(exc)
@@ -128,13 +127,14 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
         # Continuing from a checkpoint of an evaluation step: report that evaluation again first, for Tune's
         # scheduler (the trial will not evaluate that step again); SweepRuns logs only what its run lacks.
         tune.report(last)
-    cfg.trainer.storage_path = str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None
+    changes = {"trainer.storage_path": str(trial_storage(cfg, trial_dir)) if cfg.trainer.storage_path else None}
     if run.get("tracking_uri"):
         # The store the driver resolved: Tune runs a trial in its own working directory, where a relative
         # sqlite:///mlflow.db (the shipped configs' default) would name a new, empty store.
-        cfg.tracking.tracking_uri = run["tracking_uri"]
+        changes["tracking.tracking_uri"] = run["tracking_uri"]
     if run_id is None:
-        cfg.tracking.enabled = False  # never a stray top-level run: a sweep's runs are children of its parent
+        changes["tracking.enabled"] = False  # never a stray top-level run: a sweep's runs are children of its parent
+    cfg = cfg.replace(changes)
     outcome = run_training(cfg, trial_dir, samples=False, run_id=run_id, callbacks=[eval_reports(ctx.metric)])
     if trained:
         # Trained to the end on a head that was lost before Tune heard of it: nothing ran here, so nothing was

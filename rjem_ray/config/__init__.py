@@ -1,0 +1,27 @@
+"""One typed, frozen configuration for every command, loaded from YAML with dotted ``--set`` overrides.
+
+``load_config(path, overrides)`` is the edge (``loading.py``): it reads YAML, applies MLflow's environment
+variables and ``key.sub=value`` overrides (values parsed as YAML scalars), rejects unknown keys and
+out-of-range values with a :class:`ConfigError` that names the key and what is allowed, makes ``cache_dir``
+and ``data.data_dir`` absolute, and returns a frozen :class:`Config`. A config is never changed in place:
+``cfg.override(["train.steps=10"])`` (``--set`` syntax) and ``cfg.replace({"train.steps": 10})`` (Python
+values) return a new, validated one.
+
+The keys, their defaults and their constraints are in ``sections.py``, one frozen dataclass per section;
+``schema.py`` builds and checks them; ``overrides.py`` handles dotted keys on plain mappings.
+"""
+
+from .loading import TRACKING_ENV, dump_config, load_config, read_yaml, with_tracking_env
+from .overrides import apply_overrides, apply_values, get_dotted, parse_override
+from .schema import ConfigError, build, check, setting
+from .sections import (DATASET_NAMES, FID_EXTRACTORS, GEN_MODES, METRIC_NAMES, MODES, OOD_SCORES, OOD_SHIFTS,
+                       RENAMED_KEYS, AttackConfig, BufferConfig, Config, DataConfig, EvalConfig, GenerateConfig,
+                       ModelConfig, OptimConfig, SamplerConfig, TrackingConfig, TrainConfig, TrainerConfig)
+
+__all__ = [
+    "AttackConfig", "BufferConfig", "Config", "ConfigError", "DATASET_NAMES", "DataConfig", "EvalConfig",
+    "FID_EXTRACTORS", "GEN_MODES", "GenerateConfig", "METRIC_NAMES", "MODES", "ModelConfig", "OOD_SCORES",
+    "OOD_SHIFTS", "OptimConfig", "RENAMED_KEYS", "SamplerConfig", "TRACKING_ENV", "TrackingConfig", "TrainConfig",
+    "TrainerConfig", "apply_overrides", "apply_values", "build", "check", "dump_config", "get_dotted",
+    "load_config", "parse_override", "read_yaml", "setting", "with_tracking_env",
+]
