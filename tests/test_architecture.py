@@ -36,7 +36,7 @@ LAYERS = {
     "entry": ("api", "core", "config", "method", "robustness", "evaluation", "tracking", "distributed", "tune"),
 }
 RAY_FREE = ("core", "config", "api", "method", "robustness", "evaluation")  # run where neither Ray nor MLflow is installed
-TOP_LEVEL = {"__init__": "api", "_torchvision_compat": "core", "tracking": "tracking",
+TOP_LEVEL = {"__init__": "api", "checkpoint": "api", "_torchvision_compat": "core", "tracking": "tracking",
              "cli": "entry", "__main__": "entry"}
 # The config layer (the folder rjem_ray/config/) checks names against the lists the modules that use them own
 # (core/data.py the datasets, method/models.py the model norms, ...): it may import those modules of the layers
@@ -293,3 +293,12 @@ def test_ray_free_modules_import_with_ray_and_mlflow_blocked():
     # The blocker really blocks: Ray's own import fails under it.
     proc = _run_blocked("import ray.tune\n")
     assert proc.returncode != 0 and "blocked by the boundary test: ray" in proc.stderr
+
+
+def test_the_old_load_model_path_of_logged_mlflow_models_still_resolves_and_nothing_else_uses_it():
+    # MLflow models logged before the layers became folders import rjem_ray.checkpoint.load_model in their code.
+    import rjem_ray.checkpoint
+    import rjem_ray.method.checkpoint
+
+    assert rjem_ray.checkpoint.load_model is rjem_ray.method.checkpoint.load_model
+    assert [m for m in _package_modules() if "checkpoint" in _imports(m)[1]] == []

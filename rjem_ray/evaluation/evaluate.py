@@ -77,7 +77,6 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
     """``rjem eval``: the checkpoint's model on ``device`` (None/"auto": the GPU this process was given,
     else CPU; ``devices.resolve_device``), every metric computed there. Drawn files go to ``eval.artifact_dir``,
     else ``artifact_dir``, else :func:`default_artifact_dir` of the checkpoint."""
-    from ..config import Config, apply_overrides
     from ..core.devices import resolve_device
     from ..method.checkpoint import load_model
     from ..method.prior import gmm_for_checkpoint
@@ -86,7 +85,7 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
         check_metric_names(metrics)  # before the model is loaded
     model, cfg = load_model(path, map_location=resolve_device(device))
     if overrides:
-        cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
+        cfg = cfg.override(overrides)
     prior = any(m.needs_prior for m in selected(metrics or cfg.eval.metrics))
     gmm = gmm_for_checkpoint(cfg, path) if prior else None
     result = evaluate_model(model, cfg, metrics, gmm=gmm, progress=progress,
