@@ -156,12 +156,12 @@ class TrainConfig:
     rollback_lr_factor: float = setting(0.5, ge=0.0, le=1.0)  # learning rate multiplier applied at each rollback
     # BatchNorm statistics of the sampler's passes AND of the loss's view of x_q (one choice for both, so
     # the loss raises the energy the sampler lowered; running statistics never updated by x_q):
-    # train (default) = the negative batch's own statistics; eval = running statistics. See training.py.
+    # train (default) = the negative batch's own statistics; eval = running statistics. See method/batchnorm.py.
     sampler_bn_mode: str = setting("train", choices=("train", "eval"))
     # which training passes update BatchNorm's running statistics (what evaluation, PGD in eval mode and
     # generation normalise with): classification (default) = only the classification batch x_cls (x_adv in
     # robust modes) | classification+positive = x_cls and the clean positive batch x_pos of robust-jem (the
-    # earlier behaviour: running statistics then average two distributions; docs/RESULTS.md). training.py
+    # earlier behaviour: running statistics then average two distributions; docs/RESULTS.md). method/loss.py
     bn_running_stats: str = setting("classification", choices=("classification", "classification+positive"))
     # autocast of the network's passes (rjem_ray/method/speed.py): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16;
     # weights, optimiser state, images and Langevin iterates stay fp32 in every case
@@ -170,7 +170,7 @@ class TrainConfig:
     channels_last: str = setting("auto", choices=SWITCH, bools=True)
     compile: str = setting("auto", choices=SWITCH, bools=True)
     # PGD and sampler steps share one forward/backward of the concatenated batch; applies only with
-    # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; training.py)
+    # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; method/batchnorm.py)
     fuse_passes: bool = True
     # robust modes' classification term: pgd (CE at PGD's x_adv, the attack.* keys) | gradreg (CE at the
     # clean x + gradreg_strength * mean ||grad_x CE||_*^2 by finite differences, no PGD; rjem_ray/method/gradreg.py)
