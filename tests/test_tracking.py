@@ -275,3 +275,36 @@ def test_a_resumed_trial_gets_the_evaluations_its_lost_head_never_logged(tmp_pat
     assert len(t.client.get_metric_history(t.run_id, "fid")) == 2
     assert "loss" not in t.client.get_run(t.run_id).data.metrics
     assert backfill_evaluations(uri, t.run_id, upto=16) == []  # a second resume adds nothing
+
+
+def test_metrics_are_logged_through_a_server_restart_and_other_errors_raise_at_once(tmp_path, monkeypatch):
+    # A POST whose answer broke off while the server restarted is sent again (same metric objects: stored once);
+    # any other MLflow error is the caller's at once.
+    from mlflow.exceptions import MlflowException
+
+    import rjem_ray.tracking.tracker as tracker_mod
+
+    monkeypatch.setattr(tracker_mod.time, "sleep", lambda s: None)
+    t = Tracker.create(f"sqlite:///{tmp_path}/mlflow.db", "restart", (tmp_path / "art").as_uri())
+    real, calls = t.client.log_batch, []
+
+    def flaky(run_id, metrics=(), **kw):
+        calls.append(len(metrics))
+        if len(calls) == 1:
+            real(run_id, metrics=metrics, **kw)  # stored, then the answer is lost
+            raise MlflowException("API request failed with exception ('Connection broken: IncompleteRead(0 bytes read)')")
+        return real(run_id, metrics=metrics, **kw)
+
+    t.client.log_batch = flaky
+    t.log_metrics({"train/loss": 1.5}, step=2)
+    assert calls == [1, 1]
+    assert [(m.step, m.value) for m in t.client.get_metric_history(t.run_id, "train/loss")] == [(2, 1.5)]
+
+    def broken(run_id, metrics=(), **kw):
+        calls.append("bad")
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'x' not found")
+
+    t.client.log_batch = broken
+    with pytest.raises(MlflowException, match="not found"):
+        t.log_metrics({"train/loss": 1.0}, step=4)
+    assert calls.count("bad") == 1

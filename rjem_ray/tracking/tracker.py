@@ -40,6 +40,28 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return "unknown"
 
 
+# What an MLflow server says while it restarts: its connection dropped mid-answer or refused. MLflow's client
+# retries refused connections itself but not a POST whose answer broke off (urllib3 does not resend POSTs).
+TRANSIENT = ("Connection broken", "IncompleteRead", "Connection aborted", "RemoteDisconnected", "Connection refused",
+             "Max retries exceeded")
+
+
+def through_restarts(call, wait_s: float = 120.0, pause_s: float = 1.0):
+    """``call()``, again while it fails the way a restarting tracking server fails (``TRANSIENT``), for at most
+    ``wait_s`` seconds. Only for idempotent calls: ``log_batch`` of the same metric objects (same timestamps)
+    stores each once. Any other error is raised at once."""
+    from mlflow.exceptions import MlflowException
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except MlflowException as exc:
+            if not any(t in str(exc) for t in TRANSIENT) or time.monotonic() + pause_s > deadline:
+                raise
+            time.sleep(pause_s)
+
+
 class Tracker:
     """A thin wrapper over ``MlflowClient`` bound to one run id."""
 
@@ -96,7 +118,7 @@ class Tracker:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            through_restarts(lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
