@@ -87,14 +87,17 @@ def test_compiled_pass_equals_the_eager_pass():
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got[2], ref[2]))
 
 
-@pytest.mark.slow  # compiles every graph variant a step uses (~2 min here)
-def test_a_compiled_step_with_eval_mode_batchnorm_equals_the_eager_step():
-    # The loss's eval-mode view of x_q runs before the train-mode passes update the running statistics
-    # in place; a compiled graph saves what it normalised with for its backward (batchnorm.batchnorm_eval).
+def _eval_bn_losses(backend: str | None, steps: int, monkeypatch) -> dict[str, list[float]]:
+    """Losses of ``steps`` robust-jem steps (PGD and the sampler fused, BatchNorm in eval mode for both),
+    eager and compiled; ``backend`` is torch.compile's (``None``: its default, inductor)."""
+    import functools
+
     from rjem_ray.core.data import load_split, to_model_space
     from rjem_ray.method.gmm import fit_class_gmm
     from rjem_ray.method.learner import Learner
 
+    if backend is not None:
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     x, y = load_split("mnist5k", "train")
     x, y = x[::8], y[::8]
     gmm = fit_class_gmm(to_model_space(x), y, 10)
@@ -105,6 +108,27 @@ def test_a_compiled_step_with_eval_mode_batchnorm_equals_the_eager_step():
         learner = Learner(cfg, x, y, gmm)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
-            losses[c] = [learner.step()["loss"] for _ in range(2)]
+            losses[c] = [learner.step()["loss"] for _ in range(steps)]
         assert learner.net.compiled is (c == "true") and learner.fused
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4, abs=1e-5)
+    return losses
+
+
+def test_compiled_steps_with_eval_mode_batchnorm_equal_the_eager_steps(monkeypatch):
+    # The loss's eval-mode view of x_q runs before the train-mode passes update the running statistics
+    # in place; a compiled graph saves what it normalised with for its backward (batchnorm.batchnorm_eval
+    # gives it copies; without them this backward raises 'modified by an inplace operation').
+    # AOTAutograd's graphs run by eager kernels (backend aot_eager): the compiled graphs' saved tensors
+    # with eager's arithmetic, so three steps agree to the bit.
+    losses = _eval_bn_losses("aot_eager", 3, monkeypatch)
+    assert losses["true"] == losses["false"]
+
+
+@pytest.mark.slow  # compiles every graph variant a step uses (~2 min here)
+def test_an_inductor_compiled_step_with_eval_mode_batchnorm_equals_the_eager_step(monkeypatch):
+    # One step only: inductor's own kernels round differently, and a ReLU-like kink turns that into
+    # gradient differences that the next step's loss shows. On this batch (torch 2.13 CPU) inductor's
+    # parameter gradients are up to 2.4% from a float64 reference (final_norm.bias 4.4e-3 but
+    # final_norm.weight 5e-7: one of the 8192 final_norm outputs sits 5.6e-7 from leaky_relu's kink),
+    # eager's and aot_eager's within 2e-6, and step 2's loss differs by 1.1e-3 (docs/SPEED.md).
+    losses = _eval_bn_losses(None, 1, monkeypatch)
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5, abs=1e-6)
