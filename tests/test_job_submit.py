@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from rjem_ray.method.checkpoint import load_state
+
+from helpers_ray import stop_instance
 
 pytestmark = pytest.mark.slow
 
@@ -40,62 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _processes() -> list[tuple[int, int, bytes]]:
-    """``(pid, ppid, cmdline)`` of every process still readable in /proc."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes()
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out.append((int(d.name), ppid, cmdline))
-    return out
-
-
-def _pids_of_instance(temp_dir: str) -> set[int]:
-    """The processes of the Ray instance that uses ``temp_dir``, and everything they started."""
-    procs = _processes()
-    children = defaultdict(list)
-    for pid, ppid, _ in procs:
-        children[ppid].append(pid)
-    found = {pid for pid, _, cmd in procs if temp_dir.encode() in cmd and pid != os.getpid()}
-    stack = list(found)
-    while stack:
-        for child in children[stack.pop()]:
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _stop_instance(temp_dir: str, grace_s: float = 10.0) -> set[int]:
-    """SIGTERM, then SIGKILL after ``grace_s``, every process of this instance; returns the survivors."""
-    pids = _pids_of_instance(temp_dir)
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 3.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            pids = {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)}
-            if not pids:
-                return set()
-            time.sleep(0.2)
-    return pids
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
 
 
 def _submit(cmd: list[str], env: dict, agent_wait_s: float = 120, timeout_s: float = 480) -> subprocess.CompletedProcess:
@@ -138,7 +82,7 @@ def ray_head():
             mp.setenv("RAY_AUTH_MODE", "token")
             yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
-        survivors = _stop_instance(temp_dir)
+        survivors = stop_instance(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not survivors, f"Ray processes of {temp_dir} survived teardown: {sorted(survivors)}"
 

@@ -21,7 +21,7 @@ from ray.tune import Callback
 from rjem_ray.config import Config, ConfigError, load_config
 from rjem_ray.tune import load_sweep, run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "tune_configs"
 SAMPLE_KEYS = ("generate.mode", "generate.contrast", "generate.sampler.step_size", "generate.sampler.steps",
                "generate.pgd_eps")

@@ -23,18 +23,13 @@ from mlflow.tracking import MlflowClient
 
 from rjem_ray.method.checkpoint import buffer_parts, load_state
 
+from helpers_ray import stop_instance
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RJEM = str(Path(sys.executable).with_name("rjem"))
 STEPS, EVERY, BATCH = 12, 3, 16
-
-
-def _stop_instance(temp_dir: str) -> set[int]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_job_submit import _stop_instance as stop
-
-    return stop(temp_dir)
 
 
 def _kill_group(pgid: int) -> None:
@@ -89,7 +84,7 @@ def rjem_train(tmp_path, cache_dir):
 
     yield start, tmp_path / "run", f"sqlite:///{db}"
     for temp in temps:
-        _stop_instance(temp)
+        stop_instance(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -110,7 +105,7 @@ def test_rerun_after_a_killed_driver_continues_from_the_latest_checkpoint(rjem_t
     # The job's processes go with its driver, as on a cluster. Locally they would linger a while (the
     # workers keep training until they notice the dead GCS), so end them: they are this driver's group.
     _kill_group(first.pid)
-    _stop_instance(temp)
+    stop_instance(temp)
     saved = tmp_path / "at-kill"
     shutil.copytree(run_dir, saved)  # what the killed run left, before the rerun replaces old checkpoints
     on_disk = sorted(int(p.name.split("-")[1]) for p in saved.glob("checkpoint-*") if (p / "state.pt").is_file())

@@ -14,7 +14,7 @@ from rjem_ray.config import load_config
 from rjem_ray.core.data import load_split, to_model_space
 from rjem_ray.method.prior import gmm_cache_file, gmm_for_checkpoint, load_train_gmm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *sets):

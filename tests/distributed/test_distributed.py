@@ -33,7 +33,7 @@ from rjem_ray.config import load_config
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
 BATCH = 16  # global batch: 8 per worker (strong scaling: these tests count optimiser steps one by one)
 TWO_WORKERS = ["trainer.num_workers=2", "trainer.scaling=strong", f"train.batch_size={BATCH}", "train.log_every=2",

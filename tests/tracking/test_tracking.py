@@ -18,7 +18,7 @@ from rjem_ray.config import ConfigError, load_config
 from rjem_ray.tracking.stores import resolve_artifact_location, resolve_tracking_uri, store_uris
 from rjem_ray.tracking.tracker import Tracker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
 
 

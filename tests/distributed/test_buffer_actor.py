@@ -25,7 +25,7 @@ from rjem_ray.method.gmm import as_init_fn, fit_class_gmm
 from rjem_ray.method.replay_buffer import LocalReplayBuffer
 
 SHAPE = (3, 4, 4)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _gmm():

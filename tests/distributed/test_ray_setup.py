@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RJEM = str(Path(sys.executable).with_name("rjem"))
 PROGRESS = re.compile(r"\[rjem\] step \d+/\d+ ")
 

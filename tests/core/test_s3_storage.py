@@ -23,7 +23,9 @@ from rjem_ray.method.checkpoint import load_state
 from rjem_ray.config import ConfigError, load_config
 from rjem_ray.distributed.train_driver import RUN_NAME, STORED_CONFIG, latest_checkpoint_path, prepare_run_dir, resolve_resume
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers_ray import stop_instance
+
+REPO = Path(__file__).resolve().parents[2]
 RJEM = str(Path(sys.executable).with_name("rjem"))
 BUCKET = "rjem-test-bucket"
 EVERY = 3
@@ -144,9 +146,6 @@ def test_fresh_moves_a_stored_run_aside_and_a_new_out_checks_the_stored_config(s
 @pytest.fixture
 def rjem_train(tmp_path, cache_dir, s3_server):
     """``run(out, steps, *extra)``: a finished `rjem train` process on the smoke config, its own local Ray."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_job_submit import _stop_instance
-
     db = tmp_path / "mlflow.db"
     temps: list[str] = []
 
@@ -165,7 +164,7 @@ def rjem_train(tmp_path, cache_dir, s3_server):
             return subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, timeout=900)
         finally:
-            _stop_instance(temp)
+            stop_instance(temp)
 
     yield run, f"sqlite:///{db}"
     for temp in temps:

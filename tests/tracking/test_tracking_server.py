@@ -34,7 +34,9 @@ from rjem_ray.tracking.stores import StoreError, check_database, client_for
 from rjem_ray.tracking.tracker import Tracker
 from rjem_ray.tune import load_sweep, run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers_ray import stop_instance
+
+REPO = Path(__file__).resolve().parents[2]
 RJEM = str(Path(sys.executable).with_name("rjem"))
 SWEEP = REPO / "tune_configs" / "tune-smoke-train.yaml"
 BUCKET = "rjem-mlflow-server"
@@ -337,9 +339,6 @@ def _tune(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_server, tmp_path, cache_dir):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_job_submit import _stop_instance
-
     prefix = "sweeps/new-head"
     # Long enough after its first evaluated checkpoint (step 8) for the head to die mid-trial: steps take ~0.1 s.
     sets = ["tune.scheduler=fifo", "train.steps=24", "train.eval_every=8", "train.checkpoint_every=4",
@@ -376,7 +375,7 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-        assert not _stop_instance(heads[0])
+        assert not stop_instance(heads[0])
     client = _client(server.uri)
     (before_parent,) = [r for r in _runs(client, "new-head") if "mlflow.parentRunId" not in r.data.tags]
     before = {r.data.tags["rjem.trial_id"]: r.info.run_id for r in _runs(client, "new-head")
@@ -392,7 +391,7 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
     finally:
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGKILL)
-        assert not _stop_instance(heads[1])
+        assert not stop_instance(heads[1])
         for head in heads:
             shutil.rmtree(head, ignore_errors=True)
     text = (tmp_path / "head2.log").read_text()

@@ -14,7 +14,7 @@ import pytest
 
 from rjem_ray.distributed import stepmodel as sm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A paper-like worker: 60 ms fixed + 8 ms per image, 73 MB of bf16 gradients, 8 GPUs per node.
 NVLINK = sm.Link(225e9, 5e-6)
