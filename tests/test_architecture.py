@@ -255,6 +255,16 @@ def test_architecture_doc_layer_table_and_file_map_match_the_tree():
         assert path in readme
 
 
+def test_every_tests_subfolder_is_named_after_a_layer_folder():
+    """tests/<layer>/ mirrors rjem_ray/<layer>/ (whole-project tests stay at tests/ root): the test tree cannot
+    drift from the package tree."""
+    layer_folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    test_folders = {p.name for p in (REPO / "tests").iterdir()
+                    if p.is_dir() and p.name != "__pycache__" and not p.name.startswith(".")}
+    wrong = sorted(test_folders - layer_folders)
+    assert wrong == [], f"tests/ subfolders named after no layer folder of rjem_ray/ ({sorted(layer_folders)})"
+
+
 def test_only_the_tracking_layer_imports_mlflow():
     users = sorted(m for m in _package_modules() if any(n.split(".")[0] == "mlflow" for n in _imports(m)[0]))
     assert users and {layer_of(m) for m in users} == {"tracking"}
