@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint directory or file written by ``rjem train``: returns ``(model, config)``."""
-    from .method.checkpoint import load_model
+    from .method.restore import load_model
 
     return load_model(path, map_location=map_location)
 

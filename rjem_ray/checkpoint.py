@@ -2,9 +2,9 @@
 
 A logged model is MLflow "model from code": its code file, stored with the run, says
 ``from rjem_ray.checkpoint import load_model``. Those runs stay loadable with ``mlflow.pyfunc.load_model``;
-new models name ``rjem_ray.method.checkpoint`` (``tracking/models.py``). Nothing in the package imports this.
+new models name ``rjem_ray.method.restore`` (``tracking/models.py``). Nothing in the package imports this.
 """
 
-from .method.checkpoint import load_model
+from .method.restore import load_model
 
 __all__ = ["load_model"]

@@ -82,11 +82,11 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .method.checkpoint import load_model
+    from .method.restore import load_model
     from .core.data import to_uint8
     from .evaluation.generate import generate
     from .core.images import save_grid
-    from .method.checkpoint import verify_checkpoint
+    from .method.restore import verify_checkpoint
     from .core.devices import resolve_device
     from .method.prior import gmm_for_checkpoint
     from .tracking.models import resolve_checkpoint
@@ -167,7 +167,7 @@ def eval_store(args, source: str, cfg, store: tuple[str, str]) -> dict | None:
 
 
 def cmd_eval(args) -> int:
-    from .method.checkpoint import config_from_state, verify_checkpoint
+    from .method.restore import config_from_state, verify_checkpoint
     from .config import load_config
     from .core.errors import first_line
     from .evaluation.evaluate import evaluate_checkpoint
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy, robust accuracy (AutoAttack), PGD robust accuracy, gradient-masking "
                                     "report, ECE, OOD AUROC, FID and IS of a checkpoint")
     e.add_argument("checkpoint", help=MODEL_HELP)
-    # the names are config.METRIC_NAMES (spelled out: importing config would import torch for --help)
+    # the names are evaluation/registry.METRIC_NAMES (spelled out: importing it would import torch for --help)
     e.add_argument("--metrics", help="comma list of accuracy,robust,autoattack,masking,ece,ebr,min-norm,certified,fid,"
                                      "is,ood (default eval.metrics; robust = PGD, autoattack = the robust accuracy; "
                                      "ebr, min-norm and certified are opt-in)")

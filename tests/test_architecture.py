@@ -38,11 +38,14 @@ LAYERS = {
 RAY_FREE = ("core", "config", "api", "method", "robustness", "evaluation")  # run where neither Ray nor MLflow is installed
 TOP_LEVEL = {"__init__": "api", "checkpoint": "api", "_torchvision_compat": "core", "tracking": "tracking",
              "cli": "entry", "__main__": "entry"}
-# The config layer (the folder rjem_ray/config/) checks names against the lists the modules that use them own
-# (core/data.py the datasets, method/models.py the model norms, ...): it may import those modules of the layers
-# above it, which must never import the config back (test_the_modules_config_takes_names_from_never_import_it).
-CONFIG_NAME_HOMES = ("method.attacks", "method.ddp", "method.gradreg", "method.models", "method.scaling",
-                     "robustness.autoattack", "robustness.minnorm")
+# Each config section is declared beside the module it configures (config/root.py lists them), and the names
+# its keys take live with the modules that use them: the config layer (the folder rjem_ray/config/) imports
+# these modules of the layers above it, which must never import the config back when they run
+# (test_the_modules_the_config_takes_sections_and_names_from_never_import_it; type annotations aside).
+SECTION_HOMES = ("method.attacks", "method.ddp", "method.gradreg", "method.learner", "method.models",
+                 "method.replay_buffer", "method.samplers", "method.scaling", "method.speed",
+                 "robustness.autoattack", "robustness.minnorm",
+                 "evaluation.generate", "evaluation.generation_metrics", "evaluation.ood", "evaluation.registry")
 
 
 def layer_of(module: str) -> str:
@@ -66,13 +69,26 @@ def _module_file(module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
-def _imports(module: str) -> tuple[set[str], set[str]]:
-    """(absolute modules imported anywhere in ``rjem_ray.<module>``, ``rjem_ray`` modules among them)."""
+def _type_only(tree: ast.AST) -> set[int]:
+    """Ids of the nodes under ``if TYPE_CHECKING:``: imports the type checker reads and Python never runs."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return guarded
+
+
+def _imports(module: str, runtime: bool = False) -> tuple[set[str], set[str]]:
+    """(absolute modules imported anywhere in ``rjem_ray.<module>``, ``rjem_ray`` modules among them);
+    ``runtime``: only the imports that run (module- and function-level), not those under ``if TYPE_CHECKING:``."""
     path = _module_file(module)
     tree = ast.parse(path.read_text(), str(path))
     package = list(path.parent.relative_to(PACKAGE).parts)  # what `from . import` is relative to
     absolute, internal = set(), set()
+    skip = _type_only(tree) if runtime else set()
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -116,7 +132,7 @@ def _forbidden_in(module: str) -> list[str]:
 
 def test_every_module_is_in_a_layer():
     assert sorted(m for m in _package_modules() if layer_of(m) not in LAYERS) == []
-    assert [m for m in CONFIG_NAME_HOMES if not _module_file(m).is_file()] == []
+    assert [m for m in SECTION_HOMES if not _module_file(m).is_file()] == []
 
 
 def test_import_parser_sees_relative_and_function_level_imports(tmp_path, monkeypatch):
@@ -129,10 +145,12 @@ def test_import_parser_sees_relative_and_function_level_imports(tmp_path, monkey
     (fake / "alg.py").write_text("from .helper import f\n")
     (fake / "helper.py").write_text("from .pkg import mod\ndef f():\n    from ray import tune\n    return tune\n")
     (fake / "pkg" / "mod.py").write_text("from ..alg import nothing\n")
+    (fake / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .alg import nothing\n")
     monkeypatch.setitem(globals(), "PACKAGE", fake)
     assert _closure("alg") == {"alg", "helper", "pkg", "pkg.mod", "__init__"}
     assert _forbidden_in("helper") == ["ray"]
     assert _circles() == [["alg", "helper", "pkg.mod"]]
+    assert _imports("typed")[1] == {"alg"} and _imports("typed", runtime=True)[1] == set()
 
 
 @pytest.mark.parametrize("module", _ray_free_modules())
@@ -149,7 +167,7 @@ def _layer_breaks(module: str) -> list[str]:
     for target in sorted(_imports(module)[1]):
         if target == "__init__" or layer_of(target) in allowed:
             continue
-        if mine == "config" and target in CONFIG_NAME_HOMES:
+        if mine == "config" and target in SECTION_HOMES:
             continue
         out.append(f"{module} ({mine}) -> {target} ({layer_of(target)})")
     return out
@@ -159,28 +177,34 @@ def test_each_module_imports_only_its_own_layer_and_those_below():
     assert [b for m in _package_modules() for b in _layer_breaks(m)] == []
 
 
-def test_the_modules_config_takes_names_from_never_import_it():
-    """What matters of a name home is that importing it never imports the config: then no circle closes through
-    it (test_no_import_circle checks the graph as a whole) and the home runs without it. A home may import other
-    modules of its layer (method/models.py imports method/energy.py); none of them may reach the config either
-    (the package's own __init__ aside: it loads checkpoints inside a function, never at import)."""
+def _runtime_reach(module: str) -> set[str]:
+    """``module`` and every package module its running imports reach (the package's own __init__ aside: it
+    loads checkpoints inside a function, never at import)."""
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(_imports(m, runtime=True)[1] - {"__init__"})
+    return seen
 
-    def reach(module: str) -> set[str]:
-        seen, todo = set(), [module]
-        while todo:
-            m = todo.pop()
-            if m not in seen:
-                seen.add(m)
-                todo.extend(_imports(m)[1] - {"__init__"})
-        return seen
 
-    assert {m: sorted(t for t in reach(m) if layer_of(t) == "config") for m in CONFIG_NAME_HOMES} == \
-        {m: [] for m in CONFIG_NAME_HOMES}
+def test_the_modules_the_config_takes_sections_and_names_from_never_import_it():
+    """What matters of a section's home is that running it never imports the config: then no circle closes
+    through it (test_no_import_circle checks the graph as a whole) and the home runs without it. A home may
+    import other modules of its layer (method/models.py imports method/energy.py); none of them may reach the
+    config either. Annotations may name ``Config`` under ``if TYPE_CHECKING:``."""
+    reach = _runtime_reach
+
+    assert {m: sorted(t for t in reach(m) if layer_of(t) == "config") for m in SECTION_HOMES} == \
+        {m: [] for m in SECTION_HOMES}
 
 
 def _circles() -> list[list[str]]:
-    """Strongly connected groups (more than one module) of the import graph, function-level imports included."""
-    graph = {m: sorted(_imports(m)[1] - {"__init__", m}) for m in _package_modules()}
+    """Strongly connected groups (more than one module) of the graph of imports that run, function-level ones
+    included (``if TYPE_CHECKING:`` imports are read by the type checker only: a module's annotations may name
+    ``Config`` while the config imports the section declared in that module)."""
+    graph = {m: sorted(_imports(m, runtime=True)[1] - {"__init__", m}) for m in _package_modules()}
     index, low, stack, on, out = {}, {}, [], set(), []
 
     def visit(v):
@@ -308,7 +332,7 @@ def test_ray_free_modules_import_with_ray_and_mlflow_blocked():
 def test_the_old_load_model_path_of_logged_mlflow_models_still_resolves_and_nothing_else_uses_it():
     # MLflow models logged before the layers became folders import rjem_ray.checkpoint.load_model in their code.
     import rjem_ray.checkpoint
-    import rjem_ray.method.checkpoint
+    import rjem_ray.method.restore
 
-    assert rjem_ray.checkpoint.load_model is rjem_ray.method.checkpoint.load_model
+    assert rjem_ray.checkpoint.load_model is rjem_ray.method.restore.load_model
     assert [m for m in _package_modules() if "checkpoint" in _imports(m)[1]] == []

@@ -55,7 +55,7 @@ def test_train_writes_checkpoint_samples_metrics_and_an_mlflow_run(trained, monk
     import mlflow
     import torch
 
-    from rjem_ray.method.checkpoint import load_model
+    from rjem_ray.method.restore import load_model
 
     model_uri = f"runs:/{r.info.run_id}/model"
     assert client.search_logged_models([exp.experiment_id])[0].source_run_id == r.info.run_id

@@ -7,16 +7,29 @@ and ``data.data_dir`` absolute, and returns a frozen :class:`Config`. A config i
 ``cfg.override(["train.steps=10"])`` (``--set`` syntax) and ``cfg.replace({"train.steps": 10})`` (Python
 values) return a new, validated one.
 
-The keys, their defaults and their constraints are in ``sections.py``, one frozen dataclass per section;
-``schema.py`` builds and checks them; ``overrides.py`` handles dotted keys on plain mappings.
+The keys, their defaults and their constraints are declared by section, each beside the module it configures
+(``root.py`` lists where; :class:`Config` assembles them); ``core/settings.py`` builds and checks them;
+``overrides.py`` handles dotted keys on plain mappings. The names below are re-exported from their homes.
 """
 
+from ..core.data import DATASETS, DataConfig
+from ..core.settings import ConfigError, build, check, setting
+from ..evaluation.generate import GEN_MODES, GenerateConfig
+from ..evaluation.generation_metrics import FID_EXTRACTORS
+from ..evaluation.ood import SCORE_NAMES as OOD_SCORES
+from ..evaluation.ood import SHIFT_NAMES as OOD_SHIFTS
+from ..evaluation.registry import METRIC_NAMES, EvalConfig
+from ..method.attacks import AttackConfig
+from ..method.learner import MODES, OptimConfig, TrainConfig
+from ..method.models import ModelConfig
+from ..method.replay_buffer import BufferConfig
+from ..method.samplers import SamplerConfig
+from ..method.scaling import TrainerConfig
 from .loading import TRACKING_ENV, dump_config, load_config, read_yaml, with_tracking_env
 from .overrides import apply_overrides, apply_values, get_dotted, parse_override
-from .schema import ConfigError, build, check, setting
-from .sections import (DATASET_NAMES, FID_EXTRACTORS, GEN_MODES, METRIC_NAMES, MODES, OOD_SCORES, OOD_SHIFTS,
-                       RENAMED_KEYS, AttackConfig, BufferConfig, Config, DataConfig, EvalConfig, GenerateConfig,
-                       ModelConfig, OptimConfig, SamplerConfig, TrackingConfig, TrainConfig, TrainerConfig)
+from .root import RENAMED_KEYS, Config, TrackingConfig
+
+DATASET_NAMES = tuple(DATASETS)
 
 __all__ = [
     "AttackConfig", "BufferConfig", "Config", "ConfigError", "DATASET_NAMES", "DataConfig", "EvalConfig",

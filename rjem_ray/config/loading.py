@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
+from ..core.settings import ConfigError
 from .overrides import apply_overrides
-from .schema import ConfigError
-from .sections import Config
+from .root import Config
 
 # MLflow's own variables. Precedence: --set tracking.KEY > the variable > the config file > the default.
 TRACKING_ENV = {"tracking_uri": "MLFLOW_TRACKING_URI", "registry_uri": "MLFLOW_REGISTRY_URI",

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .schema import ConfigError
+from ..core.settings import ConfigError
 
 _REQUIRED = object()
 

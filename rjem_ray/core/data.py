@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .settings import setting
+
 
 class DataError(ValueError):
     """A dataset name, split, path or file content that cannot be used; the message says what is allowed."""
@@ -48,6 +50,20 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data.*`` section: which dataset (:data:`DATASETS`), where its files are, and the augmentation."""
+
+    name: str = setting("mnist5k", choices=tuple(DATASETS))
+    # holds the standard files (cifar-10-batches-py/, ...); not needed for mnist5k. Made absolute at load
+    # (training workers and tune trials run in other working directories).
+    data_dir: str | None = setting(None, path=True)
+    download: bool = False  # fetch through torchvision first (connected machines only)
+    augment: bool = True
+    pad: int = setting(4, ge=0)  # reflect padding before the random crop, pixels
+    noise_std: float = setting(0.03, ge=0)  # Gaussian noise on the normalised image, [-1, 1] units
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -354,7 +370,7 @@ class ImageStream:
         self._perms.clear()
 
 
-__all__ = [
+__all__ = ["DataConfig", 
     "DATASETS",
     "Augmenter",
     "DataError",

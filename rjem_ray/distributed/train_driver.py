@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..core import storage
-from ..method.checkpoint import STATE_FILE, copy_checkpoint, load_state, verify_checkpoint
+from ..method.checkpoint import STATE_FILE, copy_checkpoint, load_state
+from ..method.restore import verify_checkpoint
 from ..config import Config, ConfigError, dump_config
 from ..core.data import load_split
 from ..method.gmm import ClassConditionalGMM
@@ -111,7 +112,7 @@ def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int 
 
 def grids_from_checkpoint(ckpt_dir: str | Path, gmm: ClassConditionalGMM, cfg: Config, out_dir: str | Path) -> dict:
     """:func:`write_sample_grids` of a checkpoint, on the device this process was given (``devices.py``)."""
-    from ..method.checkpoint import load_model
+    from ..method.restore import load_model
     from ..core.devices import default_device
 
     model, _ = load_model(ckpt_dir, map_location=default_device())

@@ -78,7 +78,7 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
     else CPU; ``devices.resolve_device``), every metric computed there. Drawn files go to ``eval.artifact_dir``,
     else ``artifact_dir``, else :func:`default_artifact_dir` of the checkpoint."""
     from ..core.devices import resolve_device
-    from ..method.checkpoint import load_model
+    from ..method.restore import load_model
     from ..method.prior import gmm_for_checkpoint
 
     if metrics:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .metric_base import EvalContext
 
 IS_FIGURES = ("inception_score", "inception_score_std")
+# eval.fid_extractor: auto = inception for natural images, reference-classifier for digits (fid_extractor_for)
+FID_EXTRACTORS = ("auto", "inception", "reference-classifier", "robust-reference-classifier")
 FIDELITY_KEYS = ("eval.fid_samples", "eval.fid_extractor", "eval.fid_second_extractor", "eval.inception_weights",
                  "eval.prc_neighborhood", "generate", "cache_dir")
 

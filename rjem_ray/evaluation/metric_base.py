@@ -35,7 +35,7 @@ class MetricResult(NamedTuple):
 class Metric:
     """One ``--metrics`` name. Subclasses set the class attributes and implement :meth:`run`."""
 
-    name: ClassVar[str]  # as in config.METRIC_NAMES and ``rjem eval --metrics``
+    name: ClassVar[str]  # as in registry.METRIC_NAMES and ``rjem eval --metrics``
     protocol_key: ClassVar[str | None] = None  # where run's protocol goes under ``protocol``
     config_keys: ClassVar[tuple[str, ...]] = ()  # the config keys its figures depend on (beyond eval.batch_size)
     needs_prior: ClassVar[bool] = False  # draws from the checkpoint's Gaussian-mixture prior (generation)

@@ -40,13 +40,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import OOD_SCORES as SCORE_NAMES
-from ..config import OOD_SHIFTS as SHIFT_NAMES
 from ..core.data import DATASETS, load_split, to_model_space
 from .metric_base import Metric, MetricResult
 
 if TYPE_CHECKING:
     from .metric_base import EvalContext
+
+# eval.ood_shifts takes these (each described below): synthetic shifts, then the datasets; eval.ood_scores these
+SHIFT_NAMES = ("uniform", "gaussian", "smooth", "constant", "photos", "inverted") + tuple(DATASETS)
+SCORE_NAMES = ("logsumexp", "max_softmax", "grad_norm")
 
 # eval.ood_shifts = [auto]: the suite of each dataset. Digits: noise, real photographs, a synthetic image and
 # a transformed copy of the digits; natural images: the usual SVHN / CIFAR-100 (CIFAR-10 for the others),

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttackStep", "LinfStep", "L2Step", "STEPS", "NORMS", "pgd", "pgd_start", "pgd_objective"]
+from ..core.settings import setting
+
+__all__ = ["AttackConfig", "AttackStep", "LinfStep", "L2Step", "STEPS", "NORMS", "pgd", "pgd_start", "pgd_objective"]
 
 _NORM_FLOOR = 1e-12  # keeps zero gradients and zero perturbations from dividing by zero
 
@@ -111,6 +114,21 @@ class L2Step(AttackStep):
 
 STEPS: dict[str, type[AttackStep]] = {"linf": LinfStep, "l2": L2Step}
 NORMS = tuple(STEPS)  # the attack norms (attack.norm, generate.pgd_norm and train.gradreg_norm take one)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """PGD used for adversarial training (robust modes)."""
+
+    norm: str = setting("linf", choices=NORMS)
+    eps: float = setting(0.1, ge=0)  # [-1, 1] units
+    step_size: float = setting(0.02, ge=0)  # [-1, 1] units
+    steps: int = setting(15, ge=1)
+    random_start: bool = True
+    eps_warmup_steps: int = setting(0, ge=0)  # ε grows linearly from 0 over this many optimiser steps
+    # BatchNorm statistics the training attack sees: eval (running statistics, the evaluated function) |
+    # train (the batch's own statistics, the function the loss then trains; running statistics frozen)
+    bn_mode: str = setting("eval", choices=("eval", "train"))
 
 
 def _check_nonneg(name: str, value: float) -> None:

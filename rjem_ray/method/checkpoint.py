@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError
 from ..core.errors import first_line
 from ..core.files import atomic_torch_save
 
@@ -44,7 +43,7 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], gmm_state: dic
     return directory
 
 
-def _state_path(path: str | Path) -> Path:
+def state_file_of(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / STATE_FILE
@@ -56,7 +55,7 @@ def _state_path(path: str | Path) -> Path:
     return p
 
 
-def _torch_load(p: Path, map_location: str | torch.device = "cpu") -> Any:
+def read_torch_file(p: Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)``; a corrupt, truncated or foreign file is a :class:`CheckpointError`."""
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
@@ -67,8 +66,8 @@ def _torch_load(p: Path, map_location: str | torch.device = "cpu") -> Any:
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint's state dict (``weights_only=True``) and check it is one of ours."""
-    p = _state_path(path)
-    state = _torch_load(p, map_location)
+    p = state_file_of(path)
+    state = read_torch_file(p, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(p)!r} is not an rjem checkpoint (format tag {FORMAT!r} missing)")
     return state
@@ -80,41 +79,10 @@ def load_gmm_state(path: str | Path) -> dict | None:
     gmm_path = (p if p.is_dir() else p.parent) / GMM_FILE
     if not gmm_path.is_file():
         return None
-    state = _torch_load(gmm_path)
+    state = read_torch_file(gmm_path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(gmm_path)!r} is not a Gaussian-mixture state (expected a dict, got "
                               f"{type(state).__name__})")
-    return state
-
-
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read every file of a checkpoint before any work starts; returns its state.
-
-    ``state.pt`` must be an rjem checkpoint whose weights fit its config, ``gmm.pt`` (when present) a
-    Gaussian-mixture state, every ``rank-K.pt`` a dict. The first damaged file is a :class:`CheckpointError`
-    naming it, so a truncated or overwritten file fails in one line instead of deep inside the work.
-    """
-    from .gmm import ClassConditionalGMM
-
-    state = load_state(path)
-    directory = _state_path(path).parent
-    try:
-        _model_for(state)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{str(directory / STATE_FILE)!r} holds weights that do not fit its config: "
-                              f"{type(exc).__name__}: {first_line(exc)}") from None
-    gmm = load_gmm_state(directory)
-    if gmm is not None:
-        try:
-            ClassConditionalGMM.from_state_dict(gmm)
-        except Exception as exc:
-            raise CheckpointError(f"{str(directory / GMM_FILE)!r} is not a Gaussian-mixture state: "
-                                  f"{type(exc).__name__}: {exc}") from None
-    for f in sorted(directory.glob("rank-*.pt")) + sorted(directory.glob("buffer-*.pt")):
-        if not isinstance(_torch_load(f), dict):
-            raise CheckpointError(f"{str(f)!r} is not an rjem rank or buffer file (expected a dict)")
     return state
 
 
@@ -129,10 +97,10 @@ def buffer_parts(path: str | Path) -> list[dict]:
     Read from ``buffer-<rank>.pt``; a checkpoint written before those files existed keeps rank 0's part in
     ``state.pt`` and the others' in ``rank-<K>.pt``, or one shared snapshot's shard states in ``state.pt``.
     """
-    directory = _state_path(path).parent
+    directory = state_file_of(path).parent
     files = sorted(directory.glob("buffer-*.pt"), key=_rank_of)
     if files:
-        return [_torch_load(f) for f in files]
+        return [read_torch_file(f) for f in files]
     buf = load_state(directory).get("buffer")
     if not isinstance(buf, dict):
         return []
@@ -141,32 +109,8 @@ def buffer_parts(path: str | Path) -> list[dict]:
     if "buffer" not in buf:
         return []
     ranks = sorted(directory.glob("rank-*.pt"), key=_rank_of)
-    return [buf] + [b for b in (_torch_load(f).get("buffer") for f in ranks) if isinstance(b, dict) and "buffer" in b]
-
-
-def config_from_state(state: dict[str, Any]) -> Config:
-    try:
-        return Config.from_dict(state["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint config is invalid: {exc}") from None
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """``(model, config)`` from a checkpoint: the classifier in eval mode, logits for NCHW in [-1, 1]."""
-    state = load_state(path, map_location)
-    model, cfg = _model_for(state)
-    model.to(map_location).eval()
-    return model, cfg
-
-
-def _model_for(state: dict[str, Any]):
-    from ..core.data import dataset_info
-    from .models import build_model
-
-    cfg = config_from_state(state)
-    model = build_model(cfg.model, dataset_info(cfg.data.name))
-    model.load_state_dict(state["model"])
-    return model, cfg
+    parts = (read_torch_file(f).get("buffer") for f in ranks)
+    return [buf] + [b for b in parts if isinstance(b, dict) and "buffer" in b]
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:

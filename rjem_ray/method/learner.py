@@ -22,20 +22,26 @@ scalars (``reducer.py``).
 
 A step whose loss is non-finite or whose magnitude exceeds ``train.divergence_threshold`` never reaches the
 optimiser: :class:`DivergenceError` is raised and the caller rolls back or stops.
+
+The configuration of the step and its loop, the ``train.*`` and ``optim.*`` sections (:class:`TrainConfig`,
+:class:`OptimConfig`, with :data:`MODES`), is declared here.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from ..core.data import Augmenter, ImageStream, dataset_info
+from ..core.settings import setting
 from .ddp import compiled_or_eager
 from .gmm import ClassConditionalGMM, as_init_fn
+from .gradreg import NORMS as GRADREG_NORMS
 from .inputs import classification_input
 from .loss import JointForward, jem_loss
 from .models import build_model
@@ -43,14 +49,83 @@ from .negatives import Negatives, NoNegatives
 from .reducer import Reducer
 from .replay_buffer import LocalReplayBuffer, ReplayBuffer
 from .rng import rng_state, set_rng_state
-from .scaling import plan
+from .scaling import LR_SCALINGS, plan
 from .schedules import lr_multiplier
-from .speed import FastNet
+from .speed import PRECISIONS, SWITCHES, FastNet
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["DivergenceError", "Learner", "build_optimizer", "cpu_copy"]
+__all__ = ["MODES", "OptimConfig", "TrainConfig", "DivergenceError", "Learner", "build_optimizer", "cpu_copy"]
+
+
+MODES = ("classifier", "robust-classifier", "jempp", "robust-jem")  # train.mode
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The ``optim.*`` section: the optimiser (:func:`build_optimizer`) and its learning-rate schedule
+    (``schedules.py``)."""
+
+    name: str = setting("sgd", choices=("sgd", "adam"))
+    lr: float = setting(0.1, gt=0)  # weak scaling: for one worker's batch, times the lr rule; strong: global batch
+    # weak scaling's learning-rate rule for N workers: linear (× N) | sqrt (× √N) | none | auto (linear for
+    # sgd, sqrt for adam); rjem_ray/method/scaling.py
+    lr_scaling: str = setting("auto", choices=LR_SCALINGS)
+    momentum: float = setting(0.9, ge=0.0, le=1.0)
+    weight_decay: float = setting(5e-4, ge=0)
+    schedule: str = setting("cosine", choices=("constant", "cosine", "step"))
+    warmup_steps: int = setting(0, ge=0)  # linear learning-rate warm-up, reference steps (scaling.py)
+    milestones: list[float] = setting([0.5, 0.75], ge=0.0, le=1.0)  # fractions of train.steps (step schedule)
+    gamma: float = setting(0.2, ge=0.0, le=1.0)  # step-schedule decay factor
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train.*`` section: the training step (:class:`Learner`) and the loop's cadence (``loop.py``)."""
+
+    mode: str = setting("robust-jem", choices=MODES)
+    # reference steps of batch_size images (weak scaling: N per optimiser step on N workers)
+    steps: int = setting(1000, ge=1)
+    batch_size: int = setting(64, ge=1)  # weak scaling: per worker; strong: global, split evenly across workers
+    energy_weight: float = setting(1.0, ge=0)  # w_px
+    energy_l2: float = setting(0.0, ge=0)  # weight of (E(x_pos)^2 + E(x_q)^2).mean()
+    divergence_threshold: float = setting(1e8, gt=0)  # |loss| above this (or non-finite) counts as divergence
+    max_rollbacks: int = setting(3, ge=0)  # divergences rolled back to the last good checkpoint before the run stops
+    rollback_lr_factor: float = setting(0.5, ge=0.0, le=1.0)  # learning rate multiplier applied at each rollback
+    # BatchNorm statistics of the sampler's passes AND of the loss's view of x_q (one choice for both, so
+    # the loss raises the energy the sampler lowered; running statistics never updated by x_q):
+    # train (default) = the negative batch's own statistics; eval = running statistics. See method/batchnorm.py.
+    sampler_bn_mode: str = setting("train", choices=("train", "eval"))
+    # which training passes update BatchNorm's running statistics (what evaluation, PGD in eval mode and
+    # generation normalise with): classification (default) = only the classification batch x_cls (x_adv in
+    # robust modes) | classification+positive = x_cls and the clean positive batch x_pos of robust-jem (the
+    # earlier behaviour: running statistics then average two distributions; docs/RESULTS.md). method/loss.py
+    bn_running_stats: str = setting("classification", choices=("classification", "classification+positive"))
+    # autocast of the network's passes (rjem_ray/method/speed.py): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16;
+    # weights, optimiser state, images and Langevin iterates stay fp32 in every case
+    precision: str = setting("auto", choices=PRECISIONS)
+    # NHWC memory layout / torch.compile of the network used by every pass: auto (on for CUDA) | true | false
+    channels_last: str = setting("auto", choices=SWITCHES, bools=True)
+    compile: str = setting("auto", choices=SWITCHES, bools=True)
+    # PGD and sampler steps share one forward/backward of the concatenated batch; applies only with
+    # attack.bn_mode = eval and sampler_bn_mode = eval (samples then independent; method/batchnorm.py)
+    fuse_passes: bool = True
+    # robust modes' classification term: pgd (CE at PGD's x_adv, the attack.* keys) | gradreg (CE at the
+    # clean x + gradreg_strength * mean ||grad_x CE||_*^2 by finite differences, no PGD; rjem_ray/method/gradreg.py)
+    robust_term: str = setting("pgd", choices=("pgd", "gradreg"))
+    # lambda, in ([-1, 1] unit)^2 so that the penalty is a loss (1.0 stalled the demo)
+    gradreg_strength: float = setting(0.01, ge=0)
+    # finite-difference step h, [-1, 1] units (L-inf: per pixel; L2: per image)
+    gradreg_step: float = setting(0.01, gt=0)
+    # attack norm defended against; penalises its dual gradient norm (linf: L1, l2: L2)
+    gradreg_norm: str = setting("linf", choices=GRADREG_NORMS)
+    log_every: int = setting(20, ge=1)
+    checkpoint_every: int = setting(200, ge=1)
+    eval_every: int = setting(0, ge=0)  # evaluate eval_metrics on rank 0 every N steps and report them (0: never)
+    # metrics evaluated every eval_every steps; the names are checked by EvalConfig (evaluation/registry.py)
+    eval_metrics: list[str] = field(default_factory=lambda: ["fid"])
+    seed: int = 0
 
 
 class DivergenceError(RuntimeError):

@@ -27,15 +27,37 @@ of the others (a sum of C − 1 roughly independent channels grows like √(C �
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.settings import setting
 from .energy import joint_energy, marginal_energy
 
 NORMS = ("batch", "group", "none", "farkas")
 GROUP_NORM_GROUPS = 8
+
+
+def _six_n_plus_four(key: str, depth: int) -> str | None:
+    if (depth - 4) % 6 != 0 or depth < 10:
+        return f"{key}: {depth} is not allowed; it must be 6n+4 (10, 16, 22, 28, ...)"
+    return None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``model.*`` section: the Wide ResNet that :func:`build_model` builds."""
+
+    depth: int = setting(28, check=_six_n_plus_four)  # 6n + 4
+    widen: int = setting(10, ge=1)
+    # batch | group (GroupNorm: no batch or train/eval dependence) | none | farkas (no normalisation; Farkas
+    # layers keep at least one unit of every activation's input >= 0 at every pixel; models.py)
+    norm: str = setting("batch", choices=NORMS)
+    dropout: float = setting(0.0, ge=0.0, le=0.99)
+    leak: float = setting(0.2, ge=0)  # LeakyReLU slope
+    stem_stride: int = setting(1, choices=(1, 2))  # 2 halves the resolution after the first conv (cheap models)
 
 
 class FarkasConv2d(nn.Conv2d):

@@ -24,7 +24,7 @@ from .replay_buffer import Lease, ReplayBuffer
 from .samplers import run_sampler
 
 if TYPE_CHECKING:
-    from ..config import SamplerConfig
+    from .samplers import SamplerConfig
 
 __all__ = ["Negatives", "NoNegatives"]
 

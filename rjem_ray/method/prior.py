@@ -14,13 +14,16 @@ Training (driver and workers), evaluation, sweeps and the scripts all ask this m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import load_gmm_state
-from ..config import Config
 from ..core.data import dataset_info, load_split, to_model_space
+from .checkpoint import load_gmm_state
 from .gmm import ClassConditionalGMM, load_or_fit_gmm
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def gmm_cache_file(cfg: Config) -> Path:

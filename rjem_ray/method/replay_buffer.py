@@ -15,10 +15,16 @@ Images are float32 ``[C, H, W]`` in [-1, 1] (whatever ``init_fn`` and the writer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
+
+from ..core.settings import ConfigError, setting
+from .speed import SWITCHES
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 InitFn = Callable[[int, np.random.Generator], np.ndarray]
 """``(n, rng) -> float32 [n, C, H, W]``: ``n`` fresh draws, all randomness taken from ``rng``."""
@@ -43,6 +49,31 @@ class ReplayBuffer(Protocol):
 
 
 _BIT_GENERATORS = {g.__name__: g for g in (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64, np.random.MT19937)}
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """The ``buffer.*`` section: the replay buffer's size, its reinitialisation and where its slots live."""
+
+    size: int = setting(10000, ge=1)  # slots per worker under weak scaling; of the whole buffer under strong
+    reinit_freq: float = setting(0.05, ge=0.0, le=1.0)
+    # Of the fresh chains (reinit_freq), the fraction that starts from uniform noise on [-1, 1] instead of the
+    # Gaussian mixture (JEM starts every chain from noise, JEM++ none): negatives that also visit noise teach
+    # the energy to rank it below data (docs/RESULTS.md "An energy that is also a density").
+    noise_init: float = setting(0.0, ge=0.0, le=1.0)
+    gmm_max_mb: int = setting(256, ge=1)  # memory bound for the class-conditional Gaussian mixture factors
+    # Where each worker's slots live (rjem_ray/distributed/buffer_actor.py): true = in a shard actor the worker
+    # creates on its own node (survives the worker's process; draws reinitialisations off the step); false =
+    # inside the worker process; auto = true when trainer.num_workers > 1. YAML true/false load as "true"/"false".
+    shared: str = setting("auto", choices=SWITCHES, bools=True)
+
+    def is_shared(self, num_workers: int) -> bool:
+        """Whether ``num_workers`` training workers use the shared (actor-sharded) buffer."""
+        return self.shared == "true" or (self.shared == "auto" and num_workers > 1)
+
+    def cross_check(self, cfg: Config) -> None:
+        if cfg.uses_energy and self.size < cfg.train.batch_size:
+            raise ConfigError(f"buffer.size: {self.size} must be at least train.batch_size ({cfg.train.batch_size})")
 
 
 def check_write_back(slots, x, size: int, sample_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -232,4 +263,4 @@ def regroup(parts: list[dict], per_worker: int, world_size: int, rank: int, init
     }
 
 
-__all__ = ["InitFn", "Lease", "LocalReplayBuffer", "ReplayBuffer", "as_numpy", "regroup", "shard_sizes"]
+__all__ = ["BufferConfig", "InitFn", "Lease", "LocalReplayBuffer", "ReplayBuffer", "as_numpy", "regroup", "shard_sizes"]

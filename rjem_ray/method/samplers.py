@@ -22,17 +22,34 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..core.settings import setting
 from .energy import energy_fn as _energy_fn
 from .energy import energy_of
 
-__all__ = ["SAMPLERS", "sgld", "pyld", "run_sampler", "sgld_update", "pyld_update"]
+__all__ = ["SamplerConfig", "SAMPLERS", "sgld", "pyld", "run_sampler", "sgld_update", "pyld_update"]
 
 SAMPLERS = ("sgld", "pyld")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Langevin sampler for the negative samples (and for energy generation)."""
+
+    kind: str = setting("pyld", choices=SAMPLERS)
+    steps: int = setting(10, ge=1)  # SGLD steps, or PYLD outer steps m
+    inner_steps: int = setting(5, ge=1)  # PYLD inner steps n (ignored by SGLD)
+    step_size: float = setting(0.2, gt=0)  # PYLD lr, or SGLD lr, [-1, 1] units per unit gradient
+    noise_std: float = setting(0.01, ge=0)  # SGLD noise std, [-1, 1] units (PYLD adds none)
+    # PYLD only: a plain gradient step x += outer_step_size · ∂(−E)/∂x before each outer step's inner
+    # steps ([-1, 1] units per unit gradient). JEM++'s public code has both variants: 0 (inner steps
+    # only) and 1.0 (its sgld_lr); 0 is the default here.
+    outer_step_size: float = setting(0.0, ge=0)
 
 
 def _check_steps(name: str, value: int) -> None:

@@ -29,10 +29,65 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..core.settings import ConfigError, setting
+from ..core.storage import check_storage_path
+from .ddp import GRAD_COMPRESSIONS
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 SCALINGS = ("weak", "strong")
 LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 LR_RULE_FOR_OPTIMIZER = {"sgd": "linear", "adam": "sqrt"}  # what ``optim.lr_scaling: auto`` means
+
+
+def _named_gpu_type(key: str, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        return f"{key}: empty; name a GPU type (A100, H100, A10G, ...) or leave it null"
+    return None
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The ``trainer.*`` section: how many workers and how the run scales with them (:func:`plan`), and the
+    Ray Train settings ``distributed/train_driver.py`` makes from it (declared here, in a Ray-free module, so
+    the config loads where Ray is not installed)."""
+
+    num_workers: int = setting(1, ge=1)
+    # weak (batch_size and buffer.size per worker, lr scaled by optim.lr_scaling) | strong (global batch);
+    # rjem_ray/method/scaling.py
+    scaling: str = setting("weak", choices=SCALINGS)
+    # elastic training (Ray Train's num_workers=(min, max)): > 0 lets a run continue on as few as this many
+    # workers when nodes are lost, and grow back up to num_workers; 0 = a fixed worker group
+    min_workers: int = setting(0, ge=0)
+    # one GPU type per DDP job: Ray's accelerator type (A100, H100, A10G, ...) every worker must run on; None: any
+    accelerator_type: str | None = setting(None, check=_named_gpu_type)
+    # DDP gradient all-reduce: none (fp32) | bf16 (compressed to bfloat16, half the bytes; torch's bf16 hook)
+    grad_compression: str = setting("none", choices=GRAD_COMPRESSIONS)
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = setting(1.0, gt=0)
+    sync_batchnorm: bool = False
+    max_failures: int = setting(0, ge=-1)
+    # Where Ray keeps the run's checkpoints (and a sweep's Tune state): None = OUT/ray; a directory, or a URI
+    # such as s3://bucket/prefix (rjem_ray/core/storage.py). One run per storage path: rerunning continues it.
+    storage_path: str | None = setting(None, check=check_storage_path)
+
+    def cross_check(self, cfg: Config) -> None:
+        if self.min_workers > self.num_workers:
+            raise ConfigError(f"trainer.min_workers: {self.min_workers} is out of range; it must be at most "
+                              f"trainer.num_workers ({self.num_workers}), or 0 for a fixed worker group")
+        if self.scaling == "strong":
+            batch = cfg.train.batch_size
+            bad = [n for n in range(self.min_workers or self.num_workers, self.num_workers + 1) if batch % n]
+            if bad:
+                raise ConfigError(
+                    f"train.batch_size: {batch} is the global batch under trainer.scaling=strong and must be "
+                    f"divisible by every worker count the run may have ({bad[0]} does not divide it; "
+                    f"trainer.num_workers {self.num_workers}, trainer.min_workers {self.min_workers}); "
+                    "use trainer.scaling=weak, or a batch divisible by each"
+                )
 
 
 def lr_rule(lr_scaling: str, optimizer: str) -> str:
@@ -99,4 +154,4 @@ def plan(cfg, num_workers: int | None = None) -> ScalePlan:
     return ScalePlan(n, "strong", per, b, "none", cfg.optim.lr, 1.0, per_buffer, per_buffer * n, 1)
 
 
-__all__ = ["LR_RULE_FOR_OPTIMIZER", "LR_SCALINGS", "SCALINGS", "ScalePlan", "crossed", "lr_factor", "lr_rule", "plan"]
+__all__ = ["TrainerConfig", "LR_RULE_FOR_OPTIMIZER", "LR_SCALINGS", "SCALINGS", "ScalePlan", "crossed", "lr_factor", "lr_rule", "plan"]

@@ -27,7 +27,7 @@ import numpy as np
 
 class RjemClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from rjem_ray.method.checkpoint import load_model
+        from rjem_ray.method.restore import load_model
 
         self.model, self.cfg = load_model(context.artifacts["checkpoint"])
 
@@ -62,7 +62,7 @@ def log_model(client, run_id: str, ckpt_dir: str | Path, registered_model_name: 
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model, infer_signature
 
-    from ..method.checkpoint import load_model
+    from ..method.restore import load_model
 
     model, cfg = load_model(ckpt_dir)
     if example is None:

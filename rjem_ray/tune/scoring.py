@@ -85,7 +85,7 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
 
         load_train_gmm(cfg, train_imgs, train_labels)
     if scope == "sample":
-        from ..method.checkpoint import load_model
+        from ..method.restore import load_model
         from ..evaluation.evaluate import evaluate_model
 
         device = default_device()  # the GPU Ray assigned this trial, else CPU

@@ -79,7 +79,7 @@ def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     import torch
     from ray import tune
 
-    from ..method.checkpoint import load_model
+    from ..method.restore import load_model
     from ..evaluation.generate import generate
     from ..core.images import save_grid
     from ..method.prior import gmm_for_checkpoint
@@ -184,7 +184,7 @@ def checkpoint_report(run_dir: str | Path) -> dict:
 
 def _evaluate_final(cfg: Config, checkpoint: Path) -> dict:
     """``train.eval_metrics`` of a finished trial's final checkpoint, at step ``train.steps``."""
-    from ..method.checkpoint import load_model
+    from ..method.restore import load_model
     from ..evaluation.evaluate import evaluate_model
     from ..method.prior import gmm_for_checkpoint
     from .sweep import FIGURES
@@ -234,7 +234,7 @@ def sample_grid(checkpoint: str | Path, cfg: Config, path: Path, seed: int = 0) 
     """A grid of ``cfg.generate.mode`` samples from ``checkpoint``: a column per class, 8 rows."""
     import torch
 
-    from ..method.checkpoint import load_model
+    from ..method.restore import load_model
     from ..evaluation.generate import generate
     from ..core.images import save_grid
     from ..method.prior import gmm_for_checkpoint

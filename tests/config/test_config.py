@@ -205,11 +205,24 @@ def test_load_config_of_a_config_applies_mlflows_variables_then_the_overrides(mo
     assert load_config(base, ["tracking.experiment=from-set"]).tracking.experiment == "from-set"
 
 
+def test_each_section_is_declared_beside_the_module_it_configures():
+    import rjem_ray.config as config
+
+    homes = {"DataConfig": "core.data", "ModelConfig": "method.models", "OptimConfig": "method.learner",
+             "AttackConfig": "method.attacks", "SamplerConfig": "method.samplers", "BufferConfig": "method.replay_buffer",
+             "TrainConfig": "method.learner", "TrainerConfig": "method.scaling", "GenerateConfig": "evaluation.generate",
+             "EvalConfig": "evaluation.registry", "TrackingConfig": "config.root"}
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(getattr(Config(), f.name))}
+    assert sorted(sections.values()) == sorted(homes)  # every section of the tree is in the table above
+    assert {name: getattr(config, name).__module__ for name in homes} == {n: f"rjem_ray.{m}" for n, m in homes.items()}
+
+
 def test_each_list_of_allowed_names_has_one_home():
     """The config checks names against the tuples of the modules that use them, not copies."""
-    from rjem_ray.config.sections import DataConfig, EvalConfig, ModelConfig, TrainConfig
+    from rjem_ray.config import DataConfig, EvalConfig, GenerateConfig, ModelConfig, TrainConfig
     from rjem_ray.core.data import DATASETS
-    from rjem_ray.method import attacks, gradreg, models
+    from rjem_ray.evaluation import generate, generation_metrics, ood, registry
+    from rjem_ray.method import attacks, gradreg, learner, models, speed
     from rjem_ray.robustness import autoattack, minnorm
 
     def choices(cls, name):
@@ -218,7 +231,15 @@ def test_each_list_of_allowed_names_has_one_home():
     assert choices(DataConfig, "name") == tuple(DATASETS)
     assert choices(ModelConfig, "norm") is models.NORMS
     assert choices(TrainConfig, "gradreg_norm") is gradreg.NORMS is attacks.NORMS
+    assert choices(TrainConfig, "mode") is learner.MODES
+    assert choices(TrainConfig, "precision") is speed.PRECISIONS and choices(TrainConfig, "compile") is speed.SWITCHES
     assert attacks.NORMS == tuple(attacks.STEPS)
+    assert choices(GenerateConfig, "mode") is generate.GEN_MODES
+    assert choices(EvalConfig, "metrics") is registry.METRIC_NAMES
+    assert set(registry.METRIC_NAMES) == set(registry.BY_NAME)
+    assert choices(EvalConfig, "fid_extractor") is generation_metrics.FID_EXTRACTORS
+    assert choices(EvalConfig, "ood_scores") is ood.SCORE_NAMES
+    assert choices(EvalConfig, "ood_shifts") == ("auto",) + ood.SHIFT_NAMES
     assert choices(EvalConfig, "min_norm_runs") is minnorm.RUNS
     assert choices(EvalConfig, "autoattack_attacks") is autoattack.ATTACKS
     assert minnorm.RUNS == tuple(f"{a}-{n}" for a, ns in minnorm.ATTACKS.items() for n in ns)
@@ -235,6 +256,7 @@ def test_each_list_of_allowed_names_has_one_home():
     ("eval.certify_radii=[]", "eval.certify_radii: empty; list one or more radii >= 0 ([-1, 1] units)"),
     ("eval.ood_shifts=[]", "eval.ood_shifts: empty; list auto or one or more of uniform, gaussian"),
     ("buffer.size=8", "buffer.size: 8 must be at least train.batch_size"),
+    ("train.eval_metrics=[fid, bogus]", "train.eval_metrics: 'bogus' is not allowed; choose one of accuracy, robust"),
     ("trainer.max_failures=-2", "trainer.max_failures: -2 is out of range; it must be >= -1"),
 ])
 def test_field_constraints_and_cross_field_rules_keep_their_messages(override, message):

@@ -107,7 +107,7 @@ def test_an_unknown_metric_is_refused_by_name_before_the_model_is_loaded(monkeyp
     from rjem_ray.config import ConfigError
     from rjem_ray.evaluation import evaluate
 
-    monkeypatch.setattr("rjem_ray.method.checkpoint.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("rjem_ray.method.restore.load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ConfigError) as exc:
         evaluate.evaluate_checkpoint(tmp_path, ["accuracy", "bogus"])
     msg = str(exc.value)

@@ -130,7 +130,7 @@ def test_a_damaged_file_is_one_line_and_exit_2(full_checkpoint, tmp_path, cache_
 
 def test_the_intact_checkpoint_passes_the_same_commands(full_checkpoint, tmp_path, cache_dir):
     """The damage above is what fails: the same directory, intact, samples and evaluates."""
-    from rjem_ray.method.checkpoint import verify_checkpoint
+    from rjem_ray.method.restore import verify_checkpoint
     from rjem_ray.cli import main
 
     assert verify_checkpoint(full_checkpoint)["step"] == 3
@@ -147,8 +147,8 @@ def test_an_unwritable_output_fails_before_any_work(full_checkpoint, tmp_path, c
     if command == "train":
         argv = [a for a in argv if a not in ("--resume", str(full_checkpoint))]
     for heavy in ("rjem_ray.evaluation.generate.generate", "rjem_ray.evaluation.evaluate.evaluate_checkpoint",
-                  "rjem_ray.distributed.train_driver.run_training", "rjem_ray.method.checkpoint.load_model"):
-        monkeypatch.setattr(heavy, lambda *a, **k: pytest.fail(f"work started before the output was checked"))
+                  "rjem_ray.distributed.train_driver.run_training", "rjem_ray.method.restore.load_model"):
+        monkeypatch.setattr(heavy, lambda *a, **k: pytest.fail("work started before the output was checked"))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot be written" in err[0] and str(tmp_path / "file") in err[0], err

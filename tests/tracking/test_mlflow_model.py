@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rjem_ray.method.checkpoint import load_model, save_checkpoint
+from rjem_ray.method.checkpoint import save_checkpoint
+from rjem_ray.method.restore import load_model
 from rjem_ray.cli import main
 from rjem_ray.config import load_config
 from rjem_ray.core.data import dataset_info, load_split

@@ -318,7 +318,7 @@ def test_a_sweep_logs_through_a_server_killed_and_restarted_mid_sweep(server, bu
     assert version.run_id == rows[0]["run_id"] and version.source.startswith(f"mlflow-artifacts:/{exp_id}/")
     import torch
 
-    from rjem_ray.method.checkpoint import load_model
+    from rjem_ray.method.restore import load_model
 
     ckpt = resolve_checkpoint("models:/server-best/1", server.uri, dst=tmp_path / "model")
     best = outcome.out_dir / "trials" / rows[0]["trial_id"] / "checkpoint"
@@ -380,7 +380,7 @@ def test_a_sweep_resumes_on_a_new_head_from_its_state_in_s3(server, bucket, s3_s
     (before_parent,) = [r for r in _runs(client, "new-head") if "mlflow.parentRunId" not in r.data.tags]
     before = {r.data.tags["rjem.trial_id"]: r.info.run_id for r in _runs(client, "new-head")
               if "mlflow.parentRunId" in r.data.tags}
-    assert list(before) == [trial] and not list((tmp_path / "head1" / "trials").glob(f"*/checkpoint"))
+    assert list(before) == [trial] and not list((tmp_path / "head1" / "trials").glob("*/checkpoint"))
     shutil.rmtree(first_out)  # the old head's disk is gone with it
 
     # A fresh head: a new local Ray, an empty --out, the same storage path and tracking store.
@@ -477,7 +477,7 @@ def test_migrate_store_copies_a_sqlite_store_into_postgres_and_its_artifacts_int
         sqlite_store, postgres, bucket, s3_server, tmp_path, monkeypatch, capsys):
     import torch
 
-    from rjem_ray.method.checkpoint import load_model
+    from rjem_ray.method.restore import load_model
     from rjem_ray.cli import main
 
     uri, parent_id, children, ckpt = sqlite_store

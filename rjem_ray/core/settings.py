@@ -1,4 +1,5 @@
-"""How a configuration section is declared, built from a mapping, and checked.
+"""How a configuration section is declared, built from a mapping, and checked (``rjem_ray.config`` assembles
+the sections, each declared beside the module it configures, into one ``Config``).
 
 A section is a frozen dataclass whose fields carry their own constraints: ``setting(default, choices=...,
 ge=..., ...)`` puts them in the field's metadata, beside the field. :func:`build` turns a (YAML) mapping into
@@ -128,11 +129,12 @@ def _coerce_type(tp: Any, value: Any, key: str, renamed: dict[str, str] | None) 
 # ----------------------------------------------------------------------------------------------- checking
 
 
-def check(root: Any) -> None:
+def check(root: Any, prefix: str = "") -> None:
     """Raise :class:`ConfigError` for the first field of ``root`` (field order, depth first) that breaks its
-    constraints, then for the first section whose ``cross_check(root)`` complains."""
+    constraints, then for the first section whose ``cross_check(root)`` complains; ``prefix`` starts every key
+    the messages name (``"tune."`` for a sweep file's ``tune:`` section)."""
     sections: list[Any] = []
-    _check_fields(root, "", sections)
+    _check_fields(root, prefix, sections)
     for section in sections:
         section.cross_check(root)
 
