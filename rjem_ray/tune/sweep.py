@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, apply_overrides, build, read_yaml, with_tracking_env
+from ..config import Config, ConfigError, apply_overrides, build, check, read_yaml, setting, with_tracking_env
 from ..robustness.minnorm import RUNS as MIN_NORM_RUNS
 from .search_space import KINDS, Param, base_point, num_trials, parse_search
 
@@ -60,20 +60,26 @@ class TuneSettings:
 
     # fid | kid | inception_score (both scopes; KID for small eval.fid_samples, docs/TUNING.md); accuracy | robust_accuracy (AutoAttack) | pgd_robust_accuracy | ece |
     # ood_auroc (train)
-    metric: str = "fid"
-    mode: str | None = None  # min | max; None: min for fid, kid and ece, max for the others
-    num_samples: int = 1  # trials drawn per grid point (search optuna: trials in all, the baseline included)
+    metric: str = setting("fid", choices=tuple(METRIC_MODES))
+    mode: str | None = setting(None, choices=("min", "max"))  # None: min for fid, kid and ece, max for the others
+    # trials drawn per grid point (search optuna: trials in all, the baseline included)
+    num_samples: int = setting(1, ge=1)
     # random: Tune's random draws and grids | optuna: Optuna's TPE (extra rjem-ray[optuna]; no grids), whose
     # first trial is the base config's own values of the searched keys
-    search: str = "random"
-    max_concurrent: int = 2  # trials running at once
-    scheduler: str | None = None  # fifo | asha; None: asha for scope train, fifo for scope sample
-    grace_period: int | None = None  # ASHA: optimiser steps before a trial may be stopped (None: train.eval_every)
-    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
-    trial_cpus: float = 1.0  # CPUs of the trial process (scope train: the driver; its workers take trainer.*)
-    trial_gpus: float | None = None  # scope sample: GPUs per trial (None: 1 when the cluster has GPUs; 0.5 packs two)
+    search: str = setting("random", choices=SEARCHERS)
+    max_concurrent: int = setting(2, ge=1)  # trials running at once
+    scheduler: str | None = setting(None, choices=SCHEDULERS)  # None: asha for scope train, fifo for scope sample
+    # ASHA: optimiser steps before a trial may be stopped (None: train.eval_every)
+    grace_period: int | None = setting(None, ge=1)
+    reduction_factor: int = setting(2, ge=2)  # ASHA: keep the best 1/reduction_factor at each rung
+    # CPUs of the trial process (scope train: the driver; its workers take trainer.*); Ray places no trial that
+    # asks for nothing, so > 0 (0.5 lets two drivers share a core)
+    trial_cpus: float = setting(1.0, gt=0)
+    # scope sample: GPUs per trial (None: 1 when the cluster has GPUs; 0.5 packs two)
+    trial_gpus: float | None = setting(None, ge=0)
     seed: int = 0  # random search, and the generation seed every sample-scope trial shares
-    max_failures: int = 0  # Tune retries of a trial whose process crashed (diverged trials are results, never retried)
+    # Tune retries of a trial whose process crashed (diverged trials are results, never retried)
+    max_failures: int = setting(0, ge=0)
     register_as: str | None = None  # scope train: register the best trial's model as models:/NAME/VERSION
 
 
@@ -152,7 +158,8 @@ def _resolve_checkpoint(path: str | Path) -> Path:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read a sweep file, apply ``--set`` overrides (to any key, e.g. ``tune.num_samples=8`` or
     ``eval.fid_samples=200``), and validate everything that can be checked before Ray starts."""
-    from ..method.checkpoint import config_from_state, load_state
+    from ..method.checkpoint import load_state
+    from ..method.restore import config_from_state
 
     path = Path(path)
     # MLflow's variables enter the sweep's own tracking section, which wins over the base or checkpoint config.
@@ -161,6 +168,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if scope not in SCOPES:
         raise ConfigError(f"scope: {scope!r} is not allowed; choose one of {', '.join(SCOPES)}")
     settings = build(TuneSettings, doc.get("tune") or {}, "tune.")
+    check(settings, "tune.")
     search = _flatten_search(doc.get("search") or {})
     experiment = {k: v for k, v in doc.items() if k not in SWEEP_KEYS}
     name = str(experiment.get("name") or path.stem)
@@ -193,20 +201,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             doc["base"] = str(base_path.resolve())
     cfg = Config.from_dict(_deep_merge(base, experiment))
 
-    if settings.metric not in METRIC_MODES:
-        raise ConfigError(f"tune.metric: {settings.metric!r} is not allowed; choose one of {', '.join(METRIC_MODES)}")
-    if settings.mode is not None and settings.mode not in ("min", "max"):
-        raise ConfigError(f"tune.mode: {settings.mode!r} is not allowed; choose one of min, max")
-    if settings.scheduler is not None and settings.scheduler not in SCHEDULERS:
-        raise ConfigError(f"tune.scheduler: {settings.scheduler!r} is not allowed; choose one of {', '.join(SCHEDULERS)}")
-    if settings.search not in SEARCHERS:
-        raise ConfigError(f"tune.search: {settings.search!r} is not allowed; choose one of {', '.join(SEARCHERS)}")
-    for key in ("num_samples", "max_concurrent", "reduction_factor"):
-        if getattr(settings, key) < 1 + (key == "reduction_factor"):
-            raise ConfigError(f"tune.{key}: {getattr(settings, key)} is out of range; it must be >= "
-                              f"{1 + (key == 'reduction_factor')}")
-    if settings.trial_cpus < 0 or (settings.trial_gpus or 0) < 0 or settings.max_failures < 0:
-        raise ConfigError("tune.trial_cpus, tune.trial_gpus and tune.max_failures must be >= 0")
     if settings.register_as is not None:
         from ..tracking.models import check_model_name
 

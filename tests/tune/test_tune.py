@@ -221,7 +221,7 @@ def test_train_sweep_reports_fid_over_time_and_keeps_a_diverged_trial_local(ray_
     assert version.run_id == rows[0]["run_id"] == children[rows[0]["trial_id"]].info.run_id
     import torch
 
-    from rjem_ray.method.checkpoint import load_model
+    from rjem_ray.method.restore import load_model
     from rjem_ray.tracking.models import resolve_checkpoint
 
     x = torch.rand(3, 1, 28, 28) * 2 - 1
@@ -483,6 +483,13 @@ def test_bad_sample_sweeps_fail_before_ray_starts(fake_checkpoint, sets, message
     (["search.optim.lr.loguniform=[0, 1]"], "loguniform needs low > 0"),
     (["tune.register_as=a/b"], "tune.register_as: 'a/b' is not a registered-model name"),
     (["tune.register_as=best", "tracking.enabled=false"], "tune.register_as: registering a model needs tracking"),
+    # declared on TuneSettings' fields: one key per message (Ray places no trial that asks for 0 CPUs)
+    (["tune.trial_cpus=0"], "tune.trial_cpus: 0.0 is out of range; it must be > 0"),
+    (["tune.trial_gpus=-1"], "tune.trial_gpus: -1.0 is out of range; it must be >= 0"),
+    (["tune.max_failures=-1"], "tune.max_failures: -1 is out of range; it must be >= 0"),
+    (["tune.reduction_factor=1"], "tune.reduction_factor: 1 is out of range; it must be >= 2"),
+    (["tune.grace_period=0"], "tune.grace_period: 0 is out of range; it must be >= 1"),
+    (["tune.search=grid"], "tune.search: 'grid' is not allowed; choose one of random, optuna"),
 ])
 def test_bad_train_sweeps_fail_before_ray_starts(sets, message):
     with pytest.raises(ConfigError) as err:
