@@ -62,22 +62,22 @@ GEN_MODES = ("energy", "pgd", "combined")  # generate.mode: the paper's three wa
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Inference-time generation (the paper's three modes)."""
+    """The ``generate.*`` section: inference-time generation (the paper's three modes, :func:`generate`)."""
 
     mode: str = setting("combined", choices=GEN_MODES)
     n: int = setting(100, ge=1)
     conditional: bool = True  # E(x, c) for a requested class; False samples E(x)
     # targeted-PGD ball: linf (the paper: sign steps, budget per pixel) | l2 (normalised-gradient steps,
-    # budget per image: the change goes where the gradient is, not to every pixel alike); generate.py
+    # budget per image: the change goes where the gradient is, not to every pixel alike)
     pgd_norm: str = setting("linf", choices=ATTACK_NORMS)
     pgd_eps: float = setting(0.5, ge=0)  # targeted-PGD budget, [-1, 1] units (per pixel for linf, per image for l2)
     pgd_steps: int = setting(40, ge=1)
     pgd_step_size: float = setting(0.05, ge=0)
     contrast: float = setting(0.7, ge=0.0, le=1.0)  # κ: x ← m + κ (x − m) before Langevin (combined mode)
-    # m: floor (−1: black stays black, strokes dim) | class-mean (μ_c of the prior) | image-mean (x̄); generate.py
+    # m: floor (−1: black stays black, strokes dim) | class-mean (μ_c of the prior) | image-mean (x̄); reduce_contrast
     contrast_center: str = setting("floor", choices=("floor", "class-mean", "image-mean"))
     # BatchNorm while generating: eval (running statistics) | train (the generated batch's statistics,
-    # running statistics frozen: the training sampler's view under train.sampler_bn_mode = train); generate.py
+    # running statistics frozen: the training sampler's view under train.sampler_bn_mode = train)
     bn_mode: str = setting("eval", choices=("eval", "train"))
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=50, inner_steps=5, step_size=0.2))
     batch_size: int = setting(100, ge=1)

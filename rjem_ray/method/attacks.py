@@ -118,7 +118,7 @@ NORMS = tuple(STEPS)  # the attack norms (attack.norm, generate.pgd_norm and tra
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """PGD used for adversarial training (robust modes)."""
+    """The ``attack.*`` section: PGD (:func:`pgd`) of adversarial training (robust modes)."""
 
     norm: str = setting("linf", choices=NORMS)
     eps: float = setting(0.1, ge=0)  # [-1, 1] units

@@ -53,7 +53,7 @@ class ModelConfig:
     depth: int = setting(28, check=_six_n_plus_four)  # 6n + 4
     widen: int = setting(10, ge=1)
     # batch | group (GroupNorm: no batch or train/eval dependence) | none | farkas (no normalisation; Farkas
-    # layers keep at least one unit of every activation's input >= 0 at every pixel; models.py)
+    # layers keep at least one unit of every activation's input >= 0 at every pixel: FarkasConv2d)
     norm: str = setting("batch", choices=NORMS)
     dropout: float = setting(0.0, ge=0.0, le=0.99)
     leak: float = setting(0.2, ge=0)  # LeakyReLU slope

@@ -39,7 +39,8 @@ SAMPLERS = ("sgld", "pyld")
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Langevin sampler for the negative samples (and for energy generation)."""
+    """The ``sampler.*`` section (and ``generate.sampler``): the Langevin sampler (:func:`run_sampler`) of the
+    negative samples and of energy generation."""
 
     kind: str = setting("pyld", choices=SAMPLERS)
     steps: int = setting(10, ge=1)  # SGLD steps, or PYLD outer steps m

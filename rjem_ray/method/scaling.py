@@ -56,8 +56,7 @@ class TrainerConfig:
     the config loads where Ray is not installed)."""
 
     num_workers: int = setting(1, ge=1)
-    # weak (batch_size and buffer.size per worker, lr scaled by optim.lr_scaling) | strong (global batch);
-    # rjem_ray/method/scaling.py
+    # weak (batch_size and buffer.size per worker, lr scaled by optim.lr_scaling) | strong (global batch)
     scaling: str = setting("weak", choices=SCALINGS)
     # elastic training (Ray Train's num_workers=(min, max)): > 0 lets a run continue on as few as this many
     # workers when nodes are lost, and grow back up to num_workers; 0 = a fixed worker group
@@ -154,4 +153,5 @@ def plan(cfg, num_workers: int | None = None) -> ScalePlan:
     return ScalePlan(n, "strong", per, b, "none", cfg.optim.lr, 1.0, per_buffer, per_buffer * n, 1)
 
 
-__all__ = ["TrainerConfig", "LR_RULE_FOR_OPTIMIZER", "LR_SCALINGS", "SCALINGS", "ScalePlan", "crossed", "lr_factor", "lr_rule", "plan"]
+__all__ = ["LR_RULE_FOR_OPTIMIZER", "LR_SCALINGS", "SCALINGS", "ScalePlan", "TrainerConfig", "crossed", "lr_factor", "lr_rule",
+           "plan"]
