@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint directory or file written by ``rjem train``: returns ``(model, config)``."""
+    # lazy: this file runs first in every process that imports any rjem_ray module (Ray workers, `rjem`); restore
+    # would bring the config and the module of every section into each of them
     from .method.restore import load_model
 
     return load_model(path, map_location=map_location)

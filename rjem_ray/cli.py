@@ -10,10 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import __version__
+
+# The commands import what they need inside their functions (each marked `# lazy: see top`), as do main() and
+# build_parser(): `rjem --help`, `rjem --version` and an argument error then answer without importing Ray or
+# MLflow. (torch is imported by the package itself: rjem_ray/__init__.py installs the torchvision shim.)
 
 
 def _progress(prefix: str):
@@ -27,7 +34,7 @@ def _progress(prefix: str):
 
 def check_writable(path: str | Path, flag: str, directory: bool) -> None:
     """Fail before any work when ``path`` (a directory, or a file's directory; or a storage URI) cannot be written."""
-    from .core import storage
+    from .core import storage  # lazy: see top
 
     if storage.is_uri(path):
         return storage.check_writable(str(path), flag)
@@ -48,21 +55,21 @@ def model_store(args, config: str | None = None) -> tuple[str, str]:
     """The MLflow stores (tracking, registry) that a ``models:/`` or ``runs:/`` argument is looked up in:
     ``--set tracking.*`` > MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI > ``config``'s tracking section > the
     default, as for ``rjem train``; a checkpoint directory needs none (then nothing is read)."""
-    from .tracking.models import MODEL_URI_SCHEMES
-    from .tracking.stores import store_uris
+    from .tracking.models import MODEL_URI_SCHEMES  # lazy: see top
+    from .tracking.stores import store_uris  # lazy: see top
 
     if not str(args.checkpoint).startswith(MODEL_URI_SCHEMES):
         return "", ""
-    from .config import load_config
+    from .config import load_config  # lazy: see top
 
     tracking = [s for s in (args.set or []) if s.split("=", 1)[0].strip().startswith("tracking.")]
     return store_uris(load_config(config, tracking).tracking)
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .core.storage import is_uri
-    from .distributed.train_driver import run_training
+    from .config import load_config  # lazy: see top
+    from .core.storage import is_uri  # lazy: see top
+    from .distributed.train_driver import run_training  # lazy: see top
 
     cfg = load_config(args.config, args.set)
     if is_uri(args.out):
@@ -80,16 +87,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
+    import torch  # lazy: see top
 
-    from .method.restore import load_model
-    from .core.data import to_uint8
-    from .evaluation.generate import generate
-    from .core.images import save_grid
-    from .method.restore import verify_checkpoint
-    from .core.devices import resolve_device
-    from .method.prior import gmm_for_checkpoint
-    from .tracking.models import resolve_checkpoint
+    from .method.restore import load_model  # lazy: see top
+    from .core.data import to_uint8  # lazy: see top
+    from .evaluation.generate import generate  # lazy: see top
+    from .core.images import save_grid  # lazy: see top
+    from .method.restore import verify_checkpoint  # lazy: see top
+    from .core.devices import resolve_device  # lazy: see top
+    from .method.prior import gmm_for_checkpoint  # lazy: see top
+    from .tracking.models import resolve_checkpoint  # lazy: see top
 
     args.checkpoint = resolve_checkpoint(args.checkpoint, *model_store(args, args.config))
     verify_checkpoint(args.checkpoint)
@@ -98,7 +105,7 @@ def cmd_sample(args) -> int:
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, map_location=device)
     if args.config:  # e.g. a sweep's best.yaml: its generate section replaces the checkpoint's
-        from .config import load_config
+        from .config import load_config  # lazy: see top
 
         cfg = cfg.replace(generate=load_config(args.config).to_dict()["generate"])
     mode = args.mode or (cfg.generate.mode if args.config else "combined")
@@ -118,7 +125,7 @@ def cmd_sample(args) -> int:
         save_grid(x, out)
         say(f"wrote {out}")
     else:
-        from PIL import Image
+        from PIL import Image  # lazy: see top
 
         out.mkdir(parents=True, exist_ok=True)
         save_grid(x, out / "grid.png")
@@ -133,10 +140,8 @@ def cmd_sample(args) -> int:
 def eval_artifact_dir(source: str, checkpoint_dir: str) -> Path:
     """``evaluate.default_artifact_dir`` of a checkpoint directory; for a ``models:/``/``runs:/`` URI (whose
     download is removed at exit) ``./rjem-eval/<the URI as one folder name>`` in the working directory."""
-    import re
-
-    from .evaluation.evaluate import default_artifact_dir
-    from .tracking.models import MODEL_URI_SCHEMES
+    from .evaluation.evaluate import default_artifact_dir  # lazy: see top
+    from .tracking.models import MODEL_URI_SCHEMES  # lazy: see top
 
     if str(source).startswith(MODEL_URI_SCHEMES):
         return Path.cwd() / "rjem-eval" / re.sub(r"[^A-Za-z0-9._@-]+", "_", str(source)).strip("_")
@@ -149,8 +154,8 @@ def eval_store(args, source: str, cfg, store: tuple[str, str]) -> dict | None:
     ``cfg``'s tracking section (the checkpoint's own, under MLflow's environment variables and ``--set``);
     without an explicit store (``--set tracking.tracking_uri`` or MLFLOW_TRACKING_URI) the store of the
     training run when it is known (``tracking.eval_runs.training_run_of``), and the run nests under it there."""
-    from .tracking.eval_runs import training_run_of
-    from .tracking.stores import store_uris
+    from .tracking.eval_runs import training_run_of  # lazy: see top
+    from .tracking.stores import store_uris  # lazy: see top
 
     t = cfg.tracking
     if not t.enabled:
@@ -167,13 +172,13 @@ def eval_store(args, source: str, cfg, store: tuple[str, str]) -> dict | None:
 
 
 def cmd_eval(args) -> int:
-    from .method.restore import config_from_state, verify_checkpoint
-    from .config import load_config
-    from .core.errors import first_line
-    from .evaluation.evaluate import evaluate_checkpoint
-    from .tracking.eval_runs import drawn_files, log_evaluation
-    from .tracking.models import resolve_checkpoint
-    from .distributed.train_driver import merge_json
+    from .method.restore import config_from_state, verify_checkpoint  # lazy: see top
+    from .config import load_config  # lazy: see top
+    from .core.errors import first_line  # lazy: see top
+    from .evaluation.evaluate import evaluate_checkpoint  # lazy: see top
+    from .tracking.eval_runs import drawn_files, log_evaluation  # lazy: see top
+    from .tracking.models import resolve_checkpoint  # lazy: see top
+    from .distributed.train_driver import merge_json  # lazy: see top
 
     source = args.checkpoint
     store = model_store(args)
@@ -216,8 +221,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .config import ConfigError, load_config
-    from .tracking.stores import is_server_uri, resolve_artifact_location, resolve_tracking_uri
+    from .config import ConfigError, load_config  # lazy: see top
+    from .tracking.stores import is_server_uri, resolve_artifact_location, resolve_tracking_uri  # lazy: see top
 
     cfg = load_config(args.config, args.set)
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -236,8 +241,8 @@ def cmd_ui(args) -> int:
 
 def cmd_server(args) -> int:
     """``rjem server``: check the backend store, then run ``mlflow server`` (foreground, or ``--detach``)."""
-    from .tracking.server import ARTIFACTS_ENV, BACKEND_ENV, server_command, start_server, stop_server
-    from .tracking.stores import check_database, is_database_uri, masked, resolve_tracking_uri
+    from .tracking.server import ARTIFACTS_ENV, BACKEND_ENV, server_command, start_server, stop_server  # lazy: see top
+    from .tracking.stores import check_database, is_database_uri, masked, resolve_tracking_uri  # lazy: see top
 
     backend = args.backend_store_uri or os.environ.get(BACKEND_ENV, "")
     artifacts = args.artifacts_destination or os.environ.get(ARTIFACTS_ENV, "")
@@ -273,8 +278,8 @@ def cmd_server(args) -> int:
 
 def cmd_migrate_store(args) -> int:
     """``rjem migrate-store``: copy a sqlite store into the server's database (``tracking.migrate.migrate_store``)."""
-    from .tracking.migrate import migrate_store
-    from .tracking.server import ARTIFACTS_ENV, BACKEND_ENV
+    from .tracking.migrate import migrate_store  # lazy: see top
+    from .tracking.server import ARTIFACTS_ENV, BACKEND_ENV  # lazy: see top
 
     target = args.to or os.environ.get(BACKEND_ENV, "")
     if not target:
@@ -289,8 +294,6 @@ MODEL_HELP = ("checkpoint directory, models:/NAME/VERSION or runs:/RUN_ID/model 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = argparse.ArgumentParser(prog="rjem", description="Robust Joint Energy-Based Models on Ray")
     p.add_argument("--version", action="version", version=f"rjem {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -370,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--artifacts-destination", help="the server's artifact store, e.g. s3://BUCKET/mlflow (default "
                                                    "$MLFLOW_ARTIFACTS_DESTINATION; unset: artifacts stay in place)")
     m.set_defaults(func=cmd_migrate_store)
-    from .tune import add_parser as add_tune_parser
+    from .tune import add_parser as add_tune_parser  # lazy: see top
 
     add_tune_parser(sub)
     return p
@@ -384,10 +387,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .method.checkpoint import CheckpointError
-    from .config import ConfigError
-    from .core.data import DataError
-    from .distributed.train_driver import TrainingFailed
+    from .method.checkpoint import CheckpointError  # lazy: see top
+    from .config import ConfigError  # lazy: see top
+    from .core.data import DataError  # lazy: see top
+    from .distributed.train_driver import TrainingFailed  # lazy: see top
 
     args = build_parser().parse_args(argv)
     if getattr(args, "n", None) is not None and args.n < 1:

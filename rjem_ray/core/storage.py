@@ -21,6 +21,12 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from .errors import first_line
+
+# pyarrow and fsspec are imported inside the functions that use them (marked `# lazy: ... see top`): the config
+# imports this module (method/scaling.py checks trainer.storage_path with the string helpers below), and the
+# Ray-free layers run where pyarrow and fsspec, which come with Ray, need not be installed.
+
 # Schemes pyarrow.fs.FileSystem.from_uri opens (Ray Train's own resolution); fsspec's registry adds more.
 PYARROW_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -50,7 +56,7 @@ def check_storage_path(key: str, value: str | None) -> str | None:
     s = scheme(value)
     if s is None or s in PYARROW_SCHEMES:
         return None
-    from fsspec.registry import known_implementations
+    from fsspec.registry import known_implementations  # lazy: fsspec, see top
 
     if s in known_implementations:
         return None
@@ -77,8 +83,8 @@ def name(path: str | os.PathLike) -> str:
 
 def filesystem(path: str | os.PathLike):
     """``(pyarrow filesystem, path on it)`` for a local path or a URI (fsspec when pyarrow lacks the scheme)."""
-    import pyarrow
-    import pyarrow.fs as pafs
+    import pyarrow  # lazy: pyarrow, see top
+    import pyarrow.fs as pafs  # lazy: pyarrow, see top
 
     if not is_uri(path):
         return pafs.LocalFileSystem(), str(local_path(path))
@@ -88,7 +94,7 @@ def filesystem(path: str | os.PathLike):
     except pyarrow.ArrowInvalid as exc:
         if "Unrecognized filesystem type" not in str(exc):
             raise
-    import fsspec
+    import fsspec  # lazy: fsspec, see top
 
     fs, fs_path = fsspec.core.url_to_fs(text)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs_path
@@ -112,13 +118,13 @@ def _info(path):
 
 
 def is_dir(path: str | os.PathLike) -> bool:
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: pyarrow, see top
 
     return _info(path).type == pafs.FileType.Directory
 
 
 def is_file(path: str | os.PathLike) -> bool:
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: pyarrow, see top
 
     return _info(path).type == pafs.FileType.File
 
@@ -146,7 +152,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def subdirs(path: str | os.PathLike, prefix: str = "") -> list[str]:
     """Names of the directories directly under ``path`` that start with ``prefix`` (none if it is absent)."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: pyarrow, see top
 
     fs, fs_path = filesystem(path)
     if fs.get_file_info(fs_path).type != pafs.FileType.Directory:
@@ -162,7 +168,7 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if not is_uri(src):
         os.replace(local_path(src), local_path(dst))
         return
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: pyarrow, see top
 
     fs, src_path = filesystem(src)
     _, dst_path = filesystem(dst)
@@ -176,8 +182,6 @@ def check_writable(uri: str, key: str) -> None:
     A probe object is written under ``uri`` and deleted; the error is one line naming ``key`` and ``uri``.
     (Local directories: ``cli.check_writable``.)
     """
-    from .errors import first_line
-
     probe = join(uri, f".rjem-write-probe-{uuid.uuid4().hex}")
     try:
         fs, fs_path = filesystem(probe)
@@ -196,7 +200,7 @@ def local_copy(path: str | os.PathLike) -> Iterator[Path]:
     if not is_uri(path):
         yield local_path(path)
         return
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: pyarrow, see top
 
     fs, fs_path = filesystem(path)
     if fs.get_file_info(fs_path).type != pafs.FileType.Directory:

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..core.files import atomic_torch_save
 from ..method.gmm import ClassConditionalGMM, as_init_fn
@@ -237,8 +238,6 @@ def create_worker_shard(gmm: ClassConditionalGMM, size: int, *, rank: int, reini
     least 4. ``noise_init``: the fraction of fresh draws that are uniform noise (``gmm.as_init_fn``).
     ``snapshot_dir`` (default: a directory under this node's temp dir) keeps the restart file.
     """
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     node = ray.get_runtime_context().get_node_id()
     snapshot_dir = Path(snapshot_dir or tempfile.mkdtemp(prefix="rjem-buffer-"))
     state = None if initial_state is None else {**initial_state, "buffer": as_numpy(initial_state["buffer"])}

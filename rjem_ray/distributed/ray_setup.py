@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 
+# Ray is imported inside the functions that call it (marked `# lazy: Ray, see top`): rjem_ray/cli.py's parser (the
+# tune package) and every `rjem` command import train_driver, which imports this module, and `import ray.train`
+# takes ~1.2 s; it loads when a run or a sweep starts.
 # Set (unless already set) before every ray.init: no usage statistics, locally or on a cluster.
 _DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
 # Set (unless already set) only when this process starts its own local Ray, never when it joins a cluster
@@ -28,7 +32,7 @@ def ensure_ray(min_cpus: float = 1, object_store_mb: int | None = None) -> None:
     127.0.0.1, a bounded object store and the faster local settings of ``_LOCAL_DEFAULTS``. A variable
     already set in the environment wins in both cases.
     """
-    import ray
+    import ray  # lazy: Ray, see top
 
     if ray.is_initialized():
         return
@@ -62,8 +66,6 @@ def ensure_ray(min_cpus: float = 1, object_store_mb: int | None = None) -> None:
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -71,7 +73,7 @@ def free_port() -> int:
 
 def train_logging_config():
     """Ray Train's own log level: WARNING (its per-report INFO lines drown the progress), INFO with RJEM_DEBUG."""
-    import ray.train
+    import ray.train  # lazy: Ray, see top
 
     return ray.train.LoggingConfig(log_level="INFO" if os.environ.get("RJEM_DEBUG") else "WARNING")
 
@@ -80,7 +82,7 @@ def scaling_config(cfg, use_gpu: bool):
     """Ray Train's ``ScalingConfig`` for ``cfg``: ``trainer.num_workers`` workers of ``trainer.cpus_per_worker``
     CPUs (and one GPU each with ``use_gpu``, of ``trainer.accelerator_type`` when set), packed onto as few
     nodes as possible; elastic ``(trainer.min_workers, trainer.num_workers)`` when ``trainer.min_workers`` > 0."""
-    import ray.train
+    import ray.train  # lazy: Ray, see top
 
     t = cfg.trainer
     resources = {"CPU": t.cpus_per_worker}
@@ -94,6 +96,6 @@ def scaling_config(cfg, use_gpu: bool):
 
 
 def cluster_has_gpus() -> bool:
-    import ray
+    import ray  # lazy: Ray, see top
 
     return ray.cluster_resources().get("GPU", 0) > 0

@@ -23,16 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..core import storage
-from ..method.checkpoint import STATE_FILE, copy_checkpoint, load_state
-from ..method.restore import verify_checkpoint
-from ..config import Config, ConfigError, dump_config
+from ..method.checkpoint import GMM_FILE, STATE_FILE, copy_checkpoint, load_state
+from ..method.restore import load_model, verify_checkpoint
+from ..config import Config, ConfigError, dump_config, get_dotted
 from ..core.data import load_split
+from ..core.devices import default_device
+from ..core.files import atomic_torch_save
+from ..core.images import save_grid
+from ..evaluation.generate import generate
 from ..method.gmm import ClassConditionalGMM
 from ..method.prior import gmm_for_checkpoint, load_train_gmm
-from ..tracking.tracker import RUN_FILE
+from ..tracking.stores import store_uris
+from ..tracking.tracker import RUN_FILE, Tracker, git_commit, tracker_for
 from ..method.learner import DivergenceError
+from .ray_setup import cluster_has_gpus, ensure_ray, scaling_config, train_logging_config
+
+# Ray is imported inside the functions that call it (marked `# lazy: Ray, see top`): every `rjem` command imports
+# this module (rjem_ray/cli.py: TrainingFailed; `rjem eval`: merge_json; the tune package), and `import ray.train`
+# takes ~1.2 s; it loads when a run starts.
 
 
 class TrainingFailed(RuntimeError):
@@ -41,7 +52,7 @@ class TrainingFailed(RuntimeError):
 
 @functools.cache
 def _run_outcome_class():
-    import ray
+    import ray  # lazy: Ray, see top
 
     @ray.remote(num_cpus=0)
     class RunOutcome:
@@ -69,7 +80,7 @@ def create_outcome():
 
 
 def diverged_message(outcome) -> str | None:
-    import ray
+    import ray  # lazy: Ray, see top
 
     return ray.get(outcome.get_diverged.remote())
 
@@ -94,9 +105,6 @@ def merge_json(path: Path, update: dict) -> dict:
 
 def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int = 8, seed: int = 0) -> dict[str, Path]:
     """One PNG grid per generation mode: a row per class, ``n_per_class`` samples each, on the model's device."""
-    from ..evaluation.generate import generate
-    from ..core.images import save_grid
-
     device = next(model.parameters()).device
     k = gmm.num_classes
     rows = min(k, 10)
@@ -112,9 +120,6 @@ def write_sample_grids(model, gmm, cfg: Config, out_dir: Path, n_per_class: int 
 
 def grids_from_checkpoint(ckpt_dir: str | Path, gmm: ClassConditionalGMM, cfg: Config, out_dir: str | Path) -> dict:
     """:func:`write_sample_grids` of a checkpoint, on the device this process was given (``devices.py``)."""
-    from ..method.restore import load_model
-    from ..core.devices import default_device
-
     model, _ = load_model(ckpt_dir, map_location=default_device())
     return write_sample_grids(model, gmm, cfg, Path(out_dir))
 
@@ -125,7 +130,7 @@ def _grids_on_training_device(ckpt_dir: Path, gmm: ClassConditionalGMM, cfg: Con
     may sit on a GPU-less head), in this process otherwise."""
     if not use_gpu:
         return grids_from_checkpoint(ckpt_dir, gmm, cfg, out_dir)
-    import ray
+    import ray  # lazy: Ray, see top
 
     task = ray.remote(grids_from_checkpoint).options(num_cpus=1, num_gpus=1)
     return ray.get(task.remote(str(ckpt_dir), gmm, cfg, str(out_dir)))
@@ -141,9 +146,7 @@ def _submission_id() -> str:
 
 
 def _run_tags(cfg: Config) -> dict[str, str]:
-    import ray
-
-    from ..tracking.tracker import git_commit
+    import ray  # lazy: Ray, see top
 
     res = ray.cluster_resources()
     return {
@@ -204,10 +207,6 @@ def prepare_run_dir(cfg: Config, out: Path, fresh: bool = False) -> bool:
         return False
     previous = _previous_config(cfg, out, run_dir)
     if previous is not None:
-        import yaml
-
-        from ..config import get_dotted
-
         old, new = yaml.safe_load(previous) or {}, cfg.to_dict()
         where, other = (run_dir, "trainer.storage_path") if cfg.trainer.storage_path else (out, "--out")
         for key in CONTINUE_KEYS:
@@ -230,8 +229,6 @@ def _close_stale_run(out: Path, tracker) -> None:
     except ValueError:
         prev = {}
     if prev.get("run_id") and prev.get("tracking_uri") == tracker.tracking_uri and prev["run_id"] != tracker.run_id:
-        from ..tracking.tracker import Tracker
-
         old = Tracker(tracker.tracking_uri, prev["run_id"])
         try:
             if old.client.get_run(old.run_id).info.status == "RUNNING":
@@ -255,12 +252,8 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
     callbacks of the trainer's ``RunConfig`` (a sweep's trial: the one that forwards its evaluation reports
     to Tune).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from .ray_setup import cluster_has_gpus, ensure_ray, scaling_config, train_logging_config
-    from ..tracking.stores import store_uris
-    from ..tracking.tracker import Tracker, tracker_for
+    import ray.train  # lazy: Ray, see top
+    from ray.train.torch import TorchTrainer  # lazy: Ray, see top
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -388,9 +381,6 @@ def run_training(cfg: Config, out_dir: str | Path, resume: str | Path | None = N
 
 
 def save_checkpoint_gmm(ckpt_dir: Path, gmm: ClassConditionalGMM) -> None:
-    from ..core.files import atomic_torch_save
-    from ..method.checkpoint import GMM_FILE
-
     atomic_torch_save(gmm.state_dict(), ckpt_dir / GMM_FILE)
 
 
@@ -408,7 +398,7 @@ def latest_checkpoint_path(ray_dir: str | Path) -> str | Path | None:
 
 def checkpoint_at(path: str | Path):
     """A ``ray.train.Checkpoint`` of the directory at ``path``; ``as_directory`` downloads a remote one."""
-    import ray.train
+    import ray.train  # lazy: Ray, see top
 
     if not storage.is_uri(path):
         return ray.train.Checkpoint.from_directory(str(path))
@@ -457,7 +447,8 @@ def root_message(error: BaseException) -> str:
 
 
 def worker_entry(config: dict) -> None:
-    # Imported inside the worker so the package (and its torchvision shim) loads there first.
+    # lazy: Ray Train runs this in its worker; train_worker imports Ray Train (~1.2 s) and the buffer actors at
+    # import, which the driver's importers (every `rjem` command) must not pay
     from rjem_ray.distributed.train_worker import train_loop_per_worker
 
     train_loop_per_worker(config)

@@ -26,12 +26,16 @@ driver's :class:`~rjem_ray.distributed.train_driver.RunOutcome` actor (a diverge
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
 import zlib
 from pathlib import Path
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
 
 from ..core import storage
@@ -39,10 +43,16 @@ from ..core.files import atomic_torch_save
 from ..method.checkpoint import BUFFER_FILE, buffer_parts, load_state, save_checkpoint
 from ..config import Config
 from ..core.data import load_split
+from ..evaluation.evaluate import evaluate_model
+from ..method.ddp import wrap_ddp
+from ..method.gmm import as_init_fn
 from ..method.prior import load_train_gmm
+from ..method.replay_buffer import regroup
 from ..method.scaling import ScalePlan, plan
 from ..method.learner import DivergenceError, Learner
 from ..method.loop import is_eval_step, run_loop
+from ..tracking.tracker import Tracker
+from .buffer_actor import SharedReplayBuffer, create_worker_shard
 
 RANK_FILE = "rank-{rank}.pt"
 
@@ -60,8 +70,6 @@ def read_checkpoint(directory: str | Path, cfg: Config, rank: int, world: int, i
     count (without it: no ``"rng"``); the buffer part is this worker's ``LocalReplayBuffer`` state, regrouped
     when the worker count or buffer size changed (``replay_buffer.regroup``), ``None`` without a buffer.
     """
-    from ..method.replay_buffer import regroup
-
     directory = Path(directory)
     state = load_state(directory)
     state.pop("buffer", None)  # checkpoints before buffer-K.pt kept rank 0's part here (buffer_parts reads it)
@@ -99,8 +107,6 @@ def resize_line(state: dict, now: ScalePlan) -> str:
 @contextlib.contextmanager
 def _checkpoint_dir(config: dict):
     """``(directory, label)`` of what this worker restores: Ray's checkpoint, ``--resume``, or ``(None, None)``."""
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -116,22 +122,14 @@ def _quiet_report_logs() -> None:
     """Ray 2.60 logs every report of every rank at INFO ("Reporting training result N: TrainingReport(...)")
     under a logger named after its file path rather than ``ray.train.*``, so RunConfig's LoggingConfig
     misses it; give that logger the same level (INFO again with RJEM_DEBUG)."""
-    import logging
-
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context  # lazy: Ray's private module, absent from other versions
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.INFO if os.environ.get("RJEM_DEBUG") else logging.WARNING)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from ..method.ddp import wrap_ddp
-    from ..method.gmm import as_init_fn
-
     _quiet_report_logs()
 
     cfg = Config.from_dict(config["cfg"])
@@ -149,8 +147,6 @@ def train_loop_per_worker(config: dict) -> None:
                        if directory is not None else (None, None))
     buffer = None
     if cfg.uses_energy and cfg.buffer.is_shared(world):
-        from .buffer_actor import SharedReplayBuffer, create_worker_shard
-
         p = plan(cfg, world)
         shard = create_worker_shard(gmm, p.buffer_per_worker, rank=rank, reinit_freq=cfg.buffer.reinit_freq,
                                     noise_init=cfg.buffer.noise_init,
@@ -172,8 +168,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
-        from ..tracking.tracker import Tracker
-
         tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"])
         if resumed_from:
             tracker.set_tags({"resumed_at_step": learner.step_count})
@@ -209,8 +203,6 @@ def train_loop_per_worker(config: dict) -> None:
         # Rank 0 evaluates; the others wait at the next report, which is a barrier.
         if rank != 0:
             return {}
-        from ..evaluation.evaluate import evaluate_model
-
         res = evaluate_model(lrn.model, cfg, cfg.train.eval_metrics, gmm=gmm)
         lrn.model.train()
         return {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
@@ -225,8 +217,6 @@ def train_loop_per_worker(config: dict) -> None:
         if outcome is None:
             raise
         if rank == 0:
-            import ray
-
             ray.get(outcome.set_diverged.remote(str(exc)))
     if buffer is not None:
         buffer.close()  # give back the prefetched lease and end the shard: the checkpoint holds the buffer

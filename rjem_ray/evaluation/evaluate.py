@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.data import load_split, to_model_space
+from ..core.devices import resolve_device
+from ..method.prior import gmm_for_checkpoint
+from ..method.restore import load_model
+from ..method.speed import FastNet
 from .metric_base import EvalContext, Progress
 from .registry import check_metric_names, selected
 from .threat import ThreatModel
@@ -45,8 +49,6 @@ def evaluate_model(
     device = next(model.parameters()).device
     model.eval()
     # Every metric's passes under train.precision's autocast (logits in fp32; speed.py).
-    from ..method.speed import FastNet
-
     model = FastNet(model, precision=cfg.train.precision, device=device).eval()
     imgs, labels = load_split(cfg.data.name, "test", cfg.data.data_dir)
     x, y = to_model_space(imgs).to(device), labels.to(device)
@@ -77,10 +79,6 @@ def evaluate_checkpoint(path: str | Path, metrics: list[str] | None = None, over
     """``rjem eval``: the checkpoint's model on ``device`` (None/"auto": the GPU this process was given,
     else CPU; ``devices.resolve_device``), every metric computed there. Drawn files go to ``eval.artifact_dir``,
     else ``artifact_dir``, else :func:`default_artifact_dir` of the checkpoint."""
-    from ..core.devices import resolve_device
-    from ..method.restore import load_model
-    from ..method.prior import gmm_for_checkpoint
-
     if metrics:
         check_metric_names(metrics)  # before the model is loaded
     model, cfg = load_model(path, map_location=resolve_device(device))

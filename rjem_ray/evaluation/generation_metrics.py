@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..core.data import dataset_info, load_split, to_uint8
+from ..method.prior import load_train_gmm
+from .generate import generate
 from .metric_base import Metric, MetricResult, Progress
 
 if TYPE_CHECKING:
@@ -57,6 +59,8 @@ def fid_feature_space(cfg: Config, extractor: str, train_imgs, train_labels,
     if extractor == "inception":
         weights = cfg.eval.inception_weights
     else:
+        # lazy: reference_classifier and fidelity import torch-fidelity and torchvision (~1.5 s), and the config
+        # imports this module
         from .reference_classifier import load_or_train_reference_classifier
 
         progress(f"{extractor} for FID (trained once per dataset, cached)")
@@ -81,14 +85,11 @@ def seed_images(gmm, n: int, seed: int, batch_size: int) -> torch.Tensor:
 def fidelity_figures(model, cfg: Config, gmm, metrics, device, progress: Progress, seed: int) -> dict:
     """The figures of ``fid`` and ``is`` (those of ``metrics``), computed together on one set of samples, and
     their protocol under ``protocol_fidelity``."""
-    from .fidelity import fidelity_metrics, prc_reference
-    from .generate import generate
+    from .fidelity import fidelity_metrics, prc_reference  # lazy: torch-fidelity, see fid_feature_space
 
     e = cfg.eval
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
     if gmm is None:
-        from ..method.prior import load_train_gmm
-
         gmm = load_train_gmm(cfg, train_imgs, train_labels)
     n = e.fid_samples
     progress(f"generating {n} samples ({cfg.generate.mode} mode) for FID/IS")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
 import torch
 
+from .metrics import predict_logits
+
 if TYPE_CHECKING:
     from ..config import Config
     from .threat import ThreatModel
@@ -91,8 +93,6 @@ class EvalContext:
 
     def test_logits(self) -> torch.Tensor:
         """The logits of the whole test split, computed once for accuracy, ECE and E[BR]."""
-        from .metrics import predict_logits
-
         def compute():
             self.progress("accuracy / calibration")
             return predict_logits(self.model, self.x, self.batch_size)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..method.attacks import pgd
 from ..method.energy import marginal_energy
 
 
@@ -87,8 +88,6 @@ def robust_accuracy(
     (0.1 there is 12.75/255 on the [0, 1] scale); ``step_size`` defaults to ``2.5 · eps / steps``
     (Madry et al.). Samples already broken are not attacked again.
     """
-    from ..method.attacks import pgd  # lazy: attacks imports nothing from here, but keep metrics importable alone
-
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}")
     if eps < 0:

@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.data import DATASETS, load_split, to_model_space
+from ..method.energy import marginal_energy
 from .metric_base import Metric, MetricResult
+from .metrics import ood_auroc, predict_logits
 
 if TYPE_CHECKING:
     from .metric_base import EvalContext
@@ -79,9 +81,10 @@ def shifts_for(dataset: str, names: list[str] | tuple[str, ...]) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _photos() -> tuple[np.ndarray, ...]:
     """The shipped photographs as ``uint8 [H, W, 3]`` arrays."""
+    # lazy: the photos shift only: scikit-learn (~1.7 s) and matplotlib ship the photographs, Pillow opens one
     from matplotlib import cbook
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    from PIL import Image  # lazy: the photos shift only, as above
+    from sklearn.datasets import load_sample_images  # lazy: the photos shift only, as above
 
     images = [np.asarray(im, dtype=np.uint8) for im in load_sample_images().images]
     with cbook.get_sample_data("grace_hopper.jpg") as f:
@@ -153,9 +156,6 @@ def shift_images(name: str, n: int, x_in: torch.Tensor, generator: torch.Generat
 def ood_scores(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, score: str,
                batch_size: int = 256) -> torch.Tensor:
     """Per-image score ``[N]`` (float32, CPU) of :data:`SCORE_NAMES`; larger = more in distribution."""
-    from ..method.energy import marginal_energy
-    from .metrics import predict_logits
-
     if score not in SCORE_NAMES:
         raise ValueError(f"unknown OOD score {score!r}; allowed: {', '.join(SCORE_NAMES)}")
     if score != "grad_norm":
@@ -174,8 +174,6 @@ def ood_scores(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
 def ood_report(model, x_in: torch.Tensor, shifts: list[str], scores: list[str], n: int,
                generator: torch.Generator, data_dir: str | None = None, batch_size: int = 256) -> tuple[dict, dict]:
     """``({shift: {score: AUROC}}, protocol)``: each shift's ``n`` images against the ``x_in`` test images."""
-    from .metrics import ood_auroc
-
     s_in = {s: ood_scores(model, x_in, s, batch_size) for s in scores}
     figures, described = {}, {}
     for shift in shifts:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .._torchvision_compat import ensure_torchvision_importable
 from ..core.files import atomic_torch_save
+from ..method.attacks import pgd
 
 ensure_torchvision_importable()  # torch_fidelity imports torchvision; also when rjem_ray/__init__ did not run
 
@@ -160,8 +161,6 @@ def train_reference_classifier(
             idx = order[start : start + batch_size]
             xb = x_train[idx]
             if adversarial_eps > 0:
-                from ..method.attacks import pgd
-
                 xb = pgd(model, xb, y_train[idx], eps=adversarial_eps, steps=adversarial_steps,
                          step_size=2.5 * adversarial_eps / adversarial_steps, generator=g)
             loss = F.cross_entropy(model(xb), y_train[idx])

@@ -15,13 +15,20 @@ AutoAttack's (``robust_accuracy``, ``rjem_ray/robustness/autoattack.py``), the f
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..core.data import dataset_info
+from ..robustness.autoattack import FAB_NORMS, autoattack_robust, fab_min_norm
+from ..robustness.certify import certified_report
+from ..robustness.minnorm import MU_DEFAULT, min_norm_report, robust_curve
+from .masking import masking_report
 from .metric_base import Metric, MetricResult
+from .metrics import robust_accuracy
 
 if TYPE_CHECKING:
     from .metric_base import EvalContext
@@ -40,8 +47,6 @@ class PGDRobustAccuracy(Metric):
                    "eval.robust_max_samples")
 
     def run(self, ctx: EvalContext) -> MetricResult:
-        from .metrics import robust_accuracy
-
         t, e = ctx.threat, ctx.cfg.eval
         g = torch.Generator().manual_seed(ctx.seed)
         sub, how = ctx.subset(e.robust_max_samples)
@@ -78,8 +83,6 @@ class AutoAttackRobustAccuracy(Metric):
                    "eval.autoattack_attacks")
 
     def run(self, ctx: EvalContext) -> MetricResult:
-        from ..robustness.autoattack import autoattack_robust
-
         t, e = ctx.threat, ctx.cfg.eval
         x, y, how = _autoattack_images(ctx)
         attacks = e.autoattack_attacks if e.autoattack_version == "custom" else None
@@ -103,8 +106,6 @@ class GradientMasking(Metric):
                    "eval.masking_eps_factors")
 
     def run(self, ctx: EvalContext) -> MetricResult:
-        from .masking import masking_report
-
         t = ctx.threat
         x, y, how = _autoattack_images(ctx)
         report = masking_report(ctx.model, x, y, eps=t.eps, norm=t.norm, eps_factors=ctx.cfg.eval.masking_eps_factors,
@@ -132,15 +133,11 @@ class MinimumNorm(Metric):
                    "eval.artifact_dir")
 
     def run(self, ctx: EvalContext) -> MetricResult:
-        from ..robustness.minnorm import MU_DEFAULT, min_norm_report
-
         e = ctx.cfg.eval
         sub, how = ctx.subset(e.min_norm_max_samples)
         xs, ys = ctx.x[sub], ctx.y[sub]
         reference = None
         if e.min_norm_reference == "fab":
-            from ..robustness.autoattack import FAB_NORMS, fab_min_norm
-
             def reference(norm):
                 if norm not in FAB_NORMS:
                     return None
@@ -182,14 +179,10 @@ class MinimumNorm(Metric):
 def write_min_norm_artifacts(runs: dict, protocol: dict, directory: Path) -> list[str]:
     """``min_norm.png`` (robust accuracy vs ε on the [0, 1] scale, one panel per norm, FAB dashed) and
     ``min_norm_distances.csv`` (one row per image: test index, label, each run's distance in [-1, 1] units)."""
-    import csv
-
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~0.5 s), only for this plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..robustness.minnorm import robust_curve
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg") above
 
     directory.mkdir(parents=True, exist_ok=True)
     norms = list(dict.fromkeys(r["norm"] for r in runs.values()))
@@ -235,9 +228,6 @@ class Certified(Metric):
                    "eval.certify_alpha", "eval.certify_radii", "eval.certify_max_samples")
 
     def run(self, ctx: EvalContext) -> MetricResult:
-        from ..core.data import dataset_info
-        from ..robustness.certify import certified_report
-
         e = ctx.cfg.eval
         sub, how = ctx.subset(e.certify_max_samples)
         report = certified_report(

@@ -20,11 +20,12 @@ No Ray here: ``torch.distributed`` must already be initialised (Ray Train's work
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import warnings
 
-if TYPE_CHECKING:  # the config imports GRAD_COMPRESSIONS: importing it needs no torch
-    import torch
-    from torch import nn
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 GRAD_COMPRESSIONS = ("none", "bf16")
 
@@ -34,9 +35,6 @@ def bf16_allreduce_hook(process_group, bucket):
 
     ``g ← (Σ_r bf16(g_r / W))`` in fp32 storage, ``W`` the world size; returns a future of the bucket.
     """
-    import torch
-    import torch.distributed as dist
-
     group = process_group if process_group is not None else dist.group.WORLD
     buffer = bucket.buffer()
     compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
@@ -52,9 +50,6 @@ def bf16_allreduce_hook(process_group, bucket):
 def wrap_ddp(module: nn.Module, device: torch.device | str | None = None, grad_compression: str = "none") -> nn.Module:
     """``module`` inside ``DistributedDataParallel`` (on ``device``'s GPU when it is CUDA), with the
     compression hook of ``grad_compression`` registered."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
-
     if grad_compression not in GRAD_COMPRESSIONS:
         raise ValueError(f"grad_compression {grad_compression!r} is not allowed; choose one of "
                          f"{', '.join(GRAD_COMPRESSIONS)}")
@@ -70,8 +65,6 @@ class _CompiledOrEager:
     """``torch.compile(module)``, falling back to ``module`` (one warning) if compilation fails at a call."""
 
     def __init__(self, module):
-        import torch
-
         self.module = module
         self._fn = torch.compile(module)
 
@@ -81,8 +74,6 @@ class _CompiledOrEager:
         try:
             return self._fn(*args, **kwargs)
         except Exception as exc:  # compilation happens at the first call (and at recompiles)
-            import warnings
-
             warnings.warn(f"[rjem] torch.compile of the DDP loss module failed ({type(exc).__name__}); running eager",
                           RuntimeWarning, stacklevel=2)
             self._fn = self.module

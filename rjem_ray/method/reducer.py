@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["Reducer"]
 
@@ -26,8 +27,6 @@ class Reducer:
     device: torch.device | None = None
 
     def _on_backend(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         if dist.get_backend() != "nccl":
             return t
         device = self.device if self.device is not None and self.device.type == "cuda" else \
@@ -38,8 +37,6 @@ class Reducer:
         """``{k: (Σ_ranks values[k]) / world_size}`` (keys in sorted order on the wire: every rank the same)."""
         if self.world_size == 1 or not values:
             return values
-        import torch.distributed as dist
-
         keys = sorted(values)
         t = self._on_backend(torch.tensor([values[k] for k in keys], dtype=torch.float64))
         dist.all_reduce(t)
@@ -49,8 +46,6 @@ class Reducer:
         """``max_ranks value``."""
         if self.world_size == 1:
             return value
-        import torch.distributed as dist
-
         t = self._on_backend(torch.tensor([value], dtype=torch.float64))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())

@@ -43,6 +43,8 @@ STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # the standard vers
 VERSIONS = ("standard", "custom")  # eval.autoattack_version: custom = the sub-list eval.autoattack_attacks
 _LIBRARY_NORMS = {"linf": "Linf", "l2": "L2"}
 _LOGGER = "auto-attack"  # the library logs its checks (warnings) and progress (debug) here
+# pyautoattack is imported inside the functions that run it (marked `# lazy: pyautoattack, see top`): the config
+# imports this module for its names (ATTACKS, VERSIONS), and the rest of the package imports without the library.
 
 
 def to_unit_interval(x: Tensor) -> Tensor:
@@ -72,7 +74,7 @@ def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def library_version() -> str:
-    import pyautoattack
+    import pyautoattack  # lazy: pyautoattack, see top
 
     return getattr(pyautoattack, "__version__", "unknown")
 
@@ -214,7 +216,7 @@ def autoattack_robust(
             raise ValueError("square_queries: the standard version fixes Square at 5000 queries; use version='custom'")
         if isinstance(square_queries, bool) or not isinstance(square_queries, numbers.Integral) or square_queries < 1:
             raise ValueError(f"square_queries must be an int >= 1, got {square_queries!r}")
-    from pyautoattack import AutoAttack  # lazy: the rest of the package imports without the library
+    from pyautoattack import AutoAttack  # lazy: pyautoattack, see top
 
     say = progress or (lambda s: None)
     device = _device_of(model, x.device)
@@ -263,7 +265,7 @@ def autoattack_robust(
                               "wall_s": round(time.time() - t0, 2), "cpu_s": round(time.process_time() - c0, 2)})
             # The library's end-of-cascade check (Square breaking what the others could not), which its
             # one-attack-per-call runs above never reach: same function, same accuracies.
-            from pyautoattack import checks
+            from pyautoattack import checks  # lazy: pyautoattack, see top
 
             checks.check_square_sr({"clean": clean, **{a["attack"]: a["accuracy"] for a in after}}, logger=logger)
     finally:
@@ -308,7 +310,7 @@ def fab_min_norm(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "l2", it
     """
     if norm not in FAB_NORMS:
         raise ValueError(f"FAB supports the norms {', '.join(FAB_NORMS)}, got {norm!r}")
-    from pyautoattack.fab_pt import FABAttack_PT
+    from pyautoattack.fab_pt import FABAttack_PT  # lazy: pyautoattack, see top
 
     device = _device_of(model, x.device)
     g = UnitIntervalModel(model)

@@ -3,6 +3,7 @@ when that run can be told (:func:`training_run_of`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,11 +21,10 @@ def training_run_of(checkpoint: str, checkpoint_dir: str | Path, tracking_uri: s
     through the model's source run in the given stores; a checkpoint directory through the
     :data:`RUN_FILE` that ``rjem train`` leaves in its OUT, beside ``OUT/checkpoint``.
     """
-    import json
-
     if checkpoint.startswith("runs:/"):
         return tracking_uri, checkpoint.removeprefix("runs:/").split("/", 1)[0]
     if checkpoint.startswith("models:/"):
+        # lazy: MLflow, for models:/ URIs only (`rjem eval` imports this module with tracking off too)
         from mlflow.store.artifact.utils.models import get_model_name_and_version
 
         client = client_for(tracking_uri, registry_uri)

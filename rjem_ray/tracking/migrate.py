@@ -3,9 +3,19 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import urllib.parse
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from ..core import storage
 from .stores import StoreError, _first_line, _scrub, check_database, is_database_uri, masked, resolve_tracking_uri
+
+# MLflow is imported inside the functions that call it (marked `# lazy: MLflow, see top`): it reads
+# MLFLOW_DISABLE_TELEMETRY when it is imported, which stores.py sets, and an import of it in this header would come
+# before `.stores` (third-party imports go first).
 
 # Where a store keeps artifact locations: rewritten by migrate_store when the artifacts move to the server.
 ARTIFACT_COLUMNS = {"experiments": ("artifact_location",), "runs": ("artifact_uri",),
@@ -25,10 +35,7 @@ def migrate_store(source: str, target: str, artifacts_destination: str | None = 
     at ``mlflow-artifacts:/EXPERIMENT_ID``, which the server serves; without it they stay where they are.
     Returns the rows copied per table.
     """
-    import shutil
-    import tempfile
-
-    from mlflow.store.db import utils as db_utils
+    from mlflow.store.db import utils as db_utils  # lazy: MLflow, see top
 
     if not source.startswith("sqlite:///"):
         raise StoreError(f"{masked(source)}: the source must be a sqlite store, sqlite:///PATH")
@@ -76,9 +83,9 @@ def _check_empty(dst, target: str) -> None:
 
 def _copy_rows(src, dst, source: str, target: str, artifacts_destination: str | None, say) -> dict[str, int]:
     """Every table of MLflow's schema (its own ORM definitions, which both stores now match), in foreign-key order."""
-    import mlflow.store.model_registry.dbmodels.models  # noqa: F401  (registers the registry's tables)
-    import mlflow.store.tracking.dbmodels.models  # noqa: F401  (and the tracking store's)
-    from mlflow.store.db.base_sql_model import Base
+    import mlflow.store.model_registry.dbmodels.models  # noqa: F401  lazy: MLflow, see top (registers its tables)
+    import mlflow.store.tracking.dbmodels.models  # noqa: F401  lazy: MLflow, see top (registers its tables)
+    from mlflow.store.db.base_sql_model import Base  # lazy: MLflow, see top
 
     moved = _move_artifacts(src, artifacts_destination, say) if artifacts_destination else {}
     counts: dict[str, int] = {}
@@ -118,12 +125,6 @@ def _relocated(value: str, moved: dict[str, str]) -> str:
 
 def _move_artifacts(src, destination: str, say) -> dict[str, str]:
     """Copy each experiment's local artifact directory to ``destination/ID``; ``{old location: mlflow-artifacts:/ID}``."""
-    import urllib.parse
-
-    import pyarrow.fs as pafs
-
-    from ..core import storage
-
     dst_fs, dst_root = storage.filesystem(destination)
     moved = {}
     with src.connect() as conn:

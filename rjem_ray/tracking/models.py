@@ -4,10 +4,26 @@ registered as a version of a registered model, and found again from a ``models:/
 
 from __future__ import annotations
 
+import atexit
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from ..config import ConfigError
+from ..core.data import dataset_info
+from ..core.errors import first_line
+from ..method.checkpoint import STATE_FILE, CheckpointError
+from ..method.restore import load_model
 from .stores import client_for
+
+# MLflow is imported inside the functions that call it (marked `# lazy: MLflow, see top`): `rjem --help` (the
+# CLI's parser imports the tune package), every Ray Train worker and a sweep's trials import this module without
+# opening a store, and `import mlflow` takes ~1.7 s; it also comes after stores.py's environment defaults.
 
 # Every call below goes through an explicit ``MlflowClient`` (tracking and registry URI given) and a run id:
 # MLflow's fluent API (``mlflow.start_run``, ``mlflow.pyfunc.log_model``, ``mlflow.register_model``) reads
@@ -55,19 +71,12 @@ def log_model(client, run_id: str, ckpt_dir: str | Path, registered_model_name: 
     With ``registered_model_name`` the model also becomes a new version of that registered model
     (:func:`register_model`). Returns MLflow's ``ModelInfo``. The run's status is left as it is.
     """
-    import tempfile
-
-    import mlflow.pyfunc
-    import torch
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.models import Model, infer_signature
-
-    from ..method.restore import load_model
+    import mlflow.pyfunc  # lazy: MLflow, see top
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # lazy: MLflow, see top
+    from mlflow.models import Model, infer_signature  # lazy: MLflow, see top
 
     model, cfg = load_model(ckpt_dir)
     if example is None:
-        from ..core.data import dataset_info
-
         info = dataset_info(cfg.data.name)
         example = torch.zeros((2, info.channels, info.size, info.size))
     x = torch.as_tensor(example, dtype=torch.float32).cpu().numpy()
@@ -105,8 +114,6 @@ def check_model_name(name: Any, key: str, refused: str | None = None, tracking_e
     """``name`` if it can name a registered model (MLflow's rule: non-empty, no ``/`` or ``:``), else a
     one-line :class:`~rjem_ray.config.ConfigError` naming ``key``; ``refused`` is a reason the key cannot
     be used at all here, and registering needs tracking."""
-    from ..config import ConfigError
-
     if refused:
         raise ConfigError(f"{key}: {refused}; remove {key}")
     if not tracking_enabled:
@@ -120,16 +127,14 @@ def register_model(client, name: str, model_id: str):
     """Register LoggedModel ``model_id`` as a version of the registered model ``name`` (created if new);
     returns the ``ModelVersion`` (``models:/NAME/VERSION``). A model that already is a version of ``name``
     (e.g. a resumed sweep registering its best trial again) returns that version instead of a new one."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+    from mlflow.exceptions import MlflowException  # lazy: MLflow, see top
+    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode  # lazy: MLflow, see top
 
     try:
         client.create_registered_model(name)
     except MlflowException as exc:  # an earlier version, or another process registering at the same time
         if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
             raise
-    import json
-
     logged = client.get_logged_model(model_id)
     for version in client.search_model_versions(f"run_id = '{logged.source_run_id}'"):
         if version.name == name and version.source == logged.artifact_location:
@@ -177,19 +182,10 @@ def resolve_checkpoint(path_or_uri: str, tracking_uri: str, registry_uri: str | 
     """
     if not str(path_or_uri).startswith(MODEL_URI_SCHEMES):
         return path_or_uri
-    import tempfile
-
-    import mlflow.artifacts
-    import yaml
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    from ..method.checkpoint import STATE_FILE, CheckpointError
-    from ..core.errors import first_line
+    import mlflow.artifacts  # lazy: MLflow, see top
+    from mlflow.store.artifact.utils.models import get_model_name_and_version  # lazy: MLflow, see top
 
     if dst is None:  # removed when the process exits
-        import atexit
-        import shutil
-
         dst = tempfile.mkdtemp(prefix="rjem-model-")
         atexit.register(shutil.rmtree, dst, ignore_errors=True)
     dst = Path(dst)

@@ -8,9 +8,11 @@ before it starts the server, so a wrong or unreachable URI is one line at `ray u
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from .stores import StoreError, check_database, is_database_uri
@@ -34,8 +36,6 @@ def server_command(backend_store_uri: str, artifacts_destination: str, host: str
 def wait_for_server(url: str, proc=None, timeout_s: float = 120.0, log: str | Path | None = None) -> None:
     """Wait until ``url/health`` answers; a :class:`StoreError` with the log's last line when the server process
     ``proc`` exits first or ``timeout_s`` passes."""
-    import urllib.request
-
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -84,8 +84,6 @@ def start_server(backend_store_uri: str, artifacts_destination: str, host: str =
 def stop_server(pid: int, sig: int | None = None, timeout_s: float = 20.0) -> None:
     """End the server started as ``pid`` and its workers (its process group, :func:`start_server`), with
     ``sig`` (default SIGTERM, which MLflow's server passes to its workers), then SIGKILL after ``timeout_s``."""
-    import signal
-
     try:
         os.killpg(pid, sig or signal.SIGTERM)
     except ProcessLookupError:

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.request
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from ..config import ConfigError
+from ..core.errors import first_line
+
+# MLflow is imported inside the functions that call it (marked `# lazy: MLflow, see top`): `rjem --help` (the
+# CLI's parser imports the tune package), every Ray Train worker and a sweep's trials import this module without
+# opening a store, and `import mlflow` takes ~1.7 s.
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when MLflow is imported
 # MLflow draws a progress bar for every artifact copy (log_model reads the checkpoint back through one), which
 # breaks the training log into bar fragments; MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings it back.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -54,8 +62,6 @@ def resolve_tracking_uri(uri: str, base: str | Path | None = None, mounts: str |
     path = Path(uri[len(prefix):]) if uri.startswith(prefix + "/") else Path(base or os.getcwd()) / uri[len(prefix):]
     fstype, point = filesystem_of(path, mounts)
     if fstype in NETWORK_FILESYSTEMS or fstype.startswith("nfs"):
-        from ..config import ConfigError
-
         raise ConfigError(
             f"tracking.tracking_uri: {uri} is a sqlite file on {fstype} ({point}); sqlite over a network file "
             "system loses records with several writers. Log to an MLflow server instead (MLFLOW_TRACKING_URI="
@@ -106,7 +112,7 @@ def client_for(tracking_uri: str, registry_uri: str | None = None):
     Both URIs are explicit, so the client never falls back to MLflow's process-wide state
     (``mlflow.set_tracking_uri``/``set_registry_uri`` or the environment at call time).
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: MLflow, see top
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 
@@ -147,7 +153,7 @@ def check_database(uri: str, timeout_s: float = DATABASE_TIMEOUT_S) -> None:
     """Connect to the database store ``uri`` and run ``SELECT 1``; a :class:`StoreError` (one line, password
     masked) when the URI is malformed, its driver is missing or the server refuses or does not answer within
     ``timeout_s``. Nothing is created."""
-    from mlflow.store.db.utils import create_sqlalchemy_engine
+    from mlflow.store.db.utils import create_sqlalchemy_engine  # lazy: MLflow, see top
 
     shown = masked(uri)
     scheme = uri.split("://", 1)[0].lower()
@@ -177,15 +183,11 @@ def check_database(uri: str, timeout_s: float = DATABASE_TIMEOUT_S) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    from ..core.errors import first_line
-
     return first_line(exc, type(exc).__name__)
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
     """A :class:`StoreError` when the MLflow server at ``uri`` does not answer ``/health``."""
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
             resp.read()

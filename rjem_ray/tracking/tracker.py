@@ -12,8 +12,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from .models import log_model
 from .stores import check_store, client_for, resolve_artifact_location, store_uris
+
+# MLflow is imported inside the functions that call it (marked `# lazy: MLflow, see top`): `rjem --help` (the
+# CLI's parser imports the tune package), every Ray Train worker and a sweep's trials import this module without
+# opening a store, and `import mlflow` takes ~1.7 s; it also comes after stores.py's environment defaults.
 
 # The MLflow run of an output directory (OUT/mlflow_run.json: run id and store), written by ``rjem train``: a rerun
 # closes it as KILLED if its driver died, and ``rjem eval OUT/checkpoint`` nests its evaluation run under it.
@@ -50,7 +56,7 @@ def through_restarts(call, wait_s: float = 120.0, pause_s: float = 1.0):
     """``call()``, again while it fails the way a restarting tracking server fails (``TRANSIENT``), for at most
     ``wait_s`` seconds. Only for idempotent calls: ``log_batch`` of the same metric objects (same timestamps)
     stores each once. Any other error is raised at once."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: MLflow, see top
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -102,14 +108,14 @@ class Tracker:
         return cls(tracking_uri, run.info.run_id, registry_uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: MLflow, see top
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: MLflow, see top
 
         ts = int(time.time() * 1000)
         items = [
@@ -121,7 +127,7 @@ class Tracker:
             through_restarts(lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: MLflow, see top
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -136,9 +142,8 @@ class Tracker:
 
         ``source`` is the data directory (default: the code that logged it, MLflow's own default).
         """
-        import mlflow.data
-        import numpy as np
-        from mlflow.entities import DatasetInput, InputTag
+        import mlflow.data  # lazy: MLflow, see top
+        from mlflow.entities import DatasetInput, InputTag  # lazy: MLflow, see top
 
         ds = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=name,
                                     source=str(Path(source).resolve()) if source else None)

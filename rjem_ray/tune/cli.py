@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from .runner import run_sweep
 from .sweep import load_sweep
 
 
 def cmd_tune(args) -> int:
-    import sys
-
     sweep = load_sweep(args.config, args.set)
     outcome = run_sweep(sweep, args.out, resume=args.resume)
     print(f"[rjem] trials: {outcome.trials_csv}" + (f", summary: {outcome.summary_plot}" if outcome.summary_plot else ""))

@@ -11,12 +11,18 @@ import math
 from pathlib import Path
 
 from ..config import dump_config
+from ..core import storage
+from ..distributed.train_driver import root_message, storage_root
+from ..evaluation.generation_metrics import fid_extractor_for
 from .sweep import FIGURES, Sweep, plain
+
+# Ray is imported inside the functions that call it (marked `# lazy: Ray, see top`): rjem_ray/cli.py's parser
+# imports the tune package (`rjem --help`), and `import ray.tune` takes ~1.2 s; it loads when a sweep runs.
 
 
 def _trial_statuses(exp_path: Path) -> dict[str, str]:
     """Tune's own status of each trial (TERMINATED, ERROR, RUNNING, ...), read from its experiment state."""
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # lazy: Ray, see top
 
     try:
         return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_path)).trials}
@@ -27,9 +33,6 @@ def _trial_statuses(exp_path: Path) -> dict[str, str]:
 def rank_trials(sweep: Sweep, out: Path, results) -> tuple[list[dict], bool]:
     """One row per started trial of Tune's ``results``, ranked and numbered; and whether the sweep is
     unfinished (trials missing or interrupted)."""
-    from ..core import storage
-    from ..distributed.train_driver import root_message, storage_root
-
     statuses = _trial_statuses(storage.join(storage_root(sweep.cfg, out), sweep.name))
     rows = []
     for res in results:
@@ -82,8 +85,6 @@ def _columns(sweep: Sweep, rows: list[dict]) -> list[str]:
 def write_trials_csv(sweep: Sweep, rows: list[dict], path: Path) -> Path:
     """One row per trial: rank, status, the metric (inf for failed trials), the other figures, the
     parameters, the failure reason and the FID/KID protocol."""
-    from ..evaluation.generation_metrics import fid_extractor_for
-
     cols = _columns(sweep, rows)
     extra = {"fid_extractor": fid_extractor_for(sweep.cfg), "fid_samples": sweep.cfg.eval.fid_samples,
              "fid_reference": f"{sweep.cfg.data.name} train split"}
@@ -98,10 +99,10 @@ def write_trials_csv(sweep: Sweep, rows: list[dict], path: Path) -> Path:
 def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> Path | None:
     """The metric against each searched parameter, one panel each; failed trials drawn as red crosses
     above the finite values, the best trial as a star."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~0.5 s), only for this plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg") above
 
     metric = sweep.metric
     finite = [r[metric] for r in rows if r["status"] in ("finished", "stopped") and math.isfinite(r[metric])]
@@ -135,8 +136,6 @@ def plot_summary(sweep: Sweep, rows: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    from ..evaluation.generation_metrics import fid_extractor_for
-
     fig.suptitle(f"{sweep.name}: {metric} ({sweep.mode}imised); FID/KID: {fid_extractor_for(sweep.cfg)} features, "
                  f"{sweep.cfg.eval.fid_samples} samples vs {sweep.cfg.data.name} train\n"
                  "red x = failed, grey = stopped early by ASHA, star = best", fontsize=9)

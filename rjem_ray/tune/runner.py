@@ -23,12 +23,21 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError
+from ..core import storage
+from ..distributed.ray_setup import cluster_has_gpus, ensure_ray
+from ..distributed.train_driver import latest_checkpoint, latest_checkpoint_path, storage_root
+from ..tracking.models import register_run_model
+from ..tracking.stores import check_store, client_for, is_server_uri, resolve_tracking_uri, store_uris
+from ..tracking.tracker import Tracker
 from .search_space import param_space
 from .report import plot_summary, print_ranking, rank_trials, write_best_config, write_trials_csv
 from .runs import activate, child_runs, parent_run, sweep_runs, tracking_info
 from .scoring import prepare
 from .sweep import Sweep, comparable, resumable, search_algorithm, trial_scheduler
-from .trials import TrialContext, run_trial, sample_grid, trial_dirname
+from .trials import TrialContext, run_trial, sample_grid, trial_dirname, trial_storage
+
+# Ray is imported inside the functions that call it (marked `# lazy: Ray, see top`): rjem_ray/cli.py's parser
+# imports the tune package (`rjem --help`), and `import ray.tune` takes ~1.2 s; it loads when a sweep runs.
 
 
 @dataclass
@@ -54,18 +63,13 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
     with one). Tune keeps a sweep's callbacks in its state: a resumed sweep runs with the callbacks it was
     started with, each restored through its ``get_state``/``set_state``, so ``resume`` takes none.
     """
-    import ray
-    from ray import tune
-
-    from ..distributed.ray_setup import cluster_has_gpus, ensure_ray
+    import ray  # lazy: Ray, see top
+    from ray import tune  # lazy: Ray, see top
 
     if resume and callbacks:
         raise ValueError("callbacks: a resumed sweep runs with the callbacks of its first start (Tune restores them)")
 
     out = Path(out_dir or Path("runs") / "tune" / sweep.name).resolve()
-    from ..core import storage
-    from ..distributed.train_driver import storage_root
-
     root = storage_root(sweep.cfg, out)  # OUT/ray, or trainer.storage_path (Tune state in remote storage)
     exp_path = storage.join(root, sweep.name)
     state_file = out / "sweep.json"
@@ -82,8 +86,6 @@ def run_sweep(sweep: Sweep, out_dir: str | Path | None = None, resume: bool = Fa
         raise ConfigError(f"--out {out} already holds a sweep; pass --resume to continue it, "
                           "or choose another --out")
     if sweep.cfg.tracking.enabled:  # an unreachable store fails now, in one line, before Ray starts
-        from ..tracking.stores import check_store, resolve_tracking_uri
-
         check_store(resolve_tracking_uri(sweep.cfg.tracking.tracking_uri))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -170,8 +172,6 @@ SWEEP_STATE = "rjem-sweep.json"  # in Tune's state directory: the resolved sweep
 def _saved_sweep(out: Path, exp_path) -> tuple[dict | None, dict]:
     """The sweep document and state (parent run id) of the first start: from Tune's state directory, which a
     new head shares through ``trainer.storage_path``, else from ``OUT`` (sweeps started before it was kept there)."""
-    from ..core import storage
-
     stored = storage.join(exp_path, SWEEP_STATE)
     if storage.is_file(stored):
         data = json.loads(storage.read_text(stored))
@@ -183,8 +183,6 @@ def _saved_sweep(out: Path, exp_path) -> tuple[dict | None, dict]:
 
 def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: bool = False) -> SweepOutcome:
     """Rank the trials, write ``trials.csv``, ``summary.png`` and ``best.yaml``, and close the MLflow runs."""
-    from ..tracking.tracker import Tracker
-
     rows, interrupted = rank_trials(sweep, out, results)
     finished = [r for r in rows if r["status"] in ("finished", "stopped")]
     best = finished[0] if finished and not interrupted else None
@@ -225,12 +223,6 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
         if not interrupted:
             parent.finish("FINISHED" if best is not None else "FAILED")
         if best is not None and sweep.settings.register_as:  # the best trial's model: models:/NAME/VERSION
-            from ..tracking.models import register_run_model
-            from ..tracking.stores import client_for, store_uris
-            from ..core import storage
-            from ..distributed.train_driver import latest_checkpoint_path
-            from .trials import trial_storage
-
             trial = out / "trials" / best["trial_id"]  # a trial stopped by ASHA has only its Ray checkpoints
             stored = trial / "checkpoint" if (trial / "checkpoint").is_dir() else (
                 latest_checkpoint_path(trial_storage(sweep.cfg, trial)))
@@ -243,8 +235,6 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
     if best is not None:
         progress(f"[rjem] best trial {best['trial_id']}: {sweep.metric} {best[sweep.metric]:.4g}; config {best_path}")
     if parent:
-        from ..tracking.stores import is_server_uri
-
         browse = f"open {parent.tracking_uri}" if is_server_uri(parent.tracking_uri) else "browse with `rjem ui`"
         progress(f"[rjem] MLflow parent run {parent.run_id}; {browse}")
     return SweepOutcome(out, parent.run_id if parent else None, rows, best, best_path, trials_csv, plot, interrupted)
@@ -253,10 +243,7 @@ def finalize(sweep: Sweep, out: Path, results, parent, progress=print, use_gpu: 
 def _grid_for_stopped(sweep: Sweep, out: Path, row: dict, child, use_gpu: bool) -> None:
     """ASHA ends a trial's process mid-run: draw its sample grid from its last checkpoint (a Ray task,
     on a GPU when the trials had one)."""
-    import ray
-
-    from ..distributed.train_driver import latest_checkpoint
-    from .trials import trial_storage
+    import ray  # lazy: Ray, see top
 
     trial_dir = out / "trials" / row["trial_id"]
     grid = trial_dir / "samples.png"

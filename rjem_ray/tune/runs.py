@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
+from ..distributed.train_driver import root_message
+from ..tracking.stores import StoreError, masked, resolve_artifact_location, resolve_tracking_uri
+from ..tracking.tracker import RUN_FILE, Tracker, git_commit, runs_of
 from .sweep import FIGURES, Sweep, trial_params
 
 
 def tracking_info(cfg: Config) -> dict | None:
     """The sweep's MLflow store (URI, experiment, artifact location), or None with tracking off."""
-    from ..tracking.stores import resolve_artifact_location, resolve_tracking_uri
-
     t = cfg.tracking
     if not t.enabled:
         return None
@@ -36,14 +37,10 @@ def tracking_info(cfg: Config) -> dict | None:
 
 def parent_run(sweep: Sweep, out: Path, state: dict, prepared: dict):
     """The sweep's MLflow parent run: created on the first start, reopened by ``--resume``."""
-    from ..tracking.tracker import Tracker, git_commit
-
     info = tracking_info(sweep.cfg)
     if info is None:
         return None
     if state.get("parent_run_id"):
-        from ..tracking.stores import StoreError, masked
-
         parent = Tracker(info["uri"], state["parent_run_id"])
         try:
             parent.client.get_run(parent.run_id)
@@ -74,8 +71,6 @@ def parent_run(sweep: Sweep, out: Path, state: dict, prepared: dict):
 
 def child_runs(tracking: dict, parent_run_id: str) -> dict[str, Any]:
     """The parent run's children, keyed by their ``rjem.trial_id``."""
-    from ..tracking.tracker import runs_of
-
     runs = runs_of(tracking["uri"], tracking["experiment"], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     return {r.data.tags.get("rjem.trial_id"): r for r in runs}
 
@@ -94,10 +89,7 @@ def activate(info: dict) -> None:
 def _sweep_runs_class():
     """Built on first use, so that importing this module (for the CLI's parser) does not import Ray. The
     instance is pickled into Tune's state with the run config; a resumed sweep gets it back from there."""
-    from ray.tune import Callback
-
-    from ..tracking.tracker import RUN_FILE
-    from ..distributed.train_driver import root_message
+    from ray.tune import Callback  # lazy: rjem_ray/cli.py's parser imports this module; Ray loads when a sweep runs
 
     class SweepRuns(Callback):
         """Driver side: one MLflow child run per trial under the sweep's parent run.
@@ -127,8 +119,6 @@ def _sweep_runs_class():
             return {"_saved_info": self.info, "runs": None}
 
         def _tracker(self, run_id: str):
-            from ..tracking.tracker import Tracker
-
             return Tracker(self.info["uri"], run_id)
 
         def _known(self) -> dict[str, str]:
@@ -146,8 +136,6 @@ def _sweep_runs_class():
             self._safely(f"open the run of trial {trial.trial_id}", lambda: self._start(trial))
 
         def _start(self, trial) -> None:
-            from ..tracking.tracker import Tracker
-
             i = self.info
             run_id = self._known().get(trial.trial_id)
             if run_id:
@@ -178,8 +166,6 @@ def _sweep_runs_class():
         def _drop_copies(self, trial_id: str, keep: str) -> None:
             """A server killed after storing a new run but before answering makes the client retry, and the run
             exists twice: delete every copy but the one the client got."""
-            from ..tracking.tracker import runs_of
-
             i = self.info
             found = runs_of(i["uri"], i["experiment"], f"tags.`mlflow.parentRunId` = '{i['parent_run_id']}' and "
                                                        f"tags.`rjem.trial_id` = '{trial_id}'")

@@ -7,14 +7,23 @@ uses), so a sweep's FID or KID is the one ``rjem eval`` reports for the same kno
 
 from __future__ import annotations
 
+import torch
+
 from ..config import Config
+from ..core.data import load_split, to_uint8
 from ..core.devices import default_device
+from ..evaluation.evaluate import evaluate_model
+from ..evaluation.generation_metrics import fid_extractor_for, fid_feature_space
+from ..method.prior import load_train_gmm
+from ..method.restore import load_model
+from ..robustness.autoattack import STANDARD_ATTACKS
+
+# evaluation/fidelity.py is imported inside the functions that score (marked `# lazy: torch-fidelity, see top`):
+# it imports torch-fidelity and torchvision (~1.5 s), and rjem_ray/cli.py's parser imports the tune package.
 
 
 def feature_space(cfg: Config, train_imgs, train_labels) -> dict:
     """The sweep's FID/KID feature space: ``evaluate.fid_feature_space`` of the extractor ``rjem eval`` uses."""
-    from ..evaluation.generation_metrics import fid_extractor_for, fid_feature_space
-
     return fid_feature_space(cfg, fid_extractor_for(cfg), train_imgs, train_labels)
 
 
@@ -27,8 +36,7 @@ def score_samples(x, cfg: Config, metrics: tuple[str, ...] = ("fid", "kid", "is"
     upward at small N, KID is not. Returns the figures and ``protocol`` (extractor, sample and reference
     counts, reference set, weights digest, generation knobs).
     """
-    from ..core.data import load_split, to_uint8
-    from ..evaluation.fidelity import fidelity_metrics
+    from ..evaluation.fidelity import fidelity_metrics  # lazy: torch-fidelity, see top
 
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir)
     res = fidelity_metrics(
@@ -48,15 +56,11 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
     KID reference features and GMM are computed and cached, so concurrent trials only read them. Scope sample also measures the
     checkpoint's accuracy, robust accuracy (AutoAttack) and PGD robust accuracy here (the searched knobs
     cannot change them)."""
-    import torch
-
-    from ..core.data import load_split
-
     torch.set_num_threads(max(1, num_threads))
     cfg = Config.from_dict(cfg_dict)
     test_imgs, _ = load_split(cfg.data.name, "test", cfg.data.data_dir, cfg.data.download)
     train_imgs, train_labels = load_split(cfg.data.name, "train", cfg.data.data_dir, cfg.data.download)
-    from ..evaluation.fidelity import fidelity_metrics
+    from ..evaluation.fidelity import fidelity_metrics  # lazy: torch-fidelity, see top
 
     space = feature_space(cfg, train_imgs, train_labels)
     warm = fidelity_metrics(  # a few real test images as "samples": what is cached is the reference side
@@ -71,8 +75,6 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
            "eps_unit": "model input space [-1, 1]", "steps": e.robust_steps,
            "step_size": e.robust_step_size or 2.5 * e.robust_eps / e.robust_steps, "restarts": e.robust_restarts,
            "num_samples": min(e.robust_max_samples, len(test_imgs)), "split": f"{cfg.data.name} test"}
-    from ..robustness.autoattack import STANDARD_ATTACKS
-
     aa = {"attack": "AutoAttack (pyautoattack, the fra31/auto-attack code)", "version": e.autoattack_version,
           "attacks": list(STANDARD_ATTACKS) if e.autoattack_version == "standard" else e.autoattack_attacks,
           "norm": "linf", "eps": e.robust_eps, "eps_unit": "model input space [-1, 1]",
@@ -81,13 +83,8 @@ def prepare(cfg_dict: dict, scope: str, checkpoint: str | None, num_threads: int
     robust = {"robust_accuracy": aa, "pgd_robust_accuracy": pgd}
     out: dict = {"protocol": protocol, "robust_protocol": robust, "checkpoint_metrics": {}}
     if scope == "train" and cfg.uses_energy:
-        from ..method.prior import load_train_gmm
-
         load_train_gmm(cfg, train_imgs, train_labels)
     if scope == "sample":
-        from ..method.restore import load_model
-        from ..evaluation.evaluate import evaluate_model
-
         device = default_device()  # the GPU Ray assigned this trial, else CPU
         model, _ = load_model(checkpoint, map_location=device)
         res = evaluate_model(model, cfg, ["accuracy", "robust", "autoattack"])

@@ -43,7 +43,7 @@ class Param:
 
     def domain(self) -> Any:
         """The Ray Tune search-space object for this parameter."""
-        from ray import tune
+        from ray import tune  # lazy: rjem_ray/cli.py's parser imports the tune package; Ray loads when a sweep runs
 
         if self.kind == "grid":
             return tune.grid_search(list(self.values))

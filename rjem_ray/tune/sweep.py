@@ -23,8 +23,14 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError, apply_overrides, build, check, read_yaml, setting, with_tracking_env
+from ..method.checkpoint import load_state
+from ..method.restore import config_from_state
 from ..robustness.minnorm import RUNS as MIN_NORM_RUNS
+from ..tracking.models import check_model_name
 from .search_space import KINDS, Param, base_point, num_trials, parse_search
+
+# Ray is imported inside the functions that call it (marked `# lazy: Ray, see top`): rjem_ray/cli.py's parser
+# imports the tune package (`rjem --help`), and `import ray.tune` takes ~1.2 s; it loads when a sweep runs.
 
 SCOPES = ("sample", "train")
 SCHEDULERS = ("fifo", "asha")
@@ -146,8 +152,6 @@ def _flatten_search(node: Any, prefix: str = "") -> dict:
 
 
 def _resolve_checkpoint(path: str | Path) -> Path:
-    from ..method.checkpoint import load_state
-
     p = Path(path).expanduser().resolve()
     if (p / "checkpoint").is_dir():
         p = p / "checkpoint"
@@ -158,9 +162,6 @@ def _resolve_checkpoint(path: str | Path) -> Path:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read a sweep file, apply ``--set`` overrides (to any key, e.g. ``tune.num_samples=8`` or
     ``eval.fid_samples=200``), and validate everything that can be checked before Ray starts."""
-    from ..method.checkpoint import load_state
-    from ..method.restore import config_from_state
-
     path = Path(path)
     # MLflow's variables enter the sweep's own tracking section, which wins over the base or checkpoint config.
     doc = apply_overrides(with_tracking_env(read_yaml(path)), overrides)
@@ -202,8 +203,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     cfg = Config.from_dict(_deep_merge(base, experiment))
 
     if settings.register_as is not None:
-        from ..tracking.models import check_model_name
-
         check_model_name(settings.register_as, "tune.register_as",
                          "scope sample trains no model" if scope == "sample" else None, cfg.tracking.enabled)
 
@@ -244,7 +243,7 @@ def _check_optuna(params: list[Param], cfg: Config) -> None:
                           "grid; use choice (with tune.num_samples trials in all) or tune.search random")
     base_point(params, cfg.to_dict())  # raises when the baseline trial would leave the search space
     try:
-        import optuna  # noqa: F401
+        import optuna  # noqa: F401  lazy: the optional extra rjem-ray[optuna]; its absence is the ConfigError below
     except ImportError:
         raise ConfigError("tune.search: optuna needs the package optuna: pip install 'rjem-ray[optuna]' "
                           "(or choose tune.search random)") from None
@@ -269,14 +268,14 @@ def search_algorithm(sweep: Sweep):
     """The sweep's search algorithm: Tune's random/grid generator, or seeded Optuna TPE."""
     st = sweep.settings
     if st.search == "optuna":  # TPE, seeded; the base config's values first, as the baseline trial
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search import ConcurrencyLimiter  # lazy: Ray, see top
+        from ray.tune.search.optuna import OptunaSearch  # lazy: Ray, see top
 
         baseline = base_point(sweep.params, sweep.cfg.to_dict())
         return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[baseline], seed=st.seed),
                                   max_concurrent=st.max_concurrent)
     # Tune ignores TuneConfig.max_concurrent_trials when a BasicVariantGenerator is passed: set it here.
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.basic_variant import BasicVariantGenerator  # lazy: Ray, see top
 
     return BasicVariantGenerator(random_state=st.seed, max_concurrent=st.max_concurrent)
 
@@ -285,7 +284,7 @@ def trial_scheduler(sweep: Sweep):
     """None (FIFO) or ASHA on ``step``, Ray Tune's own schedulers."""
     if sweep.scheduler == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler  # lazy: Ray, see top
 
     t = sweep.cfg.train
     # stop_last_trials=False: a trial that reaches max_t finishes on its own (copies its checkpoint, draws

@@ -23,11 +23,23 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..core import storage
 from ..config import Config
 from ..core.devices import default_device
+from ..core.images import save_grid
+from ..distributed.train_driver import RUN_NAME, latest_checkpoint_path, root_message, run_training
+from ..evaluation.evaluate import evaluate_model
+from ..evaluation.generate import generate
+from ..method.prior import gmm_for_checkpoint
+from ..method.restore import load_model
+from ..tracking.tracker import RUN_FILE, Tracker
 from .scoring import score_samples
-from .sweep import trial_params
+from .sweep import FIGURES, trial_params
+
+# Ray is imported inside the functions that call it (marked `# lazy: Ray, see top`): rjem_ray/cli.py's parser
+# imports the tune package (`rjem --help`), and `import ray.tune` takes ~1.2 s; it loads when a sweep runs.
 
 
 @dataclass
@@ -57,9 +69,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     reports); a train-scope trial's ``run_training`` logs into the child run ``SweepRuns`` opened for it.
     When the scheduler stops a trial, Tune ends its process and ignores anything it reports after that.
     """
-    from ray import tune
-
-    from ..distributed.train_driver import root_message
+    from ray import tune  # lazy: Ray, see top
 
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(ctx.out_dir) / "trials" / trial_id
@@ -76,13 +86,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
 def _sample_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     """Generate ``eval.fid_samples`` images with this trial's knobs and report FID, KID and IS."""
-    import torch
-    from ray import tune
-
-    from ..method.restore import load_model
-    from ..evaluation.generate import generate
-    from ..core.images import save_grid
-    from ..method.prior import gmm_for_checkpoint
+    from ray import tune  # lazy: Ray, see top
 
     torch.set_num_threads(max(1, int(ctx.trial_cpus)))
     device = default_device()  # the GPU Ray assigned this trial, else CPU
@@ -109,10 +113,7 @@ def _train_trial(cfg: Config, ctx: TrialContext, trial_dir: Path) -> None:
     so Train V2 continues from the trial's last checkpoint instead of step 0. The final checkpoint (with
     its Gaussian mixture) is ``trial_dir/checkpoint``.
     """
-    from ray import tune
-
-    from ..tracking.tracker import RUN_FILE
-    from ..distributed.train_driver import RUN_NAME, latest_checkpoint_path, run_training
+    from ray import tune  # lazy: Ray, see top
 
     stored = latest_checkpoint_path(trial_storage(cfg, trial_dir))
     last = checkpoint_report(storage.join(trial_storage(cfg, trial_dir), RUN_NAME)) if stored is not None else {}
@@ -149,9 +150,6 @@ def backfill_evaluations(tracking_uri: str, run_id: str, upto: int) -> list[tupl
     and the run lacks. The sweep's names are logged by the driver from Tune's results: a head lost between an
     evaluation and its driver's logging of it would leave holes in the objective's history, and the resumed
     trial evaluates only the steps after ``upto``. Returns the (name, step) pairs it logged."""
-    from ..tracking.tracker import Tracker
-    from .sweep import FIGURES
-
     tracker = Tracker(tracking_uri, run_id)
     logged = set(tracker.client.get_run(run_id).data.metrics)
     added = []
@@ -170,9 +168,7 @@ def backfill_evaluations(tracking_uri: str, run_id: str, upto: int) -> list[tupl
 def checkpoint_report(run_dir: str | Path) -> dict:
     """What the newest checkpoint Ray Train registered in ``run_dir`` was reported with: its ``step`` and, when
     it was an evaluation step, the figures (``ray.train.Result.from_path``); {} when there is none."""
-    from ray.train import Result
-
-    from .sweep import FIGURES
+    from ray.train import Result  # lazy: Ray, see top
 
     where = storage.ray_storage(run_dir)
     try:
@@ -184,11 +180,6 @@ def checkpoint_report(run_dir: str | Path) -> dict:
 
 def _evaluate_final(cfg: Config, checkpoint: Path) -> dict:
     """``train.eval_metrics`` of a finished trial's final checkpoint, at step ``train.steps``."""
-    from ..method.restore import load_model
-    from ..evaluation.evaluate import evaluate_model
-    from ..method.prior import gmm_for_checkpoint
-    from .sweep import FIGURES
-
     model, _ = load_model(checkpoint, map_location=default_device())
     res = evaluate_model(model, cfg, cfg.train.eval_metrics, gmm=gmm_for_checkpoint(cfg, checkpoint))
     return {**{k: float(v) for k, v in res.items() if k in FIGURES and isinstance(v, (int, float))},
@@ -207,7 +198,7 @@ def trial_storage(cfg: Config, trial_dir: Path) -> str | Path:
 @functools.cache
 def _eval_reports_class():
     """Built on first use, so that importing this module (for the CLI's parser) does not import Ray."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.integration.ray_train import TuneReportCallback  # lazy: Ray, see top
 
     class EvalReports(TuneReportCallback):
         """Ray Train → Tune: forward only the reports that carry the objective (rank 0's evaluation
@@ -232,13 +223,6 @@ def eval_reports(metric: str):
 
 def sample_grid(checkpoint: str | Path, cfg: Config, path: Path, seed: int = 0) -> Path:
     """A grid of ``cfg.generate.mode`` samples from ``checkpoint``: a column per class, 8 rows."""
-    import torch
-
-    from ..method.restore import load_model
-    from ..evaluation.generate import generate
-    from ..core.images import save_grid
-    from ..method.prior import gmm_for_checkpoint
-
     device = default_device()  # the GPU Ray assigned this trial, else CPU
     model, _ = load_model(checkpoint, map_location=device)
     gmm = gmm_for_checkpoint(cfg, checkpoint)

@@ -107,7 +107,7 @@ def test_an_unknown_metric_is_refused_by_name_before_the_model_is_loaded(monkeyp
     from rjem_ray.config import ConfigError
     from rjem_ray.evaluation import evaluate
 
-    monkeypatch.setattr("rjem_ray.method.restore.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ConfigError) as exc:
         evaluate.evaluate_checkpoint(tmp_path, ["accuracy", "bogus"])
     msg = str(exc.value)
@@ -148,8 +148,9 @@ def test_every_robustness_metric_attacks_in_the_one_threat_model(monkeypatch):
             return torch.ones(len(y), dtype=torch.bool), {"version": "custom", "attacks": []}
         return fake
 
-    monkeypatch.setattr("rjem_ray.robustness.autoattack.autoattack_robust", spy("autoattack"))
-    monkeypatch.setattr("rjem_ray.evaluation.masking.masking_report", spy("masking"))
+    # where the metrics look them up (robust_metrics imports both by name)
+    monkeypatch.setattr("rjem_ray.evaluation.robust_metrics.autoattack_robust", spy("autoattack"))
+    monkeypatch.setattr("rjem_ray.evaluation.robust_metrics.masking_report", spy("masking"))
     cfg = load_config(None, ["eval.robust_max_samples=8", "eval.robust_steps=2", "eval.autoattack_max_samples=4"])
     out = evaluate_model(_linear_mnist(), cfg, ["masking", "robust", "autoattack"])
     assert seen == [("autoattack", "l2", 1.5), ("masking", "l2", 1.5)]

@@ -10,7 +10,6 @@ from torch import nn
 
 import rjem_ray  # noqa: F401  (installs the torchvision shim before anything else)
 from rjem_ray.evaluation import metrics
-from rjem_ray.method import attacks
 
 
 class FixedLinear(nn.Module):
@@ -130,7 +129,7 @@ def test_robust_accuracy_needs_clean_and_every_restart(monkeypatch):
             out[0] = torch.tensor([0.0, 1.0])
         return out
 
-    monkeypatch.setattr(attacks, "pgd", stub)
+    monkeypatch.setattr(metrics, "pgd", stub)  # metrics imports attacks.pgd by name
     r = metrics.robust_accuracy(model, x, y, eps=0.1, steps=4, restarts=3)
     assert r == pytest.approx(2 / 4)  # samples 1, 2 survive; 0 broken at restart 2; 3 wrong when clean
     assert [c["n"] for c in calls] == [3, 3, 2]  # clean-wrong never attacked; broken ones not re-attacked
