@@ -5,13 +5,14 @@ The Ray-free layers (core, config, method, robustness, evaluation) import neithe
 statically (every ``import`` statement, function-level ones included, of each module and of every ``rjem_ray``
 module it imports, transitively) and dynamically (a fresh interpreter in which importing ``ray`` or ``mlflow``
 raises imports every one of them, and neither appears in ``sys.modules`` afterwards). MLflow is imported by the
-tracking layer only.
+tracking layer only. An import inside a function says why it is not in the module's header.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,10 +244,32 @@ def test_no_module_over_500_lines():
     assert {m: n for m, n in sizes.items() if n > 500} == {}
 
 
+def _bare_function_level_imports(module: str) -> list[str]:
+    """``module:line`` of each import inside a function of ``rjem_ray.<module>`` that gives no reason: no comment
+    on its line (a ``noqa`` directive is none) and no comment line right above it."""
+    text = _module_file(module).read_text()
+    lines = ["", *text.splitlines()]  # lines[n] is line n
+    inner = {n.lineno for f in ast.walk(ast.parse(text)) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    said = {n for n in inner if re.sub(r"noqa(:\s*[A-Z]+\d+([,\s]+[A-Z]+\d+)*)?", "",
+                                       lines[n].partition("#")[2]).strip(" #")}
+    return [f"{module}:{n}" for n in sorted(inner - said) if not lines[n - 1].lstrip().startswith("#")]
+
+
+def test_every_function_level_import_says_why_it_is_lazy(tmp_path, monkeypatch):
+    """An import belongs in its module's header, which then shows what the module needs; one inside a function is
+    there for a reason (an optional or heavy dependency, Ray or MLflow kept out of `rjem --help`, an order the module
+    needs: docs/ARCHITECTURE.md), given in a comment on its line or on the line right above it."""
+    assert [b for m in _package_modules() for b in _bare_function_level_imports(m)] == []
+    # The check itself: bare, noqa-only, commented above, commented on the line.
+    (tmp_path / "m.py").write_text("def f():\n    import json\n    import os  # noqa: F401\n"
+                                   "    # lazy: why\n    import re\n    import sys  # lazy: why\n")
+    monkeypatch.setitem(globals(), "PACKAGE", tmp_path)
+    assert _bare_function_level_imports("m") == ["m:2", "m:3"]
+
+
 def _module_paths_named_in(text: str, prefix: str = "") -> set[str]:
     """``rjem_ray`` module paths in backticks in ``text`` (``prefix`` is put before bare file names)."""
-    import re
-
     names = set(re.findall(r"`(rjem_ray/[\w/]+\.py)`", text))
     if prefix:
         names |= {prefix + n for n in re.findall(r"`([\w]+\.py)`", text)}
