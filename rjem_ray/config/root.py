@@ -55,6 +55,10 @@ RENAMED_KEYS = {"eval.ood_dataset": "eval.ood_shifts (a list, e.g. [svhn] or [au
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """The ``tracking.*`` section: MLflow's stores, experiment and run name (``tracking/stores.py`` resolves
+    the URIs, ``tracking/tracker.py`` opens the run); MLflow's own environment variables override the file
+    (``loading.py``)."""
+
     tracking_uri: str = "sqlite:///mlflow.db"  # relative sqlite paths are resolved against the working dir
     registry_uri: str = ""  # the model registry's store; "" = the tracking store
     experiment: str = "rjem"
