@@ -12,7 +12,7 @@ The keys, their defaults and their constraints are declared by section, each bes
 ``overrides.py`` handles dotted keys on plain mappings. The names below are re-exported from their homes.
 """
 
-from ..core.data import DATASETS, DataConfig
+from ..core.data import DataConfig
 from ..core.settings import ConfigError, build, check, setting
 from ..evaluation.generate import GEN_MODES, GenerateConfig
 from ..evaluation.generation_metrics import FID_EXTRACTORS
@@ -29,10 +29,8 @@ from .loading import TRACKING_ENV, dump_config, load_config, read_yaml, with_tra
 from .overrides import apply_overrides, apply_values, get_dotted, parse_override
 from .root import RENAMED_KEYS, Config, TrackingConfig
 
-DATASET_NAMES = tuple(DATASETS)
-
 __all__ = [
-    "AttackConfig", "BufferConfig", "Config", "ConfigError", "DATASET_NAMES", "DataConfig", "EvalConfig",
+    "AttackConfig", "BufferConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "FID_EXTRACTORS", "GEN_MODES", "GenerateConfig", "METRIC_NAMES", "MODES", "ModelConfig", "OOD_SCORES",
     "OOD_SHIFTS", "OptimConfig", "RENAMED_KEYS", "SamplerConfig", "TRACKING_ENV", "TrackingConfig", "TrainConfig",
     "TrainerConfig", "apply_overrides", "apply_values", "build", "check", "dump_config", "get_dotted",

@@ -161,12 +161,18 @@ def _check_fields(section: Any, prefix: str, sections: list[Any]) -> None:
         sections.append(section)
 
 
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    """A :class:`ConfigError` naming ``key`` and ``choices`` when ``value`` is not one of them (the message every
+    ``choices`` constraint gives; for names a section checks in its ``cross_check``)."""
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_join(choices)}")
+
+
 def _check_value(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     if value is None:
         return
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_join(choices)}")
+    if meta.get("choices"):
+        check_choice(key, value, meta["choices"])
     ge, gt, le, lt = (meta.get(b) for b in ("ge", "gt", "le", "lt"))
     if ((ge is not None and value < ge) or (gt is not None and value <= gt)
             or (le is not None and value > le) or (lt is not None and value >= lt)):

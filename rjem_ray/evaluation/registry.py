@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..core.settings import ConfigError, setting
+from ..core.settings import ConfigError, check_choice, setting
 from ..robustness.autoattack import ATTACKS as AUTOATTACK_ATTACKS
 from ..robustness.autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from ..robustness.minnorm import RUNS as MIN_NORM_RUNS
@@ -139,9 +139,7 @@ class EvalConfig:
 
     def cross_check(self, cfg: Config) -> None:
         for name in cfg.train.eval_metrics:  # the training loop's periodic evaluation runs these metrics
-            if name not in METRIC_NAMES:
-                raise ConfigError(f"train.eval_metrics: {name!r} is not allowed; "
-                                  f"choose one of {', '.join(METRIC_NAMES)}")
+            check_choice("train.eval_metrics", name, METRIC_NAMES)
         if self.autoattack_version == "custom" and not self.autoattack_attacks:
             raise ConfigError("eval.autoattack_attacks: empty, but eval.autoattack_version is custom; list one or more "
                               f"of {', '.join(AUTOATTACK_ATTACKS)}")

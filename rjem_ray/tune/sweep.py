@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError, apply_overrides, build, check, read_yaml, setting, with_tracking_env
+from ..core.settings import check_choice
 from ..method.checkpoint import load_state
 from ..method.restore import config_from_state
 from ..robustness.minnorm import RUNS as MIN_NORM_RUNS
@@ -166,8 +167,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     # MLflow's variables enter the sweep's own tracking section, which wins over the base or checkpoint config.
     doc = apply_overrides(with_tracking_env(read_yaml(path)), overrides)
     scope = doc.get("scope")
-    if scope not in SCOPES:
-        raise ConfigError(f"scope: {scope!r} is not allowed; choose one of {', '.join(SCOPES)}")
+    check_choice("scope", scope, SCOPES)
     settings = build(TuneSettings, doc.get("tune") or {}, "tune.")
     check(settings, "tune.")
     search = _flatten_search(doc.get("search") or {})
