@@ -15,6 +15,14 @@ def digits_14(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return F.avg_pool2d(to_model_space(imgs), 2), labels
 
 
+def digit_subset(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of :func:`digits_14` ``split`` drawn without replacement with seed 0 (the file is class-sorted,
+    so a prefix would hold one or two classes) and their labels."""
+    x, y = digits_14(split)
+    sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+    return x[sub], y[sub]
+
+
 def train_digit_mlp() -> nn.Module:
     """An MLP on 14×14 digits (~0.92 test accuracy), trained for 15 epochs with seed 0; eval mode."""
     x, y = digits_14("train")

@@ -115,15 +115,17 @@ def _imports(module: str, runtime: bool = False) -> tuple[set[str], set[str]]:
     return absolute, internal
 
 
-def _closure(module: str) -> set[str]:
-    """``module``, the package's ``__init__`` (imported first by every submodule) and what they import, transitively."""
-    seen, todo = set(), [module, "__init__"]
+def _reach(module: str, runtime: bool = False, with_init: bool = True) -> set[str]:
+    """``module`` and the package modules its imports reach, transitively. ``with_init``: the package's
+    ``__init__`` (imported first by every submodule) and what it imports are in; else left out (it loads
+    checkpoints inside a function, never at import). ``runtime``: only the imports that run."""
+    seen, todo = set(), [module] + (["__init__"] if with_init else [])
     while todo:
         m = todo.pop()
         if m in seen:
             continue
         seen.add(m)
-        todo.extend(_imports(m)[1])
+        todo.extend(_imports(m, runtime)[1] - (set() if with_init else {"__init__"}))
     return seen
 
 
@@ -148,7 +150,7 @@ def test_import_parser_sees_relative_and_function_level_imports(tmp_path, monkey
     (fake / "pkg" / "mod.py").write_text("from ..alg import nothing\n")
     (fake / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .alg import nothing\n")
     monkeypatch.setitem(globals(), "PACKAGE", fake)
-    assert _closure("alg") == {"alg", "helper", "pkg", "pkg.mod", "__init__"}
+    assert _reach("alg") == {"alg", "helper", "pkg", "pkg.mod", "__init__"}
     assert _forbidden_in("helper") == ["ray"]
     assert _circles() == [["alg", "helper", "pkg.mod"]]
     assert _imports("typed")[1] == {"alg"} and _imports("typed", runtime=True)[1] == set()
@@ -156,7 +158,7 @@ def test_import_parser_sees_relative_and_function_level_imports(tmp_path, monkey
 
 @pytest.mark.parametrize("module", _ray_free_modules())
 def test_ray_free_module_imports_neither_ray_nor_mlflow_statically(module):
-    offenders = {m: _forbidden_in(m) for m in sorted(_closure(module)) if _forbidden_in(m)}
+    offenders = {m: _forbidden_in(m) for m in sorted(_reach(module)) if _forbidden_in(m)}
     assert offenders == {}, (f"rjem_ray.{module} reaches Ray/MLflow through {offenders}; the layers "
                              f"{RAY_FREE} must stay importable and runnable without them (docs/ARCHITECTURE.md)")
 
@@ -178,26 +180,13 @@ def test_each_module_imports_only_its_own_layer_and_those_below():
     assert [b for m in _package_modules() for b in _layer_breaks(m)] == []
 
 
-def _runtime_reach(module: str) -> set[str]:
-    """``module`` and every package module its running imports reach (the package's own __init__ aside: it
-    loads checkpoints inside a function, never at import)."""
-    seen, todo = set(), [module]
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo.extend(_imports(m, runtime=True)[1] - {"__init__"})
-    return seen
-
-
 def test_the_modules_the_config_takes_sections_and_names_from_never_import_it():
     """What matters of a section's home is that running it never imports the config: then no circle closes
     through it (test_no_import_circle checks the graph as a whole) and the home runs without it. A home may
     import other modules of its layer (method/models.py imports method/energy.py); none of them may reach the
     config either. Annotations may name ``Config`` under ``if TYPE_CHECKING:``."""
-    reach = _runtime_reach
-
-    assert {m: sorted(t for t in reach(m) if layer_of(t) == "config") for m in SECTION_HOMES} == \
+    reach = {m: _reach(m, runtime=True, with_init=False) for m in SECTION_HOMES}
+    assert {m: sorted(t for t in reach[m] if layer_of(t) == "config") for m in SECTION_HOMES} == \
         {m: [] for m in SECTION_HOMES}
 
 

@@ -18,7 +18,7 @@ import rjem_ray  # noqa: F401  (installs the torchvision shim before anything el
 from rjem_ray.evaluation import masking
 from rjem_ray.evaluation.metrics import accuracy
 
-from digit_models import digits_14, train_digit_mlp
+from digit_models import digit_subset, train_digit_mlp
 
 EPS = 0.1  # [-1, 1] units (0.05 on [0, 1])
 QUERIES = 1000  # Square's budget in these tests (5,000 in the standard suite); enough to beat a masked model
@@ -42,9 +42,7 @@ def mlp():
 
 @pytest.fixture(scope="module")
 def data():
-    x, y = digits_14("test")
-    sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:150]  # the file is class-sorted
-    return x[sub], y[sub]
+    return digit_subset("test", 150)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import rjem_ray  # noqa: F401  (installs the torchvision shim before anything el
 from rjem_ray.robustness import autoattack as aa
 from rjem_ray.evaluation.metrics import accuracy, robust_accuracy
 
-from digit_models import digits_14, train_digit_mlp
+from digit_models import digit_subset, digits_14, train_digit_mlp
 
 EPS = 0.1  # [-1, 1] units (0.05 on [0, 1]): PGD leaves this MLP about 0.7 of its ~0.92
 
@@ -31,9 +31,7 @@ def mlp():
 
 @pytest.fixture(scope="module")
 def test_subset():
-    x, y = digits_14("test")
-    sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:120]  # the file is class-sorted
-    return x[sub], y[sub]
+    return digit_subset("test", 120)
 
 
 @pytest.fixture(scope="module")

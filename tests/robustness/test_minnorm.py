@@ -11,7 +11,7 @@ import rjem_ray  # noqa: F401  (installs the torchvision shim before anything el
 from rjem_ray.robustness import minnorm
 from rjem_ray.method.attacks import pgd
 
-from digit_models import digits_14, train_digit_mlp
+from digit_models import digit_subset, train_digit_mlp
 
 N = 32
 # L∞ LogBarrier starts close to the optimum on this nearly linear model (its margin-ascent start);
@@ -23,9 +23,7 @@ LINF_TOLERANCE = 1.03
 def digits():
     torch.manual_seed(0)
     model = train_digit_mlp()
-    x, y = digits_14("test")
-    sub = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:N]
-    return model, x[sub], y[sub]
+    return (model, *digit_subset("test", N))
 
 
 def _wrong(model, x, y):
